@@ -1,0 +1,35 @@
+# sd35-trt: `make demo` and `make test` set themselves up from nothing (a .venv beside this file).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-test
+DEMO ?= build/demo
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-slow venv clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU machines here carry a local torch 2.13.0 build; a torch already present is kept.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+venv: $(STAMP)
+
+# Tiny SD3.5 Medium checkpoint (seconds) -> torch runtime -> PNG.
+demo: $(STAMP)
+	test -f $(DEMO)/tiny-medium/model_index.json || $(VENV)/bin/sd35trt tiny-model $(DEMO)/tiny-medium --variant medium --seed 0
+	$(VENV)/bin/sd35trt generate --model $(DEMO)/tiny-medium --prompt "a lighthouse on a cliff at golden hour, oil painting" \
+		--negative-prompt "blurry" --seed 0 --device cpu --out $(DEMO)/demo.png
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+clean:
+	rm -rf build $(VENV)

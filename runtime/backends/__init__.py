@@ -1,0 +1,14 @@
+"""Backends: one callable per component behind the `Backend` protocol, looked up by name."""
+
+from .base import Backend, available, load_backend, register
+
+
+def _torch():
+    from .torch_backend import TorchBackend
+
+    return TorchBackend
+
+
+register("torch", _torch)
+
+__all__ = ["Backend", "available", "load_backend", "register"]

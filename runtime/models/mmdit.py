@@ -1,0 +1,238 @@
+"""The SD3 / SD3.5 MMDiT in plain torch (no diffusers at run time).
+
+Parameter names follow diffusers' SD3Transformer2DModel, so a diffusers `transformer/` folder's
+safetensors load with `load_state_dict(strict=True)`. Supports SD3.5 Large (QK RMS-norm) and
+Medium (MMDiT-X: extra image self-attention in the first blocks). The forward returns the
+velocity `v` with the latent's shape.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TransformerSpec
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(var + self.eps)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(self.weight.dtype)
+        return x * self.weight
+
+
+def _layer_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+
+
+def _affine(x_norm: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x_norm * (1 + scale[:, None]) + shift[:, None]
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return _affine(_layer_norm(x), shift, scale)
+
+
+class AdaNorm(nn.Module):
+    """SiLU -> Linear producing `n` modulation vectors (AdaLayerNormZero/-X/-Continuous)."""
+
+    def __init__(self, dim: int, n: int) -> None:
+        super().__init__()
+        self.n = n
+        self.linear = nn.Linear(dim, n * dim)
+
+    def forward(self, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.linear(F.silu(temb)).chunk(self.n, dim=1)
+
+
+class FeedForward(nn.Module):
+    """Linear(d, 4d) -> GELU(tanh) -> Linear(4d, d), named ff.net.0.proj / ff.net.2."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        proj = nn.Module()
+        proj.proj = nn.Linear(dim, 4 * dim)
+        self.net = nn.ModuleList([proj, nn.Identity(), nn.Linear(4 * dim, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
+
+
+class Attention(nn.Module):
+    """Self attention over the image stream, optionally joined with the context stream."""
+
+    def __init__(self, dim: int, heads: int, qk_norm: bool, joint: bool, context_out: bool) -> None:
+        super().__init__()
+        self.heads = heads
+        head_dim = dim // heads
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        if qk_norm:
+            self.norm_q, self.norm_k = RMSNorm(head_dim), RMSNorm(head_dim)
+        if joint:
+            self.add_q_proj, self.add_k_proj, self.add_v_proj = (nn.Linear(dim, dim) for _ in range(3))
+            if qk_norm:
+                self.norm_added_q, self.norm_added_k = RMSNorm(head_dim), RMSNorm(head_dim)
+        if context_out:
+            self.to_add_out = nn.Linear(dim, dim)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.heads, -1).transpose(1, 2)  # [B, heads, N, head_dim]
+
+    def _qkv(self, x: torch.Tensor, q, k, v, nq: str, nk: str) -> tuple[torch.Tensor, ...]:
+        q, k, v = self._heads(q(x)), self._heads(k(x)), self._heads(v(x))
+        if hasattr(self, nq):
+            q, k = getattr(self, nq)(q), getattr(self, nk)(k)
+        return q, k, v
+
+    def forward(
+        self, x: torch.Tensor, ctx: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, "norm_q", "norm_k")
+        n_img = x.shape[1]
+        if ctx is not None:  # joint attention: image tokens first, then text tokens
+            cq, ck, cv = self._qkv(
+                ctx, self.add_q_proj, self.add_k_proj, self.add_v_proj,
+                "norm_added_q", "norm_added_k",
+            )
+            q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, N, head_dim]
+        out = out.transpose(1, 2).flatten(2).to(q.dtype)  # [B, N, dim]
+        img, txt = out[:, :n_img], out[:, n_img:]
+        img = self.to_out[0](img)
+        if ctx is None or not hasattr(self, "to_add_out"):
+            return img, None
+        return img, self.to_add_out(txt)
+
+
+class JointBlock(nn.Module):
+    def __init__(self, spec: TransformerSpec, index: int) -> None:
+        super().__init__()
+        d, heads = spec.inner_dim, spec.num_attention_heads
+        qk = spec.qk_norm is not None
+        self.last = index == spec.num_layers - 1  # context_pre_only
+        self.dual = index in spec.dual_attention_layers
+        self.norm1 = AdaNorm(d, 9 if self.dual else 6)
+        self.norm1_context = AdaNorm(d, 2 if self.last else 6)
+        self.attn = Attention(d, heads, qk, joint=True, context_out=not self.last)
+        if self.dual:
+            self.attn2 = Attention(d, heads, qk, joint=False, context_out=False)
+        self.ff = FeedForward(d)
+        if not self.last:
+            self.ff_context = FeedForward(d)
+
+    def forward(
+        self, x: torch.Tensor, ctx: torch.Tensor, temb: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        mods = self.norm1(temb)
+        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = mods[:6]
+        x_norm = _layer_norm(x)
+        if self.last:
+            c_scale, c_shift = self.norm1_context(temb)  # AdaLayerNormContinuous: scale first
+        else:
+            c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(temb)
+        attn, ctx_attn = self.attn(_affine(x_norm, shift, scale), _modulate(ctx, c_shift, c_scale))
+        x = x + gate[:, None] * attn
+        if self.dual:  # MMDiT-X: a second, image-only attention on the same normalized input
+            shift2, scale2, gate2 = mods[6:]
+            x = x + gate2[:, None] * self.attn2(_affine(x_norm, shift2, scale2))[0]
+        x = x + gate_mlp[:, None] * self.ff(_modulate(x, shift_mlp, scale_mlp))
+        if self.last:
+            return x, ctx
+        ctx = ctx + c_gate[:, None] * ctx_attn
+        ctx = ctx + c_gate_mlp[:, None] * self.ff_context(_modulate(ctx, c_shift_mlp, c_scale_mlp))
+        return x, ctx
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding [cos | sin] of timesteps in [0, 1000] (diffusers' Timesteps(flip=True))."""
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    )
+    args = t[:, None].float() * freqs[None]  # [B, half]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # [B, dim]
+
+
+class _MLP2(nn.Module):
+    """linear_1 -> SiLU -> linear_2 (TimestepEmbedding / PixArtAlphaTextProjection)."""
+
+    def __init__(self, d_in: int, d: int) -> None:
+        super().__init__()
+        self.linear_1, self.linear_2 = nn.Linear(d_in, d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class _TimeTextEmbed(nn.Module):
+    def __init__(self, d: int, pooled_dim: int) -> None:
+        super().__init__()
+        self.timestep_embedder = _MLP2(256, d)
+        self.text_embedder = _MLP2(pooled_dim, d)
+
+    def forward(self, t: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        temb = self.timestep_embedder(timestep_embedding(t).to(pooled.dtype))
+        return temb + self.text_embedder(pooled)  # [B, D]
+
+
+class _PatchEmbed(nn.Module):
+    def __init__(self, spec: TransformerSpec) -> None:
+        super().__init__()
+        d, p, m = spec.inner_dim, spec.patch_size, spec.pos_embed_max_size
+        self.patch, self.max_size = p, m
+        self.proj = nn.Conv2d(spec.in_channels, d, kernel_size=p, stride=p)
+        self.register_buffer("pos_embed", torch.zeros(1, m * m, d))  # from the checkpoint
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        h, w = latent.shape[-2] // self.patch, latent.shape[-1] // self.patch
+        top, left = (self.max_size - h) // 2, (self.max_size - w) // 2
+        pos = self.pos_embed.view(1, self.max_size, self.max_size, -1)
+        pos = pos[:, top : top + h, left : left + w].reshape(1, h * w, -1)  # centre crop
+        x = self.proj(latent).flatten(2).transpose(1, 2)  # [B, h*w, D]
+        return x + pos.to(x.dtype)
+
+
+class MMDiT(nn.Module):
+    """forward(latent [B,16,H/8,W/8], timestep [B], context [B,77+T,4096], pooled [B,2048])."""
+
+    def __init__(self, spec: TransformerSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        d = spec.inner_dim
+        self.pos_embed = _PatchEmbed(spec)
+        self.time_text_embed = _TimeTextEmbed(d, spec.pooled_projection_dim)
+        self.context_embedder = nn.Linear(spec.joint_attention_dim, spec.caption_projection_dim)
+        self.transformer_blocks = nn.ModuleList(JointBlock(spec, i) for i in range(spec.num_layers))
+        self.norm_out = AdaNorm(d, 2)
+        self.proj_out = nn.Linear(d, spec.patch_size**2 * spec.out_channels)
+
+    def forward(
+        self,
+        latent: torch.Tensor,
+        timestep: torch.Tensor,
+        context: torch.Tensor,
+        pooled: torch.Tensor,
+    ) -> torch.Tensor:
+        b, _, height, width = latent.shape
+        p, c = self.spec.patch_size, self.spec.out_channels
+        x = self.pos_embed(latent)  # [B, h*w, D]
+        temb = self.time_text_embed(timestep, pooled)  # [B, D]
+        ctx = self.context_embedder(context)  # [B, 77+T, D]
+        for block in self.transformer_blocks:
+            x, ctx = block(x, ctx, temb)
+        scale, shift = self.norm_out(temb)
+        x = self.proj_out(_modulate(x, shift, scale))  # [B, h*w, p*p*C]
+        x = x.view(b, height // p, width // p, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(b, c, height, width)

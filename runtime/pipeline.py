@@ -1,0 +1,126 @@
+"""`Pipeline`: the diffusers-shaped entry point over any backend.
+
+A Pipeline holds only immutable state after construction (config, tokenizers behind locks, a
+backend), so one instance may serve many threads; each call keeps its own latents and schedule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from .backends import Backend, load_backend
+from .config import VariantConfig
+from .errors import CheckpointError, GenerationCancelled
+from .image import to_pil
+from .requests import Request, normalize_request
+from .sampling import denoise, initial_noise
+from .text import PromptEncoder, load_tokenizers
+
+# diffusers-style callback: (pipe, step, timestep, {"latents": x}) -> dict; may return
+# {"latents": new} to replace them, or {"cancel": True} to stop (raises GenerationCancelled).
+StepCallback = Callable[["Pipeline", int, float, dict[str, torch.Tensor]], dict[str, Any] | None]
+
+
+@dataclass
+class PipelineOutput:
+    images: Any  # list[PIL.Image] | np.ndarray [B, H, W, 3] in [0, 1] | latents tensor
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Pipeline:
+    def __init__(self, config: VariantConfig, backend: Backend, tokenizers: tuple, path: Path) -> None:
+        self.config = config
+        self.backend = backend
+        self.path = path
+        self.encode = PromptEncoder(config, tokenizers, backend)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, backend: str = "torch", variant: str | None = None, **options: Any
+    ) -> Pipeline:
+        """Load a diffusers-layout SD3.5 folder. `variant` (large|medium|large-turbo) overrides the
+        family detected from the configs; backend options (device, dtype, ...) pass through."""
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"model path {path} is not a folder; pass an SD3.5 diffusers folder")
+        config = VariantConfig.from_checkpoint(path, family=variant)
+        tokenizers = load_tokenizers(path)
+        return cls(config, load_backend(backend, path, config, **options), tokenizers, path)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        prompt_2: str | Sequence[str] | None = None,
+        prompt_3: str | Sequence[str] | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        negative_prompt_2: str | Sequence[str] | None = None,
+        negative_prompt_3: str | Sequence[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        sigmas: Sequence[float] | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        max_sequence_length: int = 256,
+        output_type: str = "pil",
+        callback_on_step_end: StepCallback | None = None,
+        progress: bool = True,
+    ) -> PipelineOutput:
+        args = dict(locals())
+        del args["self"], args["callback_on_step_end"], args["progress"]
+        req = normalize_request(self.config, **args)  # raises before any heavy work
+        context, pooled = self._conditioning(req)
+        shape = self.config.latent_shape(req.batch, req.height, req.width)  # [B, 16, H/8, W/8]
+        x = latents if latents is not None else initial_noise(shape, generator, self.backend.device)
+        x = denoise(
+            self.backend.transformer, x.to(self.backend.device), context, pooled, req.schedule,
+            req.guidance, self._hook(callback_on_step_end), progress, self.backend.name,
+        )
+        info = {"steps": len(req.schedule), "guidance": req.guidance, "height": req.height,
+                "width": req.width, "backend": self.backend.name, "variant": self.config.name}
+        return PipelineOutput(self._decode(x, req), info)
+
+    def _conditioning(self, req: Request) -> tuple[torch.Tensor, torch.Tensor]:
+        """context [B or 2B, 77+T, 4096], pooled [B or 2B, 2048]; negatives first under CFG."""
+        p, p2, p3 = req.prompts, req.prompts_2, req.prompts_3
+        if req.negatives is not None:
+            n, n2, n3 = req.negatives
+            p, p2, p3 = n + p, n2 + p2, n3 + p3
+        return self.encode(p, p2, p3, req.max_sequence_length)
+
+    def _hook(self, callback: StepCallback | None):
+        if callback is None:
+            return None
+
+        def on_step(i: int, t: float, x: torch.Tensor) -> torch.Tensor:
+            out = callback(self, i, t, {"latents": x}) or {}
+            if out.get("cancel"):
+                raise GenerationCancelled(i)
+            return out.get("latents", x)
+
+        return on_step
+
+    def _decode(self, x: torch.Tensor, req: Request) -> Any:
+        if req.output_type == "latent":
+            return x
+        vae = self.config.vae
+        image = self.backend.vae_decoder(x / vae.scaling_factor + vae.shift_factor)  # [B, 3, H, W]
+        image = (image.float() / 2 + 0.5).clamp(0, 1)
+        array: np.ndarray = image.cpu().permute(0, 2, 3, 1).numpy()  # [B, H, W, 3]
+        return array if req.output_type == "np" else to_pil(array)

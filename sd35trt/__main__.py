@@ -1,0 +1,3 @@
+from sd35trt.cli import main
+import sys
+sys.exit(main())
