@@ -19,11 +19,13 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Tiny SD3.5 Medium checkpoint (seconds) -> torch runtime -> PNG.
+# Tiny SD3.5 Medium checkpoint (seconds) -> ModelOpt FP8 calibration + ONNX export -> ONNX Runtime -> PNG.
 demo: $(STAMP)
 	test -f $(DEMO)/tiny-medium/model_index.json || $(VENV)/bin/sd35trt tiny-model $(DEMO)/tiny-medium --variant medium --seed 0
-	$(VENV)/bin/sd35trt generate --model $(DEMO)/tiny-medium --prompt "a lighthouse on a cliff at golden hour, oil painting" \
-		--negative-prompt "blurry" --seed 0 --device cpu --out $(DEMO)/demo.png
+	$(VENV)/bin/sd35trt export --model $(DEMO)/tiny-medium --out $(DEMO)/onnx-fp8 --precision fp8 --dtype fp32 \
+		--calib-size 4 --calib-steps 10
+	$(VENV)/bin/sd35trt generate --model $(DEMO)/onnx-fp8 --backend onnxruntime \
+		--prompt "a lighthouse on a cliff at golden hour, oil painting" --negative-prompt "blurry" --seed 0 --out $(DEMO)/demo.png
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)

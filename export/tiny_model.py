@@ -60,15 +60,17 @@ def _t5(vocab: int):
     return T5EncoderModel(cfg)
 
 
-def _vae():
+def autoencoder(spec: VaeSpec = TINY_VAE):
+    """A diffusers AutoencoderKL with SD3's layout (encoder + decoder) for `spec`."""
     from diffusers import AutoencoderKL
 
+    n = len(spec.block_out_channels)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=TINY_VAE.latent_channels,
-        block_out_channels=TINY_VAE.block_out_channels, layers_per_block=TINY_VAE.layers_per_block,
-        norm_num_groups=TINY_VAE.norm_num_groups, down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4, use_quant_conv=False, use_post_quant_conv=False,
-        scaling_factor=TINY_VAE.scaling_factor, shift_factor=TINY_VAE.shift_factor, sample_size=128,
+        in_channels=3, out_channels=3, latent_channels=spec.latent_channels,
+        block_out_channels=spec.block_out_channels, layers_per_block=spec.layers_per_block,
+        norm_num_groups=spec.norm_num_groups, down_block_types=["DownEncoderBlock2D"] * n,
+        up_block_types=["UpDecoderBlock2D"] * n, use_quant_conv=False, use_post_quant_conv=False,
+        scaling_factor=spec.scaling_factor, shift_factor=spec.shift_factor, sample_size=128,
     )
 
 
@@ -90,7 +92,7 @@ def _build(tmp: Path, family: str, seed: int, corpus: list[str]) -> None:
         torch.manual_seed(seed)
         parts = dict(
             transformer=SD3Transformer2DModel(**cfg),
-            vae=_vae(),
+            vae=autoencoder(),
             text_encoder=_clip(tokenizer_vocab_size(toks / "tokenizer"), CLIP_L_DIM, "quick_gelu", toks / "tokenizer"),
             text_encoder_2=_clip(tokenizer_vocab_size(toks / "tokenizer_2"), CLIP_G_DIM, "gelu", toks / "tokenizer_2"),
             text_encoder_3=_t5(tokenizer_vocab_size(toks / "tokenizer_3")),

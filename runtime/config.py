@@ -16,6 +16,15 @@ from typing import Any
 from .errors import CheckpointError, InvalidInputError
 
 COMPONENTS = ("clip_l", "clip_g", "t5", "transformer", "vae_decoder")
+# Input and output tensor names of every component: ONNX export, engine build and backends bind these.
+COMPONENT_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "clip_l": (("input_ids",), ("hidden_states", "text_embeds")),
+    "clip_g": (("input_ids",), ("hidden_states", "text_embeds")),
+    "t5": (("input_ids",), ("hidden_states",)),
+    "transformer": (("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections"), ("velocity",)),
+    "vae_decoder": (("latent",), ("image",)),
+    "vae_encoder": (("image",), ("latent",)),
+}
 # Written into model_index.json by sd35trt so that Large and Large Turbo (identical architectures)
 # can be told apart; diffusers ignores keys that start with "_".
 VARIANT_HINT_KEY = "_sd35trt_family"
@@ -215,6 +224,17 @@ class VariantConfig:
         return out
 
     # --- construction ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (manifests of exported ONNX and engine sets)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VariantConfig:
+        t = dict(d["transformer"], dual_attention_layers=tuple(d["transformer"]["dual_attention_layers"]))
+        v = dict(d["vae"], block_out_channels=tuple(d["vae"]["block_out_channels"]))
+        rest = {k: d[k] for k in ("name", "family", "clip_l_dim", "clip_g_dim", "clip_tokens", "max_sequence_length")}
+        return cls(transformer=TransformerSpec(**t), vae=VaeSpec(**v), sampling=Sampling(**d["sampling"]), **rest)
+
     def with_family(self, family: str) -> VariantConfig:
         return replace(self, family=family, sampling=FAMILY_SAMPLING[family])
 

@@ -14,13 +14,16 @@ import numpy as np
 import torch
 
 from .backends import Backend, load_backend
+from .checkpoint import Checkpoint
 from .config import VariantConfig
-from .errors import CheckpointError, GenerationCancelled
+from .errors import GenerationCancelled
 from .image import to_pil
 from .requests import Request, normalize_request
 from .sampling import denoise, initial_noise
 from .text import PromptEncoder, load_tokenizers
 
+# Options of `from_pretrained` that locate a single file's parts (the rest go to the backend).
+CHECKPOINT_OPTIONS = ("clip_l", "clip_g", "t5", "tokenizers")
 # diffusers-style callback: (pipe, step, timestep, {"latents": x}) -> dict; may return
 # {"latents": new} to replace them, or {"cancel": True} to stop (raises GenerationCancelled).
 StepCallback = Callable[["Pipeline", int, float, dict[str, torch.Tensor]], dict[str, Any] | None]
@@ -43,14 +46,17 @@ class Pipeline:
     def from_pretrained(
         cls, path: str | Path, backend: str = "torch", variant: str | None = None, **options: Any
     ) -> Pipeline:
-        """Load a diffusers-layout SD3.5 folder. `variant` (large|medium|large-turbo) overrides the
-        family detected from the configs; backend options (device, dtype, ...) pass through."""
-        path = Path(path)
-        if not path.is_dir():
-            raise CheckpointError(f"model path {path} is not a folder; pass an SD3.5 diffusers folder")
-        config = VariantConfig.from_checkpoint(path, family=variant)
-        tokenizers = load_tokenizers(path)
-        return cls(config, load_backend(backend, path, config, **options), tokenizers, path)
+        """Load SD3.5 from a diffusers folder or a single-file checkpoint (`sd3.5_large.safetensors`
+        with clip_l/clip_g[/t5xxl_*] .safetensors and tokenizer*/ folders beside it). `variant`
+        (large|medium|large-turbo) overrides the family detected from the configs or shapes;
+        `clip_l=`, `clip_g=`, `t5=`, `tokenizers=` point a single file at its other parts; the
+        remaining options (device, dtype, load_t5, ...) go to the backend."""
+        files = {k: options.pop(k) for k in CHECKPOINT_OPTIONS if k in options}
+        if options.get("load_t5") is False:
+            files["t5"] = False
+        ckpt = Checkpoint.open(path, family=variant, **files)
+        tokenizers = load_tokenizers(ckpt)  # before any weights: a missing tokenizer fails fast
+        return cls(ckpt.config, load_backend(backend, ckpt, ckpt.config, **options), tokenizers, ckpt.path)
 
     def close(self) -> None:
         self.backend.close()

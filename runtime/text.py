@@ -8,7 +8,6 @@ zeros, as diffusers does.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .backends.base import Backend
+from .checkpoint import Checkpoint
 from .config import VariantConfig
 from .errors import CheckpointError
 
@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 
 # Tokenizer classes a model_index.json may name; anything else is refused.
 _ALLOWED = {"CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerFast"}
-_DEFAULTS = {"tokenizer": "CLIPTokenizer", "tokenizer_2": "CLIPTokenizer", "tokenizer_3": "T5TokenizerFast"}
 
 
 class Tokenizer:
@@ -54,15 +53,13 @@ class Tokenizer:
         return ids
 
 
-def load_tokenizers(path: Path) -> tuple[Tokenizer, Tokenizer, Tokenizer | None]:
-    index_file = path / "model_index.json"
-    index = json.loads(index_file.read_text()) if index_file.is_file() else {}
-    toks = []
-    for sub, default in _DEFAULTS.items():
-        cls = (index.get(sub) or [None, default])[1] or default
-        folder = path / sub
-        toks.append(Tokenizer(folder, cls) if folder.is_dir() or sub != "tokenizer_3" else None)
-    return toks[0], toks[1], toks[2]
+def load_tokenizers(source: Checkpoint | str | Path) -> tuple[Tokenizer, Tokenizer, Tokenizer | None]:
+    """The CLIP-L, CLIP-G and T5 tokenizers of a `Checkpoint` (or of the model at a path: a
+    diffusers folder or a single file); T5's is None when the checkpoint has none."""
+    ckpt = source if isinstance(source, Checkpoint) else Checkpoint.open(source)
+    dirs, classes = ckpt.tokenizer_dirs(), ckpt.tokenizer_classes()
+    tl, tg, t5 = (Tokenizer(d, c) if d is not None else None for d, c in zip(dirs, classes))
+    return tl, tg, t5
 
 
 class PromptEncoder:

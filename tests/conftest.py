@@ -18,3 +18,34 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_medium(tiny_models: dict[str, Path]) -> Path:
     return tiny_models["medium"]
+
+
+# --- exported ONNX folders (tiny medium), built once; need the export extras ------------------
+def _exporter():
+    pytest.importorskip("onnxruntime", reason="onnxruntime (test extra) runs the exported graphs")
+    pytest.importorskip("modelopt", reason="nvidia-modelopt (export extra) calibrates FP8")
+    from sd35trt.export.exporter import ExportOptions, export_model
+
+    return ExportOptions, export_model
+
+
+def _calib():
+    from sd35trt.export.calibrate import CalibSettings
+
+    return CalibSettings(num_prompts=3, steps=6, height=64, width=64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def onnx_fp32(tiny_medium: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    ExportOptions, export_model = _exporter()
+    out = tmp_path_factory.mktemp("onnx") / "fp32"
+    export_model(tiny_medium, out, ExportOptions(precision="fp32"), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def onnx_fp8(tiny_medium: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    ExportOptions, export_model = _exporter()
+    out = tmp_path_factory.mktemp("onnx") / "fp8"
+    export_model(tiny_medium, out, ExportOptions(precision="fp8", dtype="fp32", calib=_calib()), progress=False)
+    return out

@@ -9,6 +9,13 @@ def _torch():
     return TorchBackend
 
 
+def _onnxruntime():
+    from .ort_backend import OrtBackend
+
+    return OrtBackend
+
+
 register("torch", _torch)
+register("onnxruntime", _onnxruntime)
 
 __all__ = ["Backend", "available", "load_backend", "register"]

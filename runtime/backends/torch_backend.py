@@ -6,11 +6,11 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import Checkpoint
 from ..config import VariantConfig
-from ..errors import CheckpointError
 from ..models.mmdit import MMDiT
 from ..models.vae import VaeDecoder
-from ..weights import load_module, load_state_dict
+from ..weights import load_module
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -48,23 +48,37 @@ class _Module:
         return self.model(*cast).float()
 
 
-def _text_model(cls_name: str, folder: Path, device: torch.device, dtype: torch.dtype):
+def _text_model(ckpt: Checkpoint, name: str, device: torch.device, dtype: torch.dtype):
+    """transformers' CLIPTextModelWithProjection / T5EncoderModel built from the checkpoint's
+    (config, state dict): made on the meta device, then loaded strictly."""
     import transformers
 
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(f"{folder}/config.json is missing; the text encoder folder is incomplete")
-    model = getattr(transformers, cls_name).from_pretrained(folder, use_safetensors=True)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    found = ckpt.text_encoder(name, dtype)
+    if found is None:
+        return None
+    cfg, state = found
+    cls = transformers.T5EncoderModel if name == "t5" else transformers.CLIPTextModelWithProjection
+    with torch.device("meta"):
+        model = cls(cfg)
+    for module in model.modules():  # non-persistent buffers are not in any file: rebuild them
+        for key, buf in module.named_buffers(recurse=False):
+            if buf.is_meta and key == "position_ids":
+                module.register_buffer(key, torch.arange(buf.shape[-1]).expand(buf.shape), persistent=False)
+    model = load_module(model, state, ckpt.files[name], device, dtype)
+    if name == "t5":
+        model.set_input_embeddings(model.get_input_embeddings())  # re-tie shared / embed_tokens
+    return model
 
 
 class TorchBackend:
-    """Loads a diffusers-layout SD3.5 folder; T5 is optional (zeros are used when absent)."""
+    """Loads an SD3.5 `Checkpoint` (diffusers folder or single file, or a path to one); T5 is
+    optional (zeros are used when absent)."""
 
     name = "torch"
 
     def __init__(
         self,
-        path: Path,
+        checkpoint: Checkpoint | str | Path,
         config: VariantConfig,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
@@ -72,20 +86,17 @@ class TorchBackend:
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or default_dtype(self.device)
-        path = Path(path)
-        clip = "CLIPTextModelWithProjection"
-        self.clip_l = _Clip(_text_model(clip, path / "text_encoder", self.device, self.dtype))
-        self.clip_g = _Clip(_text_model(clip, path / "text_encoder_2", self.device, self.dtype))
-        t5_dir = path / "text_encoder_3"
-        self.t5 = None
-        if load_t5 and t5_dir.is_dir():
-            self.t5 = _T5(_text_model("T5EncoderModel", t5_dir, self.device, self.dtype))
+        ckpt = checkpoint
+        if not isinstance(ckpt, Checkpoint):
+            ckpt = Checkpoint.open(ckpt, family=config.family, t5=None if load_t5 else False)
+        self.clip_l = _Clip(_text_model(ckpt, "clip_l", self.device, self.dtype))
+        self.clip_g = _Clip(_text_model(ckpt, "clip_g", self.device, self.dtype))
+        t5 = _text_model(ckpt, "t5", self.device, self.dtype) if load_t5 else None
+        self.t5 = _T5(t5) if t5 is not None else None
         with torch.device("meta"):
             mmdit, vae = MMDiT(config.transformer), VaeDecoder(config.vae)
-        src = path / "transformer"
-        mmdit = load_module(mmdit, load_state_dict(src), src, self.device, self.dtype)
-        src = path / "vae"
-        vae = load_module(vae, load_state_dict(src, "decoder."), src, self.device, self.dtype)
+        mmdit = load_module(mmdit, ckpt.transformer_state(), ckpt.files["transformer"], self.device, self.dtype)
+        vae = load_module(vae, ckpt.vae_decoder_state(), ckpt.files["vae"], self.device, self.dtype)
         self.transformer = _Module(mmdit, self.dtype)
         self.vae_decoder = _Module(vae, self.dtype)
 

@@ -31,16 +31,16 @@ class RMSNorm(nn.Module):
         return x * self.weight
 
 
-def _layer_norm(x: torch.Tensor) -> torch.Tensor:
-    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+def _layer_norm(x: torch.Tensor, dim: int) -> torch.Tensor:
+    return F.layer_norm(x, (dim,), eps=1e-6)  # static shape: ONNX export needs a constant
 
 
 def _affine(x_norm: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x_norm * (1 + scale[:, None]) + shift[:, None]
 
 
-def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return _affine(_layer_norm(x), shift, scale)
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, dim: int) -> torch.Tensor:
+    return _affine(_layer_norm(x, dim), shift, scale)
 
 
 class AdaNorm(nn.Module):
@@ -121,6 +121,7 @@ class JointBlock(nn.Module):
         super().__init__()
         d, heads = spec.inner_dim, spec.num_attention_heads
         qk = spec.qk_norm is not None
+        self.dim = d
         self.last = index == spec.num_layers - 1  # context_pre_only
         self.dual = index in spec.dual_attention_layers
         self.norm1 = AdaNorm(d, 9 if self.dual else 6)
@@ -137,21 +138,21 @@ class JointBlock(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         mods = self.norm1(temb)
         shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = mods[:6]
-        x_norm = _layer_norm(x)
+        x_norm = _layer_norm(x, self.dim)
         if self.last:
             c_scale, c_shift = self.norm1_context(temb)  # AdaLayerNormContinuous: scale first
         else:
             c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(temb)
-        attn, ctx_attn = self.attn(_affine(x_norm, shift, scale), _modulate(ctx, c_shift, c_scale))
+        attn, ctx_attn = self.attn(_affine(x_norm, shift, scale), _modulate(ctx, c_shift, c_scale, self.dim))
         x = x + gate[:, None] * attn
         if self.dual:  # MMDiT-X: a second, image-only attention on the same normalized input
             shift2, scale2, gate2 = mods[6:]
             x = x + gate2[:, None] * self.attn2(_affine(x_norm, shift2, scale2))[0]
-        x = x + gate_mlp[:, None] * self.ff(_modulate(x, shift_mlp, scale_mlp))
+        x = x + gate_mlp[:, None] * self.ff(_modulate(x, shift_mlp, scale_mlp, self.dim))
         if self.last:
             return x, ctx
         ctx = ctx + c_gate[:, None] * ctx_attn
-        ctx = ctx + c_gate_mlp[:, None] * self.ff_context(_modulate(ctx, c_shift_mlp, c_scale_mlp))
+        ctx = ctx + c_gate_mlp[:, None] * self.ff_context(_modulate(ctx, c_shift_mlp, c_scale_mlp, self.dim))
         return x, ctx
 
 
@@ -233,6 +234,6 @@ class MMDiT(nn.Module):
         for block in self.transformer_blocks:
             x, ctx = block(x, ctx, temb)
         scale, shift = self.norm_out(temb)
-        x = self.proj_out(_modulate(x, shift, scale))  # [B, h*w, p*p*C]
-        x = x.view(b, height // p, width // p, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(b, c, height, width)
+        x = self.proj_out(_modulate(x, shift, scale, self.spec.inner_dim))  # [B, h*w, p*p*C]
+        x = x.view(b, height // p, width // p, p, p, c).permute(0, 5, 1, 3, 2, 4)  # [B, C, h, p, w, p]
+        return x.reshape(b, c, height, width)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sd35trt.export.tiny_model import TINY_VAE, _vae
+from sd35trt.export.tiny_model import TINY_VAE, autoencoder
 from sd35trt.runtime.models.vae import VaeDecoder
 
 pytest.importorskip("diffusers", reason="diffusers (test extra) is the reference model")
@@ -13,7 +13,7 @@ pytest.importorskip("diffusers", reason="diffusers (test extra) is the reference
 def test_decode_matches_diffusers(hw: tuple[int, int]) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(3)
-        ref = _vae().eval()
+        ref = autoencoder().eval()
     ours = VaeDecoder(TINY_VAE).eval()
     ours.load_state_dict({k: v for k, v in ref.state_dict().items() if k.startswith("decoder.")})
     z = torch.randn(2, 16, *hw, generator=torch.Generator().manual_seed(0))  # [B, 16, h, w]

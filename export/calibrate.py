@@ -1,0 +1,152 @@
+"""FP8 (E4M3) calibration of the MMDiT with nvidia-modelopt over real denoising trajectories.
+
+Per-tensor max calibration of the weights and input activations of every Linear in the MMDiT
+except an exclusion list (embedders, context_embedder, time_text_embed, pos_embed, norm_out,
+proj_out by default). The activations are collected while *our own* runtime loop denoises N
+calibration prompts for all steps with CFG exactly as at inference, with seeded noise, so the
+same inputs give the same scales. The result (`CalibState`) is saved as safetensors + JSON and
+re-applied to a fresh model without recalibrating (ONNX export, torch FP8 path).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..runtime.errors import CheckpointError, InvalidInputError
+
+E4M3_MAX = 448.0
+DEFAULT_EXCLUDE = ("pos_embed", "time_text_embed", "context_embedder", "norm_out", "proj_out")
+CALIB_DIR = Path(__file__).resolve().parent.parent / "calib_prompts"
+
+
+@dataclass(frozen=True)
+class CalibSettings:
+    num_prompts: int = 8
+    steps: int | None = None  # None: the variant's default
+    guidance: float | None = None
+    height: int | None = None
+    width: int | None = None
+    seed: int = 0
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+
+
+@dataclass
+class CalibState:
+    """amax per enabled quantizer ("<module>.input_quantizer" / ".weight_quantizer")."""
+
+    amax: dict[str, float]
+    settings: CalibSettings
+    meta: dict[str, str] = field(default_factory=dict)
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: torch.tensor([v], dtype=torch.float32) for k, v in sorted(self.amax.items())}
+        doc = {"settings": asdict(self.settings), "meta": self.meta, "amax": dict(sorted(self.amax.items()))}
+        _atomic(folder / "amax.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        _atomic(folder / "amax.json", lambda p: p.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n"))
+
+    @classmethod
+    def load(cls, folder: Path) -> CalibState:
+        path = folder / "amax.safetensors"
+        if not path.is_file() or not (folder / "amax.json").is_file():
+            raise CheckpointError(f"no calibration in {folder}; run `sd35trt export` with --precision fp8")
+        doc = json.loads((folder / "amax.json").read_text())
+        settings = doc["settings"]
+        settings["exclude"] = tuple(settings["exclude"])
+        amax = {k: float(v.item()) for k, v in load_file(str(path)).items()}
+        return cls(amax=amax, settings=CalibSettings(**settings), meta=doc.get("meta", {}))
+
+
+def _atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def quant_config(exclude: Sequence[str]) -> dict:
+    """ModelOpt config: FP8 E4M3 per-tensor weights and inputs of Linear layers, max calibration."""
+    fp8 = {"num_bits": (4, 3), "axis": None}
+    rules = [
+        {"quantizer_name": "*", "enable": False},
+        {"quantizer_name": "*weight_quantizer", "parent_class": "nn.Linear", "cfg": fp8},
+        {"quantizer_name": "*input_quantizer", "parent_class": "nn.Linear", "cfg": fp8},
+    ]
+    rules += [{"quantizer_name": f"{pat}*", "enable": False} for pat in exclude]
+    return {"quant_cfg": rules, "algorithm": "max"}
+
+
+def read_prompts(n: int, folder: Path = CALIB_DIR) -> tuple[list[str], list[str]]:
+    """The first `n` calibration prompts (file order is the contract) and the negative list."""
+    prompts = [p for p in (folder / "prompts.txt").read_text(encoding="utf-8").splitlines() if p.strip()]
+    negatives = [p for p in (folder / "negative.txt").read_text(encoding="utf-8").splitlines() if p.strip()]
+    if not 1 <= n <= len(prompts):
+        raise InvalidInputError(f"calib size {n} must be in [1, {len(prompts)}] (prompts in {folder})")
+    return prompts[:n], negatives
+
+
+def quantize_module(model: nn.Module, exclude: Sequence[str], forward_loop=None) -> nn.Module:
+    import modelopt.torch.quantization as mtq
+
+    return mtq.quantize(model, quant_config(exclude), forward_loop=forward_loop)
+
+
+def collect_amax(model: nn.Module) -> dict[str, float]:
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, TensorQuantizer) and mod.is_enabled and mod.amax is not None:
+            out[name] = float(mod.amax.float().max())
+    return out
+
+
+def apply_calibration(model: nn.Module, state: CalibState) -> nn.Module:
+    """Insert the quantizers into a fresh MMDiT and load the saved amax values (no recalibration)."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    model = quantize_module(model, state.settings.exclude, forward_loop=None)
+    enabled = {n: m for n, m in model.named_modules() if isinstance(m, TensorQuantizer) and m.is_enabled}
+    if set(enabled) != set(state.amax):
+        missing = sorted(set(enabled) ^ set(state.amax))[:5]
+        raise CheckpointError(f"calibration does not match this model (differs at {missing}); recalibrate")
+    for name, q in enabled.items():
+        q.amax = torch.tensor(state.amax[name], dtype=torch.float32)
+    return model
+
+
+def calibrate(pipe, settings: CalibSettings, progress: bool = True) -> CalibState:
+    """Run the pipeline's own loop over the calibration prompts, collecting max |x| per quantizer.
+
+    `pipe` is a torch-backend `Pipeline`; its transformer module is quantized in place.
+    """
+    prompts, negatives = read_prompts(settings.num_prompts)
+    wrapper = pipe.backend.transformer
+
+    def loop(model: nn.Module) -> None:
+        wrapper.model = model
+        for i, prompt in enumerate(tqdm(prompts, desc="calibrate", disable=not progress)):
+            pipe(prompt, negative_prompt=negatives[i % len(negatives)], height=settings.height,
+                 width=settings.width, num_inference_steps=settings.steps, guidance_scale=settings.guidance,
+                 generator=torch.Generator().manual_seed(settings.seed + i), output_type="latent",
+                 progress=False)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        wrapper.model = quantize_module(wrapper.model, settings.exclude, loop)
+    digest = hashlib.sha256("\n".join(prompts + negatives).encode()).hexdigest()[:16]
+    return CalibState(collect_amax(wrapper.model), settings, {"prompts_sha256": digest})

@@ -1,0 +1,190 @@
+"""`sd35trt export`: checkpoint -> (FP8 calibration) -> ONNX for every component + manifest.
+
+Idempotent: each component's fingerprint hashes its source weights, the export options and (for
+the FP8 transformer) the calibration; a component whose manifest entry has the same fingerprint
+and whose file still has the recorded sha256 is not exported again. Files are written atomically
+and the manifest last, so an interrupted export leaves nothing a later run trusts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..runtime.checkpoint import Checkpoint
+from ..runtime.config import VariantConfig
+from ..runtime.errors import CheckpointError, InvalidInputError
+from ..runtime.manifest import FORMAT, MANIFEST, sha256_file, write_json_atomic
+from .calibrate import CalibSettings, CalibState, apply_calibration, calibrate
+from .onnx_export import ClipGraph, T5Graph, VaeEncoderGraph, export_graph, sample_inputs
+from .tiny_model import autoencoder
+
+EXPORTER_VERSION = "1"
+PRECISIONS = ("fp8", "bf16", "fp16", "fp32")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SOURCES = {"vae_decoder": "vae", "vae_encoder": "vae"}  # component -> Checkpoint.files key
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    precision: str = "fp8"  # fp8: MMDiT linears in FP8, everything else in `dtype`
+    dtype: str = "fp16"  # high-precision dtype (fp8), or the precision itself otherwise
+    calib: CalibSettings = field(default_factory=CalibSettings)
+    t5: bool = True
+    vae_encoder: bool = True
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise InvalidInputError(f"precision={self.precision!r} must be one of {PRECISIONS}")
+        if self.precision != "fp8" and self.dtype != self.precision:
+            object.__setattr__(self, "dtype", self.precision)
+        if self.dtype not in DTYPES:
+            raise InvalidInputError(f"dtype={self.dtype!r} must be one of {sorted(DTYPES)}")
+
+
+@dataclass
+class Row:
+    component: str
+    file: str
+    bytes: int
+    precision: str
+    qdq_pairs: int
+    status: str  # "exported" | "cached"
+    seconds: float
+
+
+def _fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def source_fingerprint(ckpt: Checkpoint, component: str) -> str:
+    """Content hash of the files a component is built from (a folder's weights+configs, or a file)."""
+    src = ckpt.files[SOURCES.get(component, component)]
+    files = sorted(p for p in src.glob("*") if p.suffix in (".safetensors", ".json")) if src.is_dir() else [src]
+    return _fingerprint([(p.name, sha256_file(p)) for p in files])
+
+
+def _load_manifest(out: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads((out / MANIFEST).read_text())
+        return doc if doc.get("format") == FORMAT else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _trusted(out: Path, entry: dict[str, Any] | None, fingerprint: str) -> bool:
+    if not entry or entry.get("fingerprint") != fingerprint:
+        return False
+    files = [entry["file"]] + ([entry["data"]] if entry.get("data") else [])
+    return all((out / f).is_file() for f in files) and sha256_file(out / entry["file"]) == entry["sha256"]
+
+
+def _modules(pipe, ckpt: Checkpoint, components: list[str]) -> dict[str, torch.nn.Module]:
+    b = pipe.backend
+    mods = {"clip_l": ClipGraph(b.clip_l.model), "clip_g": ClipGraph(b.clip_g.model),
+            "transformer": b.transformer.model, "vae_decoder": b.vae_decoder.model}
+    if "t5" in components:
+        mods["t5"] = T5Graph(b.t5.model)
+    if "vae_encoder" in components:
+        vae = autoencoder(ckpt.config.vae)
+        vae.encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in ckpt.vae_encoder_state().items()})
+        mods["vae_encoder"] = VaeEncoderGraph(vae.to(b.dtype).eval())
+    return mods
+
+
+def _reusable_calibration(ckpt: Checkpoint, out: Path, opts: ExportOptions) -> tuple[str, CalibState | None]:
+    """(calibration input fingerprint, the saved calibration if it was made from the same inputs)."""
+    fp = _fingerprint(source_fingerprint(ckpt, "transformer"), asdict(opts.calib), opts.dtype)
+    try:
+        state = CalibState.load(out / "calibration")
+    except (CheckpointError, OSError, ValueError, KeyError):
+        return fp, None
+    return fp, state if state.meta.get("fingerprint") == fp else None
+
+
+def _copy_tokenizers(ckpt: Checkpoint, out: Path) -> None:
+    subs = ("tokenizer", "tokenizer_2", "tokenizer_3")
+    for sub, src, cls in zip(subs, ckpt.tokenizer_dirs(), ckpt.tokenizer_classes()):
+        if src is not None and not (out / sub).is_dir():
+            tmp = out / f".{sub}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src, tmp)
+            tmp.rename(out / sub)
+    write_json_atomic(out / "model_index.json", {sub: ["transformers", cls] for sub, cls in zip(subs, ckpt.tokenizer_classes())})
+
+
+def _plan(ckpt: Checkpoint, opts: ExportOptions, calib: CalibState | None) -> dict[str, str]:
+    """Fingerprint of every component to export (the FP8 transformer's needs the calibration)."""
+    comps = ["clip_l", "clip_g"] + (["t5"] if opts.t5 and ckpt.files.get("t5") else [])
+    comps += ["transformer", "vae_decoder"] + (["vae_encoder"] if opts.vae_encoder else [])
+    plan = {}
+    for comp in comps:
+        fp8 = opts.precision == "fp8" and comp == "transformer"
+        amax = (calib.amax if calib else None) if fp8 else "-"
+        plan[comp] = _fingerprint(EXPORTER_VERSION, comp, opts.dtype, fp8, amax, source_fingerprint(ckpt, comp))
+    return plan
+
+
+def export_model(model: str | Path, out: str | Path, opts: ExportOptions, progress: bool = True) -> list[Row]:
+    from ..runtime.pipeline import Pipeline
+
+    out = Path(out)
+    ckpt = Checkpoint.open(model, t5=None if opts.t5 else False)  # configs and headers only
+    out.mkdir(parents=True, exist_ok=True)
+    old = _load_manifest(out).get("components", {})
+    calib_fp, calib = _reusable_calibration(ckpt, out, opts) if opts.precision == "fp8" else ("", None)
+    plan = _plan(ckpt, opts, calib)
+    todo = [c for c, fp in plan.items() if not _trusted(out, old.get(c), fp)]
+    entries = {c: old[c] for c in plan if c not in todo}
+    rows = [Row(c, e["file"], e["bytes"], e["precision"], e["qdq_pairs"], "cached", 0.0) for c, e in entries.items()]
+    config = VariantConfig.from_dict(_load_manifest(out)["variant"]) if not todo else None
+    if todo:  # load the checkpoint only when something must be (re)built
+        dtype = DTYPES[opts.dtype]
+        pipe = Pipeline.from_pretrained(ckpt.path, backend="torch", device="cpu", dtype=dtype, load_t5="t5" in plan)
+        config = pipe.config
+        if opts.precision == "fp8":
+            wrapper = pipe.backend.transformer
+            if calib is None:
+                calib = calibrate(pipe, opts.calib, progress=progress)
+                calib.meta["fingerprint"] = calib_fp
+                calib.save(out / "calibration")
+            else:
+                wrapper.model = apply_calibration(wrapper.model, calib)
+            plan = _plan(ckpt, opts, calib)
+        mods = _modules(pipe, ckpt, todo)
+        for comp in tqdm(todo, desc="export", disable=not progress):
+            t0 = time.perf_counter()
+            entries[comp] = _export_one(mods[comp], comp, config, dtype, out, opts, plan[comp])
+            e = entries[comp]
+            rows.append(Row(comp, e["file"], e["bytes"], e["precision"], e["qdq_pairs"], "exported", time.perf_counter() - t0))
+        pipe.close()
+    _copy_tokenizers(ckpt, out)
+    write_json_atomic(out / MANIFEST, {"format": FORMAT, "variant": config.to_dict(), "precision": opts.precision,
+                                       "dtype": opts.dtype, "source": str(ckpt.path), "components": entries})
+    return sorted(rows, key=lambda r: list(plan).index(r.component))
+
+
+def _export_one(module, comp: str, config: VariantConfig, dtype, out: Path, opts: ExportOptions, fp: str) -> dict:
+    fp8 = opts.precision == "fp8" and comp == "transformer"
+    path = out / f"{comp}.onnx"
+    stats = export_graph(module, comp, sample_inputs(config, comp, dtype), path, fp8)
+    return {"file": path.name, "data": stats.data, "sha256": sha256_file(path), "bytes": stats.bytes,
+            "precision": "fp8" if fp8 else opts.dtype, "qdq_pairs": stats.qdq_pairs, "fp8_weights": stats.fp8_weights,
+            "quantized_linears": list(stats.quantized_linears), "fingerprint": fp}
+
+
+def format_table(rows: list[Row]) -> str:
+    head = f"{'component':<12} {'file':<18} {'size':>10} {'precision':>9} {'Q/DQ':>6} {'status':>9} {'time':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r.component:<12} {r.file:<18} {r.bytes / 2**20:>8.2f}MB {r.precision:>9} "
+                     f"{r.qdq_pairs:>6} {r.status:>9} {r.seconds:>6.1f}s")
+    return "\n".join(lines)

@@ -1,0 +1,255 @@
+"""ONNX -> serialized TensorRT / TensorRT-RTX engine: one code path, two builder flavors.
+
+TensorRT-RTX builds ahead of time on the CPU (no GPU, no libcuda) for the compute capability we
+name; enterprise TensorRT builds on, and for, the GPU it runs on. Networks are strongly typed:
+precision comes from the ONNX graph (FP8 = QuantizeLinear/DequantizeLinear with a float8e4m3fn
+zero point), never from builder flags.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import resource
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from sd35trt.runtime.errors import InvalidInputError, Sd35Error
+
+log = logging.getLogger(__name__)
+
+Shape = tuple[int, ...]
+MinOptMax = tuple[Shape, Shape, Shape]
+Profiles = Mapping[str, MinOptMax]  # input name -> (min, opt, max)
+
+
+class EngineBuildError(Sd35Error):
+    """The ONNX could not be parsed or the engine not built; names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy-style: "float32", "float16", "bfloat16", "float8_e4m3fn", "int64", ...
+    shape: Shape  # -1 marks a dynamic dimension
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    flavor: str
+    trt_version: str
+    compute_capability: str
+    engine_path: Path
+    engine_bytes: int
+    inputs: tuple[TensorSpec, ...]  # as the parsed network declares them
+    outputs: tuple[TensorSpec, ...]
+    profile: Mapping[str, MinOptMax]  # read back from the optimization profile; {} if all static
+    parse_seconds: float
+    build_seconds: float  # build_serialized_network alone
+    peak_rss_mib: float  # process-wide peak (getrusage ru_maxrss): includes what ran before
+
+
+# --- the ONE place where the flavors differ ----------------------------------------------------
+# Checked: tensorrt_rtx_bindings 1.7.1.116 docstrings (IBuilderConfig.set_compute_capability and
+# num_compute_capabilities, ComputeCapability members, NetworkDefinitionCreationFlag.STRONGLY_TYPED
+# "always enabled ... ignored", builder_optimization_level 0..5), executed on a CPU-only machine;
+# TensorRT-RTX docs "CPU-Only AOT and TensorRT-RTX Engines" (no compute capability set = portable
+# engine; CURRENT turns AOT off and needs a GPU) and "Timing Cache Migration" (a timing cache
+# forces a GPU query, so none is used); TensorRT Python API docs, Builder.html
+# (create_network(1 << int(STRONGLY_TYPED)); TensorRT 11 keeps the flag but ignores it).
+# The enterprise branch follows those docs and has NEVER BEEN EXECUTED here.
+def _rtx_target(trt: Any, config: Any, cc: str) -> None:
+    config.num_compute_capabilities = 1
+    if not config.set_compute_capability(trt.ComputeCapability.__members__[cc.upper()], 0):
+        raise EngineBuildError(f"TensorRT-RTX rejected compute_capability={cc!r}")
+
+
+def _enterprise_target(trt: Any, config: Any, cc: str) -> None:
+    """Enterprise TensorRT has no target setting: the engine is for the GPU doing the build."""
+    if cc == "current":
+        return
+    import torch  # lazy: only to read the local GPU's compute capability
+
+    local = "sm%d%d" % torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    if cc != local:
+        raise EngineBuildError(
+            f"flavor 'tensorrt' builds for the local GPU ({local or 'none visible'}), not "
+            f"compute_capability={cc!r}; pass 'current' or {local!r}, or use flavor='tensorrt-rtx'")
+
+
+@dataclass(frozen=True)
+class _Flavor:
+    module: str
+    install: str
+    targets: tuple[str, ...]  # accepted compute_capability values
+    set_target: Callable[[Any, Any, str], None]
+
+
+FLAVORS: dict[str, _Flavor] = {
+    "tensorrt-rtx": _Flavor(
+        "tensorrt_rtx_bindings", "pip install 'sd35trt[trt-rtx]'",
+        ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121", "current"), _rtx_target),
+    "tensorrt": _Flavor(
+        "tensorrt", "install enterprise TensorRT (`pip install tensorrt`) on a GPU host",
+        ("sm80", "sm86", "sm89", "sm90", "sm100", "sm120", "current"), _enterprise_target),
+}
+# -------------------------------------------------------------------------------------------------
+
+_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "FP8": "float8_e4m3fn",
+           "INT8": "int8", "INT32": "int32", "INT64": "int64", "BOOL": "bool", "UINT8": "uint8",
+           "INT4": "int4", "FP4": "float4_e2m1fn", "E8M0": "float8_e8m0fnu"}
+
+
+def build_engine(onnx_path: Path, engine_path: Path, *, flavor: str = "tensorrt-rtx",
+                 compute_capability: str = "sm89", profiles: Profiles | None = None,
+                 opt_level: int | None = None) -> BuildReport:
+    """Parse `onnx_path` by path (external data works), build, write `engine_path` atomically."""
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    fl = _check_args(onnx_path, flavor, compute_capability, profiles, opt_level)
+    try:
+        trt = importlib.import_module(fl.module)
+    except ImportError as exc:
+        raise EngineBuildError(f"flavor {flavor!r} needs module {fl.module!r} ({exc}); "
+                               f"{fl.install}") from exc
+    logger = _recording_logger(trt)
+    builder = trt.Builder(logger)
+    typed = trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED
+    network = builder.create_network(1 << int(typed))
+    if not network.get_flag(typed):
+        raise EngineBuildError(f"{fl.module} {trt.__version__} made a weakly typed network")
+    t0 = time.perf_counter()
+    _parse(trt, network, logger, onnx_path)
+    parse_seconds = time.perf_counter() - t0
+    inputs = tuple(_spec(network.get_input(i)) for i in range(network.num_inputs))
+    outputs = tuple(_spec(network.get_output(i)) for i in range(network.num_outputs))
+
+    config = builder.create_builder_config()
+    fl.set_target(trt, config, compute_capability)
+    if opt_level is not None:
+        config.builder_optimization_level = opt_level
+    profile = _add_profile(builder, config, inputs, profiles or {}, onnx_path)
+
+    logger.errors.clear()  # only errors logged by the build itself explain a failed build
+    t0 = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    build_seconds = time.perf_counter() - t0
+    if serialized is None:
+        raise EngineBuildError(
+            f"building {onnx_path} for {compute_capability} with {fl.module} {trt.__version__} "
+            f"failed: {'; '.join(logger.errors) or 'no error logged'}. Check that the graph's "
+            f"dtypes/ops exist on {compute_capability} (FP8 needs sm89+) and the profile shapes")
+    _write_atomic(engine_path, memoryview(serialized))
+    return BuildReport(
+        flavor=flavor, trt_version=trt.__version__, compute_capability=compute_capability,
+        engine_path=engine_path, engine_bytes=engine_path.stat().st_size, inputs=inputs,
+        outputs=outputs, profile=profile, parse_seconds=parse_seconds, build_seconds=build_seconds,
+        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def _check_args(onnx_path: Path, flavor: str, cc: str, profiles: Profiles | None,
+                opt_level: int | None) -> _Flavor:
+    """Everything checkable before importing TensorRT or reading the model."""
+    if flavor not in FLAVORS:
+        raise InvalidInputError(f"flavor={flavor!r} is unknown; use one of {sorted(FLAVORS)}")
+    fl = FLAVORS[flavor]
+    if cc not in fl.targets:
+        raise InvalidInputError(
+            f"compute_capability={cc!r} is not a {flavor} target; use one of {list(fl.targets)}")
+    if opt_level is not None and not (type(opt_level) is int and 0 <= opt_level <= 5):
+        raise InvalidInputError(f"opt_level={opt_level!r} must be an int in 0..5 (default 3)")
+    for name, mom in (profiles or {}).items():
+        if not _is_min_opt_max(mom):
+            raise InvalidInputError(
+                f"profiles[{name!r}]={mom!r} must be (min, opt, max) int shapes of one rank "
+                f"with 0 <= min <= opt <= max in every dimension")
+    if not onnx_path.is_file():
+        raise EngineBuildError(f"ONNX file {onnx_path} does not exist; export the model first")
+    return fl
+
+
+def _is_min_opt_max(mom: object) -> bool:
+    shapes = isinstance(mom, (tuple, list)) and len(mom) == 3 and all(
+        isinstance(s, (tuple, list)) and all(type(d) is int for d in s) for s in mom)
+    return shapes and len({len(s) for s in mom}) == 1 and all(
+        0 <= a <= b <= c for a, b, c in zip(*mom))
+
+
+def _recording_logger(trt: Any) -> Any:
+    class _Recorder(trt.ILogger):
+        """Forwards TensorRT messages to `logging` (DEBUG) and keeps the errors."""
+
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity: Any, msg: str) -> None:
+            if severity <= trt.ILogger.Severity.ERROR:
+                self.errors.append(msg)
+            log.debug("[%s] %s", getattr(severity, "name", severity), msg)
+
+    return _Recorder()
+
+
+def _parse(trt: Any, network: Any, logger: Any, onnx_path: Path) -> None:
+    parser = trt.OnnxParser(network, logger)
+    ok = parser.parse_from_file(str(onnx_path))
+    errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+    if not ok or errors:
+        raise EngineBuildError(
+            f"TensorRT's ONNX parser rejected {onnx_path}: "
+            f"{' | '.join(errors or logger.errors).rstrip('.')}. "
+            f"Fix the export (opset 19+, supported ops/dtypes; run onnx.checker on it)")
+    if network.num_outputs == 0:  # empty/text files "parse" fine into an empty network
+        raise EngineBuildError(
+            f"{onnx_path} parsed to a network without outputs: it is empty or not an ONNX model "
+            f"({onnx_path.stat().st_size} bytes); re-export it")
+
+
+def _spec(t: Any) -> TensorSpec:
+    return TensorSpec(t.name, _DTYPES.get(t.dtype.name, t.dtype.name.lower()), tuple(t.shape))
+
+
+def _add_profile(builder: Any, config: Any, inputs: tuple[TensorSpec, ...], profiles: Profiles,
+                 onnx_path: Path) -> dict[str, MinOptMax]:
+    by_name = {t.name: t for t in inputs}
+    unknown = sorted(set(profiles) - set(by_name))
+    dynamic = [t for t in inputs if -1 in t.shape]
+    missing = [f"{t.name}{list(t.shape)}" for t in dynamic if t.name not in profiles]
+    if unknown or missing:
+        raise EngineBuildError(
+            f"profiles for {onnx_path} do not match its inputs {list(by_name)}: unknown "
+            f"{unknown}, dynamic inputs without (min, opt, max) {missing}; pass "
+            f"profiles={{name: (min_shape, opt_shape, max_shape)}} for every dynamic input")
+    for name, mom in profiles.items():
+        want = by_name[name].shape
+        if any(len(s) != len(want) or any(w not in (-1, d) for w, d in zip(want, s)) for s in mom):
+            raise EngineBuildError(
+                f"profiles[{name!r}]={mom!r} does not fit input {name!r} of shape {list(want)} "
+                f"in {onnx_path} (-1 = dynamic; repeat fixed dimensions as they are)")
+    if not dynamic:
+        return {}
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in profiles.items():
+        profile.set_shape(name, tuple(lo), tuple(opt), tuple(hi))
+    if config.add_optimization_profile(profile) < 0:
+        raise EngineBuildError(f"TensorRT rejected the optimization profile {dict(profiles)}")
+    return {n: tuple(tuple(int(d) for d in s) for s in profile.get_shape(n)) for n in profiles}
+
+
+def _write_atomic(path: Path, data: memoryview) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)  # mkstemp makes 0600; engines are shared artifacts
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

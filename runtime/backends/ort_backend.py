@@ -1,0 +1,97 @@
+"""ONNX Runtime backend: runs the graphs written by `sd35trt export` (CPU here; CUDA where
+onnxruntime-gpu is installed) through the same loop as every other backend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..config import COMPONENT_IO, VariantConfig
+from ..errors import CheckpointError
+from ..manifest import read_manifest
+
+_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+       "tensor(int32)": np.int32, "tensor(double)": np.float64}
+
+
+class _Session:
+    """One component: torch tensors in, torch tensors out (on the CPU)."""
+
+    def __init__(self, path: Path, component: str, providers: Sequence, options) -> None:
+        import onnxruntime as ort
+
+        self.path = path
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise CheckpointError(f"{path}: ONNX Runtime cannot load it ({exc}); re-run `sd35trt export`") from exc
+        names_in, names_out = COMPONENT_IO[component]
+        got_in = tuple(i.name for i in self.session.get_inputs())
+        if got_in != names_in:
+            raise CheckpointError(f"{path}: inputs {got_in}, expected {names_in}; re-run `sd35trt export`")
+        self.inputs = [(i.name, _NP[i.type]) for i in self.session.get_inputs()]
+        self.outputs = list(names_out)
+
+    def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
+        feed = {name: a.detach().cpu().numpy().astype(dtype, copy=False) for (name, dtype), a in zip(self.inputs, args)}
+        return [torch.from_numpy(o) for o in self.session.run(self.outputs, feed)]
+
+
+class _Clip:
+    def __init__(self, s: _Session) -> None:
+        self.s = s
+
+    def __call__(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, pooled = self.s(ids)
+        return hidden, pooled  # [B, 77, C], [B, C]
+
+
+class _Single:
+    def __init__(self, s: _Session) -> None:
+        self.s = s
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.s(*args)[0].float()
+
+
+class OrtBackend:
+    """Loads `<dir>/manifest.json` and one session per component listed there."""
+
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        path: Path,
+        config: VariantConfig,
+        providers: Sequence | None = None,
+        load_t5: bool = True,
+        intra_op_threads: int | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        if dtype is not None and dtype != torch.float32:
+            raise CheckpointError(f"dtype={dtype} does not apply to ONNX Runtime; the precision is fixed at export")
+        manifest = read_manifest(Path(path))
+        self.device = torch.device("cpu")  # tensors cross to numpy; IO binding on CUDA is future work
+        options = ort.SessionOptions()
+        if intra_op_threads:
+            options.intra_op_num_threads = intra_op_threads
+        providers = providers or ["CPUExecutionProvider"]
+        files = {c: Path(path) / e["file"] for c, e in manifest["components"].items()}
+        sess = {c: _Session(f, c, providers, options) for c, f in files.items() if c != "vae_encoder"
+                and (c != "t5" or load_t5)}
+        for required in ("clip_l", "clip_g", "transformer", "vae_decoder"):
+            if required not in sess:
+                raise CheckpointError(f"{path}/manifest.json lists no {required}; re-run `sd35trt export`")
+        self.clip_l, self.clip_g = _Clip(sess["clip_l"]), _Clip(sess["clip_g"])
+        self.t5 = _Single(sess["t5"]) if "t5" in sess else None
+        self.transformer = _Single(sess["transformer"])
+        self.vae_decoder = _Single(sess["vae_decoder"])
+
+    def close(self) -> None:
+        self.clip_l = self.clip_g = self.t5 = self.transformer = self.vae_decoder = None

@@ -1,0 +1,86 @@
+"""manifest.json of an exported model folder (ONNX today, engine sets later).
+
+The manifest is written last and atomically; a component is trusted only when its manifest entry
+exists and the file's sha256 matches, so an interrupted export never leaves a file a later run
+(or the runtime) trusts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .config import VariantConfig
+from .errors import CheckpointError
+
+MANIFEST = "manifest.json"
+FORMAT = "sd35trt-onnx/1"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, doc: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; export the model first: sd35trt export --model … --out {folder}")
+    doc = json.loads(path.read_text())
+    if doc.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: format {doc.get('format')!r}, this runtime reads {FORMAT!r}; re-export")
+    return doc
+
+
+def manifest_config(folder: Path) -> VariantConfig:
+    return VariantConfig.from_dict(read_manifest(folder)["variant"])
+
+
+def exported_folder(path: Path, family: str | None = None):
+    """A `Checkpoint` view of an exported folder: config from the manifest, tokenizers beside it,
+    no torch weights (runtimes that read graphs or engines need none)."""
+    from .checkpoint import Checkpoint, tokenizer_classes
+
+    class ExportedFolder(Checkpoint):
+        def __init__(self) -> None:
+            self.path = path
+            self.manifest = read_manifest(path)
+            config = VariantConfig.from_dict(self.manifest["variant"])
+            self.config = config.with_family(family) if family else config
+            self.files = {c: path / e["file"] for c, e in self.manifest["components"].items()}
+
+        def _no_weights(self, *_: object):
+            raise CheckpointError(
+                f"{path} holds exported graphs, not torch weights; use backend='onnxruntime' "
+                f"(or point the torch backend at the original checkpoint)"
+            )
+
+        transformer_state = vae_decoder_state = vae_encoder_state = _text_source = _no_weights
+
+        def tokenizer_dirs(self) -> tuple[Path, Path, Path | None]:
+            t5 = path / "tokenizer_3"
+            return path / "tokenizer", path / "tokenizer_2", t5 if t5.is_dir() and "t5" in self.files else None
+
+        def tokenizer_classes(self) -> tuple[str, str, str]:
+            return tokenizer_classes(path)
+
+    return ExportedFolder()

@@ -1,0 +1,107 @@
+"""Exported graphs vs torch: every component (fp32) and the FP8 transformer vs ModelOpt fake quant."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from sd35trt.export.calibrate import DEFAULT_EXCLUDE, CalibState, apply_calibration
+from sd35trt.export.onnx_export import ClipGraph, T5Graph
+from sd35trt.export.qdq import FP8, qdq_summary
+from sd35trt.runtime import Pipeline
+from sd35trt.runtime.config import COMPONENT_IO
+
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime (test extra) runs the exported graphs")
+
+
+def _rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a.astype(np.float64) - b) / np.linalg.norm(b.astype(np.float64)))
+
+
+def _inputs(pipe: Pipeline, comp: str) -> tuple[torch.Tensor, ...]:
+    """Shapes unlike the traced ones (batch 3, 80x112 px, 24 T5 tokens): dynamic axes must hold."""
+    g = torch.Generator().manual_seed(11)
+    cfg = pipe.config
+    b, c, h, w = cfg.latent_shape(3, 80, 112)
+    if comp in ("clip_l", "clip_g"):
+        return (torch.randint(0, 400, (3, 77), generator=g),)
+    if comp == "t5":
+        return (torch.randint(0, 400, (3, 24), generator=g),)
+    if comp == "transformer":
+        return (torch.randn(b, c, h, w, generator=g), torch.tensor([1000.0, 611.5, 3.2]),
+                torch.randn(b, cfg.text_tokens(24), cfg.joint_dim, generator=g), torch.randn(b, cfg.pooled_dim, generator=g))
+    return (torch.randn(b, c, h, w, generator=g),)
+
+
+def _torch_module(pipe: Pipeline, comp: str):
+    b = pipe.backend
+    return {"clip_l": lambda: ClipGraph(b.clip_l.model), "clip_g": lambda: ClipGraph(b.clip_g.model),
+            "t5": lambda: T5Graph(b.t5.model), "transformer": lambda: b.transformer.model,
+            "vae_decoder": lambda: b.vae_decoder.model}[comp]()
+
+
+@pytest.mark.parametrize("comp", ["clip_l", "clip_g", "t5", "transformer", "vae_decoder"])
+def test_fp32_graph_matches_torch(onnx_fp32: Path, tiny_medium: Path, comp: str) -> None:
+    pipe = Pipeline.from_pretrained(tiny_medium, device="cpu", dtype=torch.float32)
+    args = _inputs(pipe, comp)
+    with torch.no_grad():
+        ref = _torch_module(pipe, comp)(*args)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    sess = ort.InferenceSession(str(onnx_fp32 / f"{comp}.onnx"), providers=["CPUExecutionProvider"])
+    names_in, names_out = COMPONENT_IO[comp]
+    outs = sess.run(list(names_out), {n: a.numpy() for n, a in zip(names_in, args)})
+    for o, r in zip(outs, ref):
+        assert o.shape == tuple(r.shape)
+        assert _rel_l2(o, r.numpy()) <= 1e-4
+
+
+def test_fp8_transformer_matches_modelopt_fake_quant(onnx_fp8: Path, tiny_medium: Path) -> None:
+    pipe = Pipeline.from_pretrained(tiny_medium, device="cpu", dtype=torch.float32)
+    plain = pipe.backend.transformer.model
+    args = _inputs(pipe, "transformer")
+    with torch.no_grad():
+        high = plain(*args).numpy()
+    fake = apply_calibration(plain, CalibState.load(onnx_fp8 / "calibration"))
+    with torch.no_grad():
+        ref = fake(*args).numpy()
+    sess = ort.InferenceSession(str(onnx_fp8 / "transformer.onnx"), providers=["CPUExecutionProvider"])
+    out = sess.run(["velocity"], {n: a.numpy() for n, a in zip(COMPONENT_IO["transformer"][0], args)})[0]
+    err = _rel_l2(out, ref)
+    assert err <= 1e-2
+    assert _rel_l2(ref, high) > 10 * err  # the graph really quantizes: FP8 differs from fp32 more
+
+
+def test_fp8_graph_has_qdq_on_every_block_linear_and_none_on_exclusions(onnx_fp8: Path, tiny_medium: Path) -> None:
+    model = onnx.load(str(onnx_fp8 / "transformer.onnx"))
+    summary = qdq_summary(model)
+    to_module = lambda node: ".".join(node.strip("/").split("/")[:-1])  # noqa: E731  /a/b/MatMul -> a.b
+    quantized = set(summary["quantized_linears"])
+    pipe = Pipeline.from_pretrained(tiny_medium, device="cpu", dtype=torch.float32)
+    linears = {n for n, m in pipe.backend.transformer.model.named_modules() if isinstance(m, torch.nn.Linear)}
+    expected = {n for n in linears if not n.startswith(DEFAULT_EXCLUDE)}
+    assert quantized == expected
+    excluded = {to_module(n) for n in summary["plain_matmuls"]} & linears
+    assert excluded == linears - expected and excluded
+    assert summary["fp8_initializers"] >= len(expected)  # weights stored as FP8
+    assert all(i.data_type != FP8 for i in model.graph.initializer if "context_embedder" in i.name)
+    assert {d.domain for d in model.opset_import} <= {"", "ai.onnx"}  # no trt-domain ops left
+    assert max(d.version for d in model.opset_import if d.domain in ("", "ai.onnx")) >= 19
+    assert not [n for n in model.graph.node if n.domain == "trt"]
+    zps = [n.input[2] for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    inits = {i.name: i for i in model.graph.initializer}
+    assert all(inits[z].data_type == FP8 and onnx.numpy_helper.to_array(inits[z]).astype(np.float32) == 0 for z in set(zps))
+
+
+def test_fp8_weights_take_one_byte(onnx_fp8: Path, onnx_fp32: Path, tiny_medium: Path) -> None:
+    model = onnx.load(str(onnx_fp8 / "transformer.onnx"))
+    fp8_bytes = sum(int(np.prod(i.dims)) for i in model.graph.initializer if i.data_type == FP8)
+    pipe = Pipeline.from_pretrained(tiny_medium, device="cpu", dtype=torch.float32)
+    mods = dict(pipe.backend.transformer.model.named_modules())
+    quantized = qdq_summary(model)["quantized_linears"]
+    assert fp8_bytes == 1 + sum(mods[n].weight.numel() for n in quantized)  # + the zero point
+    saved = 3 * (fp8_bytes - 1)
+    assert (onnx_fp8 / "transformer.onnx").stat().st_size <= (onnx_fp32 / "transformer.onnx").stat().st_size - saved + 200_000
