@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from tqdm.auto import tqdm
 from ..runtime.checkpoint import Checkpoint
 from ..runtime.config import VariantConfig
 from ..runtime.errors import CheckpointError, InvalidInputError
-from ..runtime.manifest import FORMAT, MANIFEST, sha256_file, write_json_atomic
+from ..runtime.manifest import FORMAT, MANIFEST, copy_tokenizers, sha256_file, write_json_atomic
 from .calibrate import CalibSettings, CalibState, apply_calibration, calibrate
 from .onnx_export import ClipGraph, T5Graph, VaeEncoderGraph, export_graph, sample_inputs
 from .tiny_model import autoencoder
@@ -110,17 +109,6 @@ def _reusable_calibration(ckpt: Checkpoint, out: Path, opts: ExportOptions) -> t
     return fp, state if state.meta.get("fingerprint") == fp else None
 
 
-def _copy_tokenizers(ckpt: Checkpoint, out: Path) -> None:
-    subs = ("tokenizer", "tokenizer_2", "tokenizer_3")
-    for sub, src, cls in zip(subs, ckpt.tokenizer_dirs(), ckpt.tokenizer_classes()):
-        if src is not None and not (out / sub).is_dir():
-            tmp = out / f".{sub}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(src, tmp)
-            tmp.rename(out / sub)
-    write_json_atomic(out / "model_index.json", {sub: ["transformers", cls] for sub, cls in zip(subs, ckpt.tokenizer_classes())})
-
-
 def _plan(ckpt: Checkpoint, opts: ExportOptions, calib: CalibState | None) -> dict[str, str]:
     """Fingerprint of every component to export (the FP8 transformer's needs the calibration)."""
     comps = ["clip_l", "clip_g"] + (["t5"] if opts.t5 and ckpt.files.get("t5") else [])
@@ -166,7 +154,7 @@ def export_model(model: str | Path, out: str | Path, opts: ExportOptions, progre
             e = entries[comp]
             rows.append(Row(comp, e["file"], e["bytes"], e["precision"], e["qdq_pairs"], "exported", time.perf_counter() - t0))
         pipe.close()
-    _copy_tokenizers(ckpt, out)
+    copy_tokenizers(ckpt, out)
     write_json_atomic(out / MANIFEST, {"format": FORMAT, "variant": config.to_dict(), "precision": opts.precision,
                                        "dtype": opts.dtype, "source": str(ckpt.path), "components": entries})
     return sorted(rows, key=lambda r: list(plan).index(r.component))

@@ -36,12 +36,22 @@ DYNAMIC_AXES = {
 }
 
 
+def _eager_attention(model: nn.Module) -> nn.Module:
+    """transformers' SDPA path traces to graphs the TorchScript exporter rejects in bf16 and that
+    mix fp32 into fp16 LayerNorms; the eager attention exports cleanly at every precision."""
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")
+    else:  # transformers 4.x
+        model.config._attn_implementation = "eager"
+    return model
+
+
 class ClipGraph(nn.Module):
     """input_ids [B, 77] -> (penultimate hidden states [B, 77, C], pooled projection [B, C])."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.model = model
+        self.model = _eager_attention(model)
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.model(input_ids, output_hidden_states=True)
@@ -53,7 +63,7 @@ class T5Graph(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.model = model
+        self.model = _eager_attention(model)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)[0]

@@ -25,6 +25,9 @@ COMPONENT_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "vae_decoder": (("latent",), ("image",)),
     "vae_encoder": (("image",), ("latent",)),
 }
+# Components whose batch doubles under CFG (runtime/text.py encodes negatives and prompts as one
+# batch; runtime/sampling.py runs the transformer on [x; x]); the VAE decodes the B final latents.
+CFG_DOUBLED = ("clip_l", "clip_g", "t5", "transformer")
 # Written into model_index.json by sd35trt so that Large and Large Turbo (identical architectures)
 # can be told apart; diffusers ignores keys that start with "_".
 VARIANT_HINT_KEY = "_sd35trt_family"
@@ -207,7 +210,8 @@ class VariantConfig:
         batches: tuple[int, int, int] = (1, 1, 4),
         cfg: bool = True,
     ) -> dict[str, dict[str, tuple[tuple[int, ...], ...]]]:
-        """(min, opt, max) shapes per component input. With CFG the transformer sees 2x batch."""
+        """(min, opt, max) shapes per component input. With CFG every component but the VAE sees
+        2x batch: the prompt encoders encode [negatives; prompts], the transformer [x; x]."""
         for s in sizes:
             self.check_size(s, s)
         mult = 2 if cfg else 1
@@ -217,7 +221,7 @@ class VariantConfig:
         ]
         out: dict[str, dict[str, tuple[tuple[int, ...], ...]]] = {}
         for comp in COMPONENTS:
-            pick = 1 if comp == "transformer" else 0
+            pick = 1 if comp in CFG_DOUBLED else 0
             out[comp] = {
                 name: tuple(s[pick][comp][name] for s in shapes) for name in shapes[0][0][comp]
             }

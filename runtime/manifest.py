@@ -10,15 +10,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import TOKENIZER_DIRS
 from .config import VariantConfig
 from .errors import CheckpointError
 
 MANIFEST = "manifest.json"
 FORMAT = "sd35trt-onnx/1"
+ENGINES_FORMAT = "sd35trt-engines/1"  # engine sets (`sd35trt build`); see engine_manifest.py
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
@@ -41,14 +44,27 @@ def write_json_atomic(path: Path, doc: Any) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
+def read_manifest(folder: Path, formats: tuple[str, ...] = (FORMAT,)) -> dict[str, Any]:
     path = folder / MANIFEST
     if not path.is_file():
         raise CheckpointError(f"{path} is missing; export the model first: sd35trt export --model … --out {folder}")
     doc = json.loads(path.read_text())
-    if doc.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: format {doc.get('format')!r}, this runtime reads {FORMAT!r}; re-export")
+    if doc.get("format") not in formats:
+        raise CheckpointError(f"{path}: format {doc.get('format')!r}, this reads {' or '.join(map(repr, formats))}; re-export")
     return doc
+
+
+def copy_tokenizers(ckpt, out: Path) -> None:
+    """Copy a checkpoint's tokenizer*/ folders into `out` (each atomically, once) and write the
+    model_index.json naming their classes, so an exported folder or engine set is self-contained."""
+    for sub, src in zip(TOKENIZER_DIRS, ckpt.tokenizer_dirs()):
+        if src is not None and not (out / sub).is_dir():
+            tmp = out / f".{sub}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src, tmp)
+            tmp.rename(out / sub)
+    classes = ckpt.tokenizer_classes()
+    write_json_atomic(out / "model_index.json", {sub: ["transformers", cls] for sub, cls in zip(TOKENIZER_DIRS, classes)})
 
 
 def manifest_config(folder: Path) -> VariantConfig:
@@ -56,22 +72,22 @@ def manifest_config(folder: Path) -> VariantConfig:
 
 
 def exported_folder(path: Path, family: str | None = None):
-    """A `Checkpoint` view of an exported folder: config from the manifest, tokenizers beside it,
-    no torch weights (runtimes that read graphs or engines need none)."""
+    """A `Checkpoint` view of an exported folder or an engine set: config from the manifest,
+    tokenizers beside it, no torch weights (runtimes that read graphs or engines need none)."""
     from .checkpoint import Checkpoint, tokenizer_classes
 
     class ExportedFolder(Checkpoint):
         def __init__(self) -> None:
             self.path = path
-            self.manifest = read_manifest(path)
+            self.manifest = read_manifest(path, (FORMAT, ENGINES_FORMAT))
             config = VariantConfig.from_dict(self.manifest["variant"])
             self.config = config.with_family(family) if family else config
             self.files = {c: path / e["file"] for c, e in self.manifest["components"].items()}
 
         def _no_weights(self, *_: object):
             raise CheckpointError(
-                f"{path} holds exported graphs, not torch weights; use backend='onnxruntime' "
-                f"(or point the torch backend at the original checkpoint)"
+                f"{path} holds exported graphs or engines, not torch weights; use backend='onnxruntime' "
+                f"(ONNX) or 'tensorrt'/'tensorrt-rtx' (engines), or point the torch backend at the original checkpoint"
             )
 
         transformer_state = vae_decoder_state = vae_encoder_state = _text_source = _no_weights

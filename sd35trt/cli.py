@@ -75,6 +75,50 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from sd35trt.bench import bench_transformer
+
+    configs = args.configs.split(",")
+    if set(configs) - {"e2e"}:
+        bench_transformer(args.variant, args.size, args.batch, configs, args.attention, args.json)
+    if "e2e" in configs:
+        from sd35trt.bench import Runner
+        from sd35trt.bench_e2e import bench_e2e
+
+        runner = Runner(args.json.with_name(args.json.stem + "_e2e.json"))
+        bench_e2e(args.variant, args.size, args.steps, runner)
+        print(runner.table(runner.rows[0]["name"]))
+    return 0
+
+
+def _batch_range(text: str) -> tuple[int, int]:
+    """"1" -> (1, 1), "1-4" -> (1, 4)."""
+    try:
+        lo, _, hi = text.partition("-")
+        return int(lo), int(hi or lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--batch {text!r}: use N or MIN-MAX, e.g. 1 or 1-4") from None
+
+
+def _build(args: argparse.Namespace) -> int:
+    from sd35trt.export.engines import build_engines, default_out_dir, format_table
+
+    def progress(comp: str, action: str) -> None:
+        if not args.quiet:
+            print(f"{'building' if action == 'build' else 'up to date'}: {comp}", file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    out = args.out or default_out_dir(args.onnx, args.gpu, family=args.variant)
+    rows = build_engines(args.onnx, out, gpu=args.gpu, flavor=args.flavor, family=args.variant, dynamic=args.dynamic,
+                         batch=args.batch, min_size=args.min_size, max_size=args.max_size, opt_level=args.opt_level,
+                         refit=args.refit, weight_streaming=args.weight_streaming, timing_cache=args.timing_cache,
+                         on_component=progress)
+    print(format_table(rows))
+    print(f"engines for {args.gpu} ({args.flavor}) in {out}: {time.perf_counter() - t0:.1f}s "
+          f"({sum(r.status == 'built' for r in rows)} built, {sum(r.status == 'unchanged' for r in rows)} unchanged)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sd35trt", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -101,6 +145,39 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-t5", action="store_true", help="skip T5 (the runtime then uses zeros, as SD3 allows)")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=_export)
+
+    b = sub.add_parser("bench", help="time the diffusers peer and our backends on one GPU, one run")
+    b.add_argument("--variant", choices=("sd3.5-large", "sd3.5-medium"), default="sd3.5-large")
+    b.add_argument("--size", type=int, default=1024)
+    b.add_argument("--batch", type=int, default=1, help="images per step (the transformer sees 2x: CFG)")
+    b.add_argument("--steps", type=int, default=28, help="denoising steps of the end-to-end image (e2e)")
+    b.add_argument("--configs", default="peer-eager,peer-compile,bf16,fp8,fp8-compile-default",
+                   help="comma list: attention, vae, peer-eager, peer-compile, bf16, fp8, fp8-compile-<mode>[+fast], profile, e2e")
+    b.add_argument("--attention", choices=("default", "cudnn", "flash"), default="cudnn",
+                   help="SDPA backend for our configs (the peer keeps diffusers' default)")
+    b.add_argument("--json", type=Path, default=Path("bench.json"))
+    b.set_defaults(func=_bench)
+
+    b = sub.add_parser("build", help="build TensorRT / TensorRT-RTX engines from an exported ONNX folder")
+    b.add_argument("--onnx", type=Path, required=True, help="folder written by `sd35trt export`")
+    b.add_argument("--out", type=Path, help="engine folder (default engines/<variant>-<precision>-<gpu>)")
+    b.add_argument("--gpu", required=True, help="target compute capability: sm80, sm86, sm89, sm90, sm100, sm120, ...")
+    b.add_argument("--flavor", choices=("tensorrt-rtx", "tensorrt"), default="tensorrt-rtx",
+                   help="tensorrt-rtx builds on any machine (CPU AOT); tensorrt builds on the target GPU")
+    shape = b.add_mutually_exclusive_group()
+    shape.add_argument("--static", dest="dynamic", action="store_false", help="the variant's default size (default)")
+    shape.add_argument("--dynamic", dest="dynamic", action="store_true",
+                       help="sizes --min-size..--max-size (default half to 1.5x the default size: 512-1536)")
+    b.add_argument("--batch", type=_batch_range, default=(1, 1), help="images per request: N or MIN-MAX (CFG doubles it)")
+    b.add_argument("--min-size", type=int, help="smallest side in pixels (--dynamic)")
+    b.add_argument("--max-size", type=int, help="largest side in pixels (--dynamic)")
+    b.add_argument("--opt-level", type=int, help="builder optimization level 0-5 (library default 3)")
+    b.add_argument("--refit", action="store_true", help="refittable engines (enterprise TensorRT)")
+    b.add_argument("--weight-streaming", action="store_true", help="engines that can stream weights from host memory")
+    b.add_argument("--timing-cache", type=Path, help="timing cache file to reuse and update (enterprise TensorRT)")
+    b.add_argument("--variant", choices=("large", "medium", "large-turbo"), help="override the exported family (Turbo: no CFG batch)")
+    b.add_argument("--quiet", action="store_true", help="no progress lines")
+    b.set_defaults(func=_build, dynamic=False)
 
     g = sub.add_parser("generate", help="generate one image to a PNG")
     g.add_argument("--model", type=Path, required=True, help="SD3.5 diffusers folder")

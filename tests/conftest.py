@@ -49,3 +49,17 @@ def onnx_fp8(tiny_medium: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     out = tmp_path_factory.mktemp("onnx") / "fp8"
     export_model(tiny_medium, out, ExportOptions(precision="fp8", dtype="fp32", calib=_calib()), progress=False)
     return out
+
+
+# --- TensorRT-RTX engine sets of the tiny FP8 export, built once on the CPU (AOT) ---------------
+ENGINE_TARGETS = ("sm89", "sm120")
+
+
+@pytest.fixture(scope="session")
+def engines_fp8(onnx_fp8: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, list]]:
+    """{target: (engine folder, build rows)} for sm89 and sm120 (static, the variant's default size)."""
+    pytest.importorskip("tensorrt_rtx_bindings", reason="pip install 'sd35trt[trt-rtx]' builds engines on the CPU")
+    from sd35trt.export.engines import build_engines
+
+    root = tmp_path_factory.mktemp("engines")
+    return {cc: (root / cc, build_engines(onnx_fp8, root / cc, gpu=cc)) for cc in ENGINE_TARGETS}

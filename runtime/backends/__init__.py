@@ -15,7 +15,27 @@ def _onnxruntime():
     return OrtBackend
 
 
+def _tensorrt(flavor: str):
+    def loader():
+        from functools import partial
+
+        from .trt_backend import TrtBackend
+
+        return partial(TrtBackend, flavor=flavor)
+
+    return loader
+
+
+def _torch_fp8():
+    from .torch_fp8 import TorchFP8Backend
+
+    return TorchFP8Backend
+
+
 register("torch", _torch)
+register("torch-fp8", _torch_fp8)
 register("onnxruntime", _onnxruntime)
+register("tensorrt", _tensorrt("tensorrt"))  # enterprise TensorRT engine sets (`sd35trt build`)
+register("tensorrt-rtx", _tensorrt("tensorrt-rtx"))
 
 __all__ = ["Backend", "available", "load_backend", "register"]

@@ -87,11 +87,28 @@ class Attention(nn.Module):
             self.to_add_out = nn.Linear(dim, dim)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
-        return x.view(b, n, self.heads, -1).transpose(1, 2)  # [B, heads, N, head_dim]
+        return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # [B, heads, N, head_dim]
 
-    def _qkv(self, x: torch.Tensor, q, k, v, nq: str, nk: str) -> tuple[torch.Tensor, ...]:
-        q, k, v = self._heads(q(x)), self._heads(k(x)), self._heads(v(x))
+    def fuse_qkv(self) -> None:
+        """One [3D, D] projection instead of q, k, v (and add_q/k/v): same math, one GEMM each."""
+        for fused, parts in (("to_qkv", ("to_q", "to_k", "to_v")),
+                             ("add_qkv", ("add_q_proj", "add_k_proj", "add_v_proj"))):
+            if hasattr(self, parts[0]):
+                lin = [getattr(self, p) for p in parts]
+                cat = nn.Linear(lin[0].in_features, 3 * lin[0].out_features, device=lin[0].weight.device,
+                                dtype=lin[0].weight.dtype)
+                cat.weight.data = torch.cat([m.weight.data for m in lin])
+                cat.bias.data = torch.cat([m.bias.data for m in lin])
+                setattr(self, fused, cat)
+                for p in parts:
+                    delattr(self, p)
+
+    def _qkv(self, x: torch.Tensor, fused: str, parts: tuple[str, ...], nq: str, nk: str) -> tuple[torch.Tensor, ...]:
+        if hasattr(self, fused):
+            q, k, v = getattr(self, fused)(x).chunk(3, dim=-1)
+        else:
+            q, k, v = (getattr(self, p)(x) for p in parts)
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)
         if hasattr(self, nq):
             q, k = getattr(self, nq)(q), getattr(self, nk)(k)
         return q, k, v
@@ -99,12 +116,11 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, ctx: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, "norm_q", "norm_k")
+        q, k, v = self._qkv(x, "to_qkv", ("to_q", "to_k", "to_v"), "norm_q", "norm_k")
         n_img = x.shape[1]
         if ctx is not None:  # joint attention: image tokens first, then text tokens
             cq, ck, cv = self._qkv(
-                ctx, self.add_q_proj, self.add_k_proj, self.add_v_proj,
-                "norm_added_q", "norm_added_k",
+                ctx, "add_qkv", ("add_q_proj", "add_k_proj", "add_v_proj"), "norm_added_q", "norm_added_k"
             )
             q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
         out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, N, head_dim]

@@ -105,3 +105,24 @@ def test_fp8_weights_take_one_byte(onnx_fp8: Path, onnx_fp32: Path, tiny_medium:
     assert fp8_bytes == 1 + sum(mods[n].weight.numel() for n in quantized)  # + the zero point
     saved = 3 * (fp8_bytes - 1)
     assert (onnx_fp8 / "transformer.onnx").stat().st_size <= (onnx_fp32 / "transformer.onnx").stat().st_size - saved + 200_000
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_text_encoders_export_and_build(tiny_medium: Path, tmp_path: Path, dtype: torch.dtype) -> None:
+    """Real engines use fp16/bf16 outside the FP8 MMDiT: the text encoder graphs must export and
+    pass TensorRT's strongly typed parser (one dtype per LayerNorm, no fp32 leaks)."""
+    from sd35trt.export.onnx_export import export_graph, sample_inputs
+
+    pipe = Pipeline.from_pretrained(tiny_medium, device="cpu", dtype=dtype)
+    want = {torch.float16: onnx.TensorProto.FLOAT16, torch.bfloat16: onnx.TensorProto.BFLOAT16}[dtype]
+    for comp, module in (("clip_l", ClipGraph(pipe.backend.clip_l.model)), ("t5", T5Graph(pipe.backend.t5.model))):
+        path = tmp_path / f"{comp}.onnx"
+        export_graph(module, comp, sample_inputs(pipe.config, comp, dtype), path, fp8=False)
+        graph = onnx.load(str(path))
+        assert graph.graph.output[0].type.tensor_type.elem_type == want
+        pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX (trt-rtx extra) parses the graph")
+        from sd35trt.export.trt_build import build_engine
+
+        n = 77 if comp == "clip_l" else 16
+        report = build_engine(path, tmp_path / f"{comp}.engine", profiles={"input_ids": ((1, n), (2, n), (2, n))})
+        assert report.engine_bytes > 0

@@ -181,3 +181,21 @@ def test_exported_fp8_transformer_builds(onnx_fp8: Path, tmp_path: Path, cc: str
     assert [i.name for i in report.inputs] == ["hidden_states", "timestep", "encoder_hidden_states", "pooled_projections"]
     assert [o.name for o in report.outputs] == ["velocity"]
     assert report.profile["hidden_states"] == profiles["hidden_states"]
+
+
+def test_weight_streaming_and_opt_level_are_applied_and_reported(tmp_path: Path) -> None:
+    src = _tiny_onnx(tmp_path / "tiny.onnx", fp8=True)
+    engine = tmp_path / "ws.engine"
+    report = build_engine(src, engine, profiles=PROFILE, weight_streaming=True, opt_level=1)
+    _check_engine(report, engine, "sm89")
+    assert report.flags == {"opt_level": 1, "refit": False, "weight_streaming": True}
+    assert 0 < report.build_peak_rss_mib <= report.peak_rss_mib + 1  # sampled during this build only
+
+
+def test_options_tensorrt_rtx_lacks_are_refused_before_parsing(tmp_path: Path) -> None:
+    src = tmp_path / "never-read.onnx"  # does not exist: the refusal comes first
+    with pytest.raises(InvalidInputError, match="refit: TensorRT-RTX 1.7.1.116 fails REFIT builds"):
+        build_engine(src, tmp_path / "x.engine", refit=True)
+    with pytest.raises(InvalidInputError, match="timing_cache: .*no-ops"):
+        build_engine(src, tmp_path / "x.engine", timing_cache=tmp_path / "cache.bin")
+    assert not (tmp_path / "cache.bin").exists()

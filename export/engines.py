@@ -1,0 +1,191 @@
+"""`sd35trt build`: an exported ONNX folder -> a TensorRT / TensorRT-RTX engine set + manifest.json.
+
+Before any work: the flavor/target/options (`trt_build.check_build_options`), the precision policy
+(FP8 only where the GPU has FP8) and the requested shapes are checked. Profiles come from the
+variant config (`EngineShapes`). A component is rebuilt only when it is stale: its ONNX content,
+flavor, library version, target, profiles or build flags changed, or its engine file no longer
+has the recorded sha256. Engines are written atomically and the manifest last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from ..runtime.checkpoint import Checkpoint
+from ..runtime.config import COMPONENTS, FAMILY_SAMPLING, VARIANTS, VariantConfig
+from ..runtime.engine_manifest import FORMAT, FP8_GPUS, EngineShapes
+from ..runtime.errors import CheckpointError, InvalidInputError
+from ..runtime.manifest import MANIFEST, copy_tokenizers, read_manifest, sha256_file, write_json_atomic
+from .trt_build import BuildReport, EngineBuildError, build_engine, check_build_options
+
+BF16_GPUS_EXCLUDED = ("sm75",)  # Turing has no bf16 tensor cores
+
+
+@dataclass
+class EngineRow:
+    component: str
+    file: str
+    bytes: int
+    precision: str
+    target: str
+    seconds: float  # parse + build (recorded at build time for unchanged engines)
+    peak_rss_mib: float  # sampled during this component's parse + build
+    status: str  # "built" | "unchanged"
+    report: BuildReport | None = None  # None when unchanged
+
+
+def variant_config(src: dict[str, Any], family: str | None = None) -> VariantConfig:
+    """The exported variant, or the same architecture as `family` (large <-> large-turbo)."""
+    config = VariantConfig.from_dict(src["variant"])
+    if family is None or family == config.family:
+        return config
+    if family not in FAMILY_SAMPLING:
+        raise InvalidInputError(f"variant={family!r} is unknown; use one of {sorted(FAMILY_SAMPLING)}")
+    named = [n for n, v in VARIANTS.items() if v.transformer == config.transformer and v.family == family]
+    name = named[0] if named else f"custom-{family}"
+    return replace(config.with_family(family), name=name)
+
+
+def default_out_dir(onnx_dir: str | Path, gpu: str, root: str | Path = "engines", family: str | None = None) -> Path:
+    """engines/<variant>-<precision>-<gpu>, the variant and precision read from the ONNX manifest."""
+    src = read_manifest(Path(onnx_dir))
+    return Path(root) / f"{variant_config(src, family).name}-{src['precision']}-{gpu}"
+
+
+def check_precision(src: dict[str, Any], onnx_dir: Path, gpu: str) -> None:
+    """FP8 engines only for GPUs with FP8 tensor cores; otherwise offer a 16-bit re-export."""
+    redo = f"sd35trt export --model {src.get('source', 'MODEL')} --out {onnx_dir}-{{p}} --precision {{p}}"
+    if src["precision"] == "fp8" and gpu not in FP8_GPUS:
+        raise InvalidInputError(
+            f"{onnx_dir / MANIFEST} is an FP8 export, but {gpu} has no FP8 tensor cores (FP8 needs one of "
+            f"{', '.join(FP8_GPUS)}); re-export with --precision fp16|bf16 and build from that: "
+            f"`{redo.format(p='fp16')}` (or `{redo.format(p='bf16')}`)")
+    if "bf16" in (src["precision"], src["dtype"]) and gpu in BF16_GPUS_EXCLUDED:
+        raise InvalidInputError(f"{onnx_dir / MANIFEST} uses bf16, which {gpu} lacks; re-export with "
+                                f"`{redo.format(p='fp16')}`")
+
+
+def build_engines(onnx_dir: str | Path, out_dir: str | Path | None = None, *, gpu: str = "sm89",
+                  flavor: str = "tensorrt-rtx", family: str | None = None, dynamic: bool = False,
+                  batch: tuple[int, int] = (1, 1), min_size: int | None = None, max_size: int | None = None,
+                  opt_level: int | None = None, refit: bool = False, weight_streaming: bool = False,
+                  timing_cache: str | Path | None = None,
+                  on_component: Callable[[str, str], None] | None = None) -> list[EngineRow]:
+    """Build (or keep) the engines of every runtime component in `onnx_dir` into `out_dir`
+    (default engines/<variant>-<precision>-<gpu>). `family` overrides the exported one (a real
+    Large Turbo folder exports as "large"). `on_component(component, "build"|"keep")` is called
+    before each one (progress)."""
+    onnx_dir = Path(onnx_dir)
+    if gpu == "current" or not isinstance(gpu, str) or not gpu.startswith("sm"):
+        raise InvalidInputError(f"gpu={gpu!r}: name the target compute capability, e.g. sm89 (RTX 40xx, L40S), "
+                                f"sm90 (H100), sm120 (RTX 50xx)")
+    fl = check_build_options(flavor, gpu, refit=refit, timing_cache=timing_cache, opt_level=opt_level)
+    src = read_manifest(onnx_dir)
+    check_precision(src, onnx_dir, gpu)
+    config = variant_config(src, family)
+    shapes = EngineShapes.for_variant(config, dynamic, tuple(batch), min_size, max_size)
+    out = Path(out_dir) if out_dir is not None else default_out_dir(onnx_dir, gpu, family=family)
+    comps = [c for c in COMPONENTS if c in src["components"]]
+    version = _library_version(fl.module, fl.install, flavor)
+    flags = {"refit": refit, "weight_streaming": weight_streaming, "opt_level": opt_level}
+    build = {"onnx": str(onnx_dir), "out": str(out), "gpu": gpu, "flavor": flavor, "variant": family,
+             "dynamic": dynamic, "batch": list(batch), "min_size": shapes.sizes[0] if dynamic else None,
+             "max_size": shapes.sizes[2] if dynamic else None, "opt_level": opt_level, "refit": refit,
+             "weight_streaming": weight_streaming, "timing_cache": str(timing_cache) if timing_cache else None}
+    profiles = shapes.profiles(config)
+    old = _old_components(out)
+    rows, entries = [], {}
+    for comp in comps:
+        want = _json({"onnx_sha256": _onnx_digest(onnx_dir, comp, src["components"][comp]), "flavor": flavor,
+                      "library_version": version, "target": gpu, "profiles": profiles[comp], "flags": flags})
+        if _fresh(out, old.get(comp), want):
+            if on_component:
+                on_component(comp, "keep")
+            entries[comp] = e = old[comp]
+            rows.append(EngineRow(comp, e["file"], e["bytes"], e["precision"], e["target"],
+                                  e["parse_seconds"] + e["build_seconds"], e["peak_rss_mib"], "unchanged"))
+            continue
+        if on_component:
+            on_component(comp, "build")
+        report = build_engine(onnx_dir / src["components"][comp]["file"], out / f"{comp}.engine", flavor=flavor,
+                              compute_capability=gpu, profiles=profiles[comp], opt_level=opt_level, refit=refit,
+                              weight_streaming=weight_streaming, timing_cache=timing_cache)
+        entries[comp] = e = _entry(report, want, src["components"][comp], fl.module)
+        rows.append(EngineRow(comp, e["file"], e["bytes"], e["precision"], gpu,
+                              e["parse_seconds"] + e["build_seconds"], e["peak_rss_mib"], "built", report))
+    copy_tokenizers(Checkpoint.open(onnx_dir), out)
+    write_json_atomic(out / MANIFEST, {
+        "format": FORMAT, "variant": config.to_dict(), "precision": src["precision"], "dtype": src["dtype"],
+        "flavor": flavor, "library": fl.module, "library_version": version, "target": gpu,
+        "shapes": shapes.to_dict(), "build": build, "components": entries})
+    return rows
+
+
+def _library_version(module: str, install: str, flavor: str) -> str:
+    try:
+        return importlib.import_module(module).__version__
+    except ImportError as exc:
+        raise EngineBuildError(f"flavor {flavor!r} needs module {module!r} ({exc}); {install}") from exc
+
+
+def _json(doc: Any) -> Any:
+    """As it reads back from manifest.json (tuples become lists), so entries compare equal."""
+    return json.loads(json.dumps(doc))
+
+
+def _onnx_digest(onnx_dir: Path, comp: str, entry: dict[str, Any]) -> str:
+    """Content hash of a component's graph and its external data; refuses a graph that no longer
+    matches the export manifest (edited or truncated after export)."""
+    graph = onnx_dir / entry["file"]
+    digest = sha256_file(graph) if graph.is_file() else "missing"
+    if digest != entry["sha256"]:
+        raise CheckpointError(f"{graph} does not match {onnx_dir / MANIFEST} (sha256 differs or the file is "
+                              f"missing); re-run `sd35trt export --out {onnx_dir}` to redo it")
+    if not entry.get("data"):
+        return digest
+    data = onnx_dir / entry["data"]
+    if not data.is_file():
+        raise CheckpointError(f"{data} (external weights of {graph.name}) is missing; re-run `sd35trt export`")
+    return hashlib.sha256(f"{digest}:{sha256_file(data)}".encode()).hexdigest()
+
+
+def _old_components(out: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc.get("components", {}) if doc.get("format") == FORMAT else {}
+
+
+def _fresh(out: Path, entry: dict[str, Any] | None, want: dict[str, Any]) -> bool:
+    if not entry or any(entry.get(k) != v for k, v in want.items()):
+        return False
+    engine = out / entry["file"]
+    return engine.is_file() and sha256_file(engine) == entry["sha256"]
+
+
+def _entry(report: BuildReport, want: dict[str, Any], src: dict[str, Any], module: str) -> dict[str, Any]:
+    return {**want, "file": report.engine_path.name, "sha256": sha256_file(report.engine_path),
+            "bytes": report.engine_bytes, "precision": src["precision"], "library": module,
+            "onnx_file": src["file"], "inputs": [asdict(t) for t in report.inputs],
+            "outputs": [asdict(t) for t in report.outputs], "built_profiles": _json(report.profile),
+            "applied_flags": dict(report.flags), "parse_seconds": round(report.parse_seconds, 3),
+            "build_seconds": round(report.build_seconds, 3), "peak_rss_mib": round(report.build_peak_rss_mib, 1)}
+
+
+def format_table(rows: list[EngineRow]) -> str:
+    head = (f"{'component':<12} {'engine':<20} {'size':>10} {'precision':>9} {'target':>6} "
+            f"{'build':>8} {'peak RSS':>10} {'status':>9}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r.component:<12} {r.file:<20} {r.bytes / 2**20:>8.2f}MB {r.precision:>9} {r.target:>6} "
+                     f"{r.seconds:>7.1f}s {r.peak_rss_mib / 1024:>7.2f}GiB {r.status:>9}")
+    return "\n".join(lines)
+
+
+__all__ = ["EngineRow", "build_engines", "check_precision", "default_out_dir", "format_table", "variant_config"]

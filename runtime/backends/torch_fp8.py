@@ -1,0 +1,79 @@
+"""`torch-fp8`: the torch backend with the MMDiT's Linears as real FP8 GEMMs (`torch._scaled_mm`).
+
+For GPUs without TensorRT, and the runtime's reference for FP8 fidelity. The calibration is the
+one `sd35trt export --precision fp8` saved (ModelOpt max calibration); q/k/v are fused, weights
+kept only in FP8, activations quantized with the static calibrated scales, everything else bf16.
+On CUDA, attention uses cuDNN's SDPA kernel (fastest on Hopper in our measurements) and
+`compile=True` runs the MMDiT and VAE decoder under torch.compile (inductor fuses the activation
+quantization into the producing kernels; its cache makes later starts warm).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from ..checkpoint import Checkpoint
+from ..config import VariantConfig
+from ..errors import CheckpointError
+from ..models.fp8 import FP8Linear, load_amax, to_fp8
+from .torch_backend import TorchBackend
+
+
+def _attention_backend(device: torch.device):
+    if device.type != "cuda":
+        return nullcontext
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION])
+
+
+class _Compiled:
+    """Casts inputs like the torch backend, runs under the attention context, returns float32."""
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype, ctx) -> None:
+        self.model, self.dtype, self.ctx = model, dtype, ctx
+
+    @torch.inference_mode()
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        cast = [a if a.dim() == 1 else a.to(self.dtype) for a in args]  # timestep stays fp32
+        with self.ctx():
+            return self.model(*cast).float()
+
+
+class TorchFP8Backend(TorchBackend):
+    name = "torch-fp8"
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint | str | Path,
+        config: VariantConfig,
+        calibration: str | Path | Mapping[str, float] | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        load_t5: bool = True,
+        compile: bool = False,
+        fast_accum: bool = False,
+    ) -> None:
+        if calibration is None:
+            raise CheckpointError("backend 'torch-fp8' needs calibration=<dir with amax.safetensors> "
+                                  "(written by `sd35trt export --precision fp8` under <out>/calibration)")
+        dtype = dtype or torch.bfloat16
+        if dtype != torch.bfloat16:
+            raise CheckpointError(f"torch-fp8 runs FP8 GEMMs with bf16 outputs; dtype={dtype} is not supported")
+        super().__init__(checkpoint, config, device, dtype, load_t5)
+        amax = dict(calibration) if isinstance(calibration, Mapping) else load_amax(calibration)
+        mmdit = to_fp8(self.transformer.model, amax, fast_accum=fast_accum)  # bf16 weights dropped
+        n_fp8 = sum(isinstance(m, FP8Linear) for m in mmdit.modules())
+        vae = self.vae_decoder.model
+        if self.device.type == "cuda":
+            vae = vae.to(memory_format=torch.channels_last)
+        if compile:
+            mmdit, vae = torch.compile(mmdit, fullgraph=True), torch.compile(vae)
+        ctx = _attention_backend(self.device)
+        self.transformer = _Compiled(mmdit, dtype, ctx)
+        self.vae_decoder = _Compiled(vae, dtype, nullcontext)
+        self.fp8_layers = n_fp8

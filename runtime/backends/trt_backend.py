@@ -1,0 +1,220 @@
+"""TensorRT and TensorRT-RTX backends: run an engine set written by `sd35trt build`.
+
+One class for both flavors (the manifest says which library built the set; the two runtime APIs
+used here are the same). Before anything is deserialized, the manifest is checked against the
+backend's flavor, the installed library version, every engine's sha256 and this GPU's compute
+capability (`engine_manifest.preflight` runs the same checks as one function); each call checks its
+input shapes against the engine's profile first. All of those checks are pure and tested in CI.
+
+NEVER EXECUTED here: everything from `deserialize_cuda_engine` on (no enterprise TensorRT can be
+installed, and TensorRT-RTX refuses to run on our only GPU, an sm90 H100). It follows the
+documented API listed in `sd35trt.export.trt_build.FLAVORS`.
+
+Execution: one execution context per component and per request slot (`slots=N` concurrent
+callers); the contexts of a slot share one device-memory block (components of a slot never run at
+the same time); inputs and outputs are preallocated CUDA tensors at the profile's max shapes, bound
+once with `set_tensor_address`; a call copies its inputs in, sets the input shapes, enqueues
+`execute_async_v3` on the current torch stream and copies the outputs out on that stream. A slot
+carries an event, so the next user of the slot waits on the GPU, never on the host.
+TODO(cuda-graphs): capture the transformer step of static engines (TensorRT-RTX also offers
+IRuntimeConfig.cuda_graph_strategy = WHOLE_GRAPH_CAPTURE); not written yet.
+"""
+
+from __future__ import annotations
+
+import importlib
+import queue
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ..config import CFG_DOUBLED, COMPONENT_IO, VariantConfig
+from ..engine_manifest import (EngineSetError, EngineShapes, check_device, check_engine_files, check_flavor,
+                               check_library, check_shapes, device_cc, read_engine_manifest, rebuild_command)
+from ..errors import InvalidInputError
+
+# Float dtype of the export (ONNX manifest "dtype") -> tensor dtype name; token ids and the
+# timestep keep theirs whatever the export precision (export/onnx_export.py: sample_inputs).
+FLOAT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+FIXED_DTYPES = {"input_ids": "int64", "timestep": "float32"}
+# TensorRT DataType member name -> the dtype names above (as trt_build.TensorSpec writes them)
+TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64", "INT32": "int32"}
+
+
+@dataclass(frozen=True)
+class Binding:
+    """One engine I/O tensor as the backend binds it."""
+
+    name: str
+    is_input: bool
+    dtype: str  # "float32", "float16", "bfloat16", "int64"
+    profile: tuple[tuple[int, ...], ...] | None  # inputs: (min, opt, max); outputs: None
+
+
+def binding_table(component: str, doc: Mapping[str, Any]) -> tuple[Binding, ...]:
+    """What the backend binds for `component` of an engine set: names from COMPONENT_IO, dtypes
+    from the export precision, profiles from the variant config and the set's shapes."""
+    config = VariantConfig.from_dict(doc["variant"])
+    profiles = EngineShapes.from_dict(doc["shapes"]).profiles(config)[component]
+    floats = FLOAT_DTYPES[doc["dtype"]]
+    names_in, names_out = COMPONENT_IO[component]
+    return tuple(Binding(n, True, FIXED_DTYPES.get(n, floats), tuple(profiles[n])) for n in names_in) + tuple(
+        Binding(n, False, floats, None) for n in names_out)
+
+
+class TrtBackend:
+    """`Pipeline.from_pretrained(engine_dir, backend="tensorrt-rtx")` (or "tensorrt")."""
+
+    def __init__(self, path: Any, config: VariantConfig, flavor: str, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None, load_t5: bool = True, slots: int = 1,
+                 weight_streaming_budget: int | None = None) -> None:
+        from sd35trt.export.trt_build import FLAVORS
+
+        self.name, self.path = flavor, Path(path)
+        if dtype is not None:
+            raise InvalidInputError(f"dtype={dtype} does not apply to {flavor}: engine precision is fixed at build")
+        if not (type(slots) is int and slots >= 1):
+            raise InvalidInputError(f"slots={slots!r} must be an int >= 1 (concurrent requests)")
+        self.doc = read_engine_manifest(self.path)
+        check_flavor(self.doc, self.path, flavor)
+        try:
+            trt = importlib.import_module(FLAVORS[flavor].module)
+        except ImportError as exc:
+            raise EngineSetError(f"backend {flavor!r} needs {FLAVORS[flavor].module} ({exc}); "
+                                 f"{FLAVORS[flavor].install}") from exc
+        check_library(self.doc, self.path, trt.__version__)  # these two need no GPU (run in CI)
+        check_engine_files(self.doc, self.path)
+        if not torch.cuda.is_available():
+            raise EngineSetError(f"backend {flavor!r} needs a CUDA GPU and none is visible; on a CPU use "
+                                 f"backend='onnxruntime' with an `sd35trt export` folder")
+        self.device = torch.device(device or "cuda")
+        if self.device.type != "cuda":
+            raise InvalidInputError(f"device={device!r}: {flavor} engines run on CUDA devices (cuda, cuda:N)")
+        check_device(self.doc, self.path, device_cc(self.device))
+        comps = [c for c in self.doc["components"] if c != "t5" or load_t5]
+        with torch.cuda.device(self.device):
+            self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))  # outlives the engines
+            self._engines = {c: self._deserialize(trt, self._runtime, c, weight_streaming_budget) for c in comps}
+            self._slots: queue.Queue[_Slot] = queue.Queue()
+            for _ in range(slots):
+                self._slots.put(_Slot(trt, self._engines, self.device))
+        self.clip_l, self.clip_g = _Clip(self, "clip_l"), _Clip(self, "clip_g")
+        self.t5 = _Single(self, "t5") if "t5" in self._engines else None
+        self.transformer, self.vae_decoder = _Single(self, "transformer"), _Single(self, "vae_decoder")
+
+    def _deserialize(self, trt: Any, runtime: Any, comp: str, budget: int | None) -> tuple[Any, tuple[Binding, ...]]:
+        path = self.path / self.doc["components"][comp]["file"]
+        engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        if engine is None:
+            raise EngineSetError(f"{path} could not be deserialized by {self.name} {trt.__version__}; "
+                                 f"rebuild: {rebuild_command(self.doc)}")
+        table = binding_table(comp, self.doc)
+        _check_engine_io(engine, trt, table, path, self.doc)
+        if budget is not None:
+            if not self.doc["components"][comp]["flags"]["weight_streaming"]:
+                raise InvalidInputError(f"weight_streaming_budget: {path} was built without weight streaming; "
+                                        f"rebuild: {rebuild_command(self.doc, weight_streaming=True)}")
+            engine.weight_streaming_budget_v2 = budget
+        return engine, table
+
+    def check_request(self, batch: int, height: int, width: int, max_sequence_length: int = 256) -> None:
+        """Refuse, before any component runs, a request that one of the engines cannot take."""
+        config, cfg = VariantConfig.from_dict(self.doc["variant"]), self.doc["shapes"]["cfg"]
+        for comp in self._engines:
+            b = batch * 2 if cfg and comp in CFG_DOUBLED else batch
+            check_shapes(self.doc, self.path, comp, config.io_shapes(b, height, width, max_sequence_length)[comp])
+
+    def run(self, component: str, *args: torch.Tensor) -> list[torch.Tensor]:
+        _, table = self._engines[component]
+        inputs = [b for b in table if b.is_input]
+        shapes = {b.name: tuple(a.shape) for b, a in zip(inputs, args)}
+        check_shapes(self.doc, self.path, component, shapes)  # before anything is enqueued
+        slot = self._slots.get()
+        try:
+            return slot.run(component, inputs, args, shapes, torch.cuda.current_stream(self.device))
+        finally:
+            self._slots.put(slot)
+
+    def close(self) -> None:
+        self._slots = queue.Queue()
+        self._engines, self._runtime = {}, None
+        self.clip_l = self.clip_g = self.t5 = self.transformer = self.vae_decoder = None
+
+
+class _Slot:
+    """Execution contexts of every engine for one concurrent request, one shared device-memory
+    block, and preallocated I/O tensors at the profiles' max shapes."""
+
+    def __init__(self, trt: Any, engines: Mapping[str, tuple[Any, tuple[Binding, ...]]], device: torch.device) -> None:
+        size = max([256] + [e.device_memory_size_v2 for e, _ in engines.values()])
+        self.memory = torch.empty(size, dtype=torch.uint8, device=device)  # [bytes], 256-byte aligned
+        self.ready: torch.cuda.Event | None = None
+        self.contexts, self.buffers = {}, {}
+        for comp, (engine, table) in engines.items():
+            ctx = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+            ctx.set_device_memory(self.memory.data_ptr(), engine.device_memory_size_v2)
+            bufs = {}
+            for b in table:  # inputs first (COMPONENT_IO order), so output max shapes resolve
+                if b.is_input:
+                    ctx.set_input_shape(b.name, b.profile[2])
+                shape = tuple(ctx.get_tensor_shape(b.name))  # max input shape / its output shape
+                bufs[b.name] = torch.empty(shape, dtype=getattr(torch, b.dtype), device=device)
+                ctx.set_tensor_address(b.name, bufs[b.name].data_ptr())
+            self.contexts[comp], self.buffers[comp] = ctx, bufs
+
+    def run(self, comp: str, inputs: list[Binding], args: tuple[torch.Tensor, ...],
+            shapes: Mapping[str, tuple[int, ...]], stream: torch.cuda.Stream) -> list[torch.Tensor]:
+        ctx, bufs = self.contexts[comp], self.buffers[comp]
+        if self.ready is not None:
+            stream.wait_event(self.ready)  # the slot's previous user, on the GPU: no host sync
+        for b, a in zip(inputs, args):
+            _view(bufs[b.name], shapes[b.name]).copy_(a, non_blocking=True)  # casts to the engine dtype
+            ctx.set_input_shape(b.name, shapes[b.name])
+        outs = [_view(bufs[n], tuple(ctx.get_tensor_shape(n))) for n in bufs if n not in shapes]
+        if not ctx.execute_async_v3(stream.cuda_stream):
+            raise EngineSetError(f"{comp}: execute_async_v3 failed for input shapes {dict(shapes)}")
+        results = [o.clone() for o in outs]  # on `stream`, before the slot is handed on
+        self.ready = torch.cuda.Event()
+        self.ready.record(stream)
+        return results
+
+
+def _view(buf: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The leading part of a preallocated buffer as a contiguous tensor of `shape` (same address)."""
+    n = 1
+    for d in shape:
+        n *= d
+    return buf.view(-1)[:n].view(shape)
+
+
+def _check_engine_io(engine: Any, trt: Any, table: tuple[Binding, ...], path: Path, doc: Mapping[str, Any]) -> None:
+    """The deserialized engine has exactly the tensors, dtypes and profiles the backend binds."""
+    got = {}
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+        profile = tuple(tuple(s) for s in engine.get_tensor_profile_shape(name, 0)) if is_input else None
+        got[name] = Binding(name, is_input, TRT_DTYPES.get(engine.get_tensor_dtype(name).name, "?"), profile)
+    want = {b.name: b for b in table}
+    if got != want:
+        raise EngineSetError(f"{path} binds {sorted(got.values(), key=str)}, the backend expects "
+                             f"{sorted(want.values(), key=str)}; rebuild: {rebuild_command(doc)}")
+
+
+class _Clip:
+    def __init__(self, backend: TrtBackend, comp: str) -> None:
+        self.backend, self.comp = backend, comp
+
+    def __call__(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, pooled = self.backend.run(self.comp, ids)
+        return hidden, pooled  # [B, 77, C], [B, C]
+
+
+class _Single:
+    def __init__(self, backend: TrtBackend, comp: str) -> None:
+        self.backend, self.comp = backend, comp
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.backend.run(self.comp, *args)[0].float()

@@ -1,0 +1,255 @@
+"""`sd35trt bench`: the peer (diffusers eager / compiled BF16) and our backends, one process, one run.
+
+Random weights at real shapes (the released variants' configs), seeded; per-step medians over
+CUDA events after warm-up, peak GPU memory, fidelity of FP8 against BF16. Writes JSON and prints a
+table with ratios to the eager peer. Runs on a GPU host without a package index (carry diffusers).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from sd35trt.runtime.config import VARIANTS, VariantConfig
+from sd35trt.runtime.models.mmdit import MMDiT
+
+EXCLUDE = ("pos_embed", "time_text_embed", "context_embedder", "norm_out", "proj_out")
+
+
+def random_mmdit(config: VariantConfig, dtype: torch.dtype, device: str, seed: int = 0) -> MMDiT:
+    """Seeded N(0, 0.02) weights, built on the meta device then materialised on `device`."""
+    with torch.device("meta"):
+        model = MMDiT(config.transformer)
+    model = model.to_empty(device=device).to(dtype)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            t.normal_(0.0, 0.02, generator=g)
+    return model.eval().requires_grad_(False)
+
+
+def step_inputs(config: VariantConfig, size: int, batch: int, device: str, dtype: torch.dtype, seed: int = 1):
+    """One CFG transformer step: latents [2B, 16, S/8, S/8], t [2B], ctx [2B, 333, 4096], pooled [2B, 2048]."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    b = 2 * batch
+    lat = torch.randn(config.latent_shape(b, size, size), generator=g, device=device, dtype=dtype)
+    ctx = torch.randn(b, config.text_tokens(), config.joint_dim, generator=g, device=device, dtype=dtype)
+    pooled = torch.randn(b, config.pooled_dim, generator=g, device=device, dtype=dtype)
+    return lat, torch.full((b,), 700.0, device=device), ctx, pooled
+
+
+def time_cuda(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> float:
+    """Median milliseconds of `fn` over `iters` runs, CUDA events, after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
+
+
+def attention_ctx(kind: str):
+    if kind == "default":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel({"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[kind])
+
+
+def diffusers_peer(model: MMDiT, config: VariantConfig):
+    """diffusers' SD3Transformer2DModel holding the same weights (our names are diffusers')."""
+    from diffusers import SD3Transformer2DModel
+
+    cfg = {k: v for k, v in config.transformer.to_config().items() if not k.startswith("_")}
+    with torch.device("meta"):
+        peer = SD3Transformer2DModel(**cfg)
+    peer.load_state_dict(model.state_dict(), strict=True, assign=True)
+    return peer.eval().requires_grad_(False)
+
+
+class Runner:
+    """Times named configurations and keeps the rows; prints ratios to the eager peer."""
+
+    def __init__(self, out: Path) -> None:
+        self.rows: list[dict] = []
+        self.out = out
+
+    def record(self, name: str, fn: Callable[[], torch.Tensor], ref: torch.Tensor | None = None,
+               warmup: int = 3, iters: int = 10, **extra) -> torch.Tensor:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        y = fn()
+        torch.cuda.synchronize()
+        first = time.perf_counter() - t0
+        cos = round(cosine(y, ref), 5) if ref is not None else None  # before CUDA-graph replays reuse y
+        y = y.clone()
+        ms = time_cuda(fn, warmup, iters)
+        row = {"name": name, "step_ms": round(ms, 2), "first_call_s": round(first, 1),
+               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), **extra}
+        if cos is not None:
+            row["cos_vs_bf16"] = cos
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+        self.out.write_text(json.dumps(self.rows, indent=1))
+        return y
+
+    def table(self, peer: str) -> str:
+        base = next((r["step_ms"] for r in self.rows if r["name"] == peer), None)
+        lines = [f"{'config':<34} {'step ms':>8} {'vs peer':>8} {'peak GiB':>9} {'1st call s':>10} {'cos':>8}"]
+        for r in self.rows:
+            ratio = f"{base / r['step_ms']:.2f}x" if base else "-"
+            lines.append(f"{r['name']:<34} {r['step_ms']:>8.1f} {ratio:>8} {r['peak_gib']:>9.2f} "
+                         f"{r['first_call_s']:>10.1f} {r.get('cos_vs_bf16', ''):>8}")
+        return "\n".join(lines)
+
+
+def free() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def bench_attention(config: VariantConfig, size: int, batch: int, runner: Runner) -> None:
+    """The joint attention of one block at this shape, per SDPA backend (x num_layers = per step)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    spec = config.transformer
+    n = config.image_tokens(size, size) + config.text_tokens()
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v = (torch.randn(2 * batch, spec.num_attention_heads, n, spec.attention_head_dim, generator=g,
+                           device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        try:
+            with sdpa_kernel(backend):
+                runner.record(f"sdpa {name} x{spec.num_layers} layers", lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
+                              ref, per_layer=True)
+                runner.rows[-1]["step_ms"] = round(runner.rows[-1]["step_ms"] * spec.num_layers, 2)
+        except RuntimeError as exc:  # backend not available for this shape/GPU
+            print(f"sdpa {name}: unavailable ({str(exc).splitlines()[0]})")
+
+
+def bench_transformer(variant: str, size: int, batch: int, configs: list[str], attention: str,
+                      out: Path) -> Runner:
+    from sd35trt.runtime.models.fp8 import max_calibrate, to_fp8
+
+    config, runner, bf16 = VARIANTS[variant], Runner(out), torch.bfloat16
+    model = random_mmdit(config, bf16, "cuda")
+    args = step_inputs(config, size, batch, "cuda", bf16)
+    ref = None
+    with torch.no_grad():
+        if "attention" in configs:
+            bench_attention(config, size, batch, runner)
+        if "vae" in configs:
+            bench_vae(config, size, runner)
+        if {"peer-eager", "peer-compile"} & set(configs):  # the peer keeps diffusers' own choices
+            peer = diffusers_peer(model, config)  # shares the weight tensors: no extra memory
+
+            def call(m):
+                return m(hidden_states=args[0], timestep=args[1], encoder_hidden_states=args[2],
+                         pooled_projections=args[3], return_dict=False)[0]
+
+            ref = runner.record("diffusers eager bf16", lambda: call(peer))
+            if "peer-compile" in configs:
+                compiled = torch.compile(peer)
+                runner.record("diffusers torch.compile bf16", lambda: call(compiled), ref)
+                del compiled
+            del peer
+            free()
+    with torch.no_grad(), attention_ctx(attention):
+        if "bf16" in configs:
+            y = runner.record(f"ours eager bf16 [{attention}]", lambda: model(*args), ref)
+            ref = ref if ref is not None else y
+        amax = max_calibrate(model, lambda m: m(*args), EXCLUDE)
+        m8 = to_fp8(model, amax)
+        free()
+        if "fp8" in configs:
+            runner.record(f"ours eager fp8 [{attention}]", lambda: m8(*args), ref)
+        for cfg in [c for c in configs if c.startswith("fp8-compile-")]:
+            mode, _, fast = cfg.removeprefix("fp8-compile-").partition("+")
+            for mod in m8.modules():
+                if hasattr(mod, "fast_accum"):
+                    mod.fast_accum = fast == "fast"
+            torch._dynamo.reset()
+            compiled = torch.compile(m8, mode=mode, fullgraph=True)
+            runner.record(f"ours compile fp8 {mode}{' fast-acc' if fast else ''} [{attention}]",
+                          lambda: compiled(*args), ref)
+            if "profile" in configs:
+                runner.rows[-1]["breakdown_ms"] = kernel_breakdown(lambda: compiled(*args))
+                print("breakdown", runner.rows[-1]["breakdown_ms"], flush=True)
+            del compiled
+    print(runner.table("diffusers eager bf16"))
+    return runner
+
+
+def bench_vae(config: VariantConfig, size: int, runner: Runner) -> None:
+    """VAE decode of one image: diffusers AutoencoderKL eager bf16 vs ours (channels-last, compiled)."""
+    from diffusers import AutoencoderKL
+
+    from sd35trt.runtime.models.vae import VaeDecoder
+
+    spec = config.vae
+    with torch.device("meta"):
+        ours = VaeDecoder(spec)
+    ours = ours.to_empty(device="cuda").to(torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    with torch.no_grad():
+        for t in ours.parameters():
+            t.normal_(0.0, 0.02, generator=g)
+    n = len(spec.block_out_channels)
+    peer = AutoencoderKL(latent_channels=16, block_out_channels=spec.block_out_channels,
+                         layers_per_block=spec.layers_per_block, norm_num_groups=spec.norm_num_groups,
+                         down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
+                         use_quant_conv=False, use_post_quant_conv=False).to("cuda", torch.bfloat16).eval()
+    peer.decoder.load_state_dict(ours.decoder.state_dict())
+    z = torch.randn(config.latent_shape(1, size, size), generator=g, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = runner.record("vae decode diffusers eager bf16", lambda: peer.decode(z).sample)
+        runner.record("vae decode ours eager bf16", lambda: ours(z), ref)
+        cl = ours.to(memory_format=torch.channels_last)
+        compiled = torch.compile(cl)
+        runner.record("vae decode ours compile bf16 ch-last", lambda: compiled(z.contiguous(memory_format=torch.channels_last)), ref)
+
+
+def kernel_breakdown(fn: Callable[[], object], steps: int = 3) -> dict[str, float]:
+    """Milliseconds per step of GPU kernels by kind (GEMM, attention, rest), from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    kinds = {"gemm": 0.0, "attention": 0.0, "rest": 0.0}
+    top: dict[str, float] = {}
+    for ev in prof.key_averages():
+        us = ev.self_device_time_total if hasattr(ev, "self_device_time_total") else ev.self_cuda_time_total
+        if us <= 0:
+            continue
+        name = ev.key.lower()
+        kind = ("attention" if any(k in name for k in ("fmha", "flash", "cudnn", "attention", "sdpa"))
+                else "gemm" if any(k in name for k in ("gemm", "xmma", "nvjet", "cutlass", "scaled_mm", "matmul"))
+                else "rest")
+        kinds[kind] += us / 1000 / steps
+        top[ev.key[:90]] = us / 1000 / steps
+    for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:12]:
+        print(f"  {v:8.2f} ms  {k}")
+    return {k: round(v, 2) for k, v in kinds.items()}

@@ -1,0 +1,149 @@
+"""`sd35trt build`: all five tiny engines with TensorRT-RTX on the CPU, manifest, staleness, policy."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from sd35trt.cli import main
+from sd35trt.export.engines import build_engines, default_out_dir, format_table
+from sd35trt.runtime.backends.trt_backend import binding_table
+from sd35trt.runtime.config import COMPONENTS
+from sd35trt.runtime.engine_manifest import rebuild_command
+from sd35trt.runtime.errors import InvalidInputError
+from sd35trt.runtime.manifest import sha256_file
+
+trt = pytest.importorskip("tensorrt_rtx_bindings", reason="pip install 'sd35trt[trt-rtx]' (CPU AOT builds)")
+TARGETS = ("sm89", "sm120")
+# Byte 32 of a tensorrt-rtx 1.7.1.116 engine: bit mask of its target (see tests/export/test_trt_build.py).
+CC_BIT = {"sm89": 0x08, "sm120": 0x10}
+
+
+def _doc(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def _mtimes(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.engine")}
+
+
+@pytest.mark.parametrize("cc", TARGETS)
+def test_all_five_tiny_engines_build(engines_fp8: dict, cc: str) -> None:
+    out, rows = engines_fp8[cc]
+    assert [r.component for r in rows] == list(COMPONENTS) == ["clip_l", "clip_g", "t5", "transformer", "vae_decoder"]
+    assert {r.status for r in rows} == {"built"}
+    doc = _doc(out)
+    assert (doc["format"], doc["flavor"], doc["target"], doc["precision"]) == ("sd35trt-engines/1", "tensorrt-rtx", cc, "fp8")
+    for r in rows:
+        e, data = doc["components"][r.component], (out / r.file).read_bytes()
+        assert data[:4] == b"vtrt" and data[32] == CC_BIT[cc], (r.component, data[:4], hex(data[32]))
+        assert (e["sha256"], e["bytes"], e["target"]) == (sha256_file(out / r.file), len(data), cc)
+        assert e["library_version"] == trt.__version__ and e["flavor"] == "tensorrt-rtx"
+        assert e["build_seconds"] > 0 and e["peak_rss_mib"] > 0 and len(e["onnx_sha256"]) == 64
+        assert e["precision"] == ("fp8" if r.component == "transformer" else "fp32")
+    # self-contained: tokenizers + model_index.json beside the engines, as an exported folder
+    assert {p.name for p in out.iterdir() if p.is_dir()} == {"tokenizer", "tokenizer_2", "tokenizer_3"}
+    assert json.loads((out / "model_index.json").read_text())["tokenizer"] == ["transformers", "CLIPTokenizer"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+    table = format_table(rows)
+    assert all(c in table for c in COMPONENTS) and table.count("built") == 5 and "fp8" in table
+
+
+@pytest.mark.parametrize("cc", TARGETS)
+def test_built_networks_are_what_the_backend_binds(engines_fp8: dict, cc: str) -> None:
+    """Names, dtypes and profile ranges read from each built network == the backend's binding table."""
+    out, rows = engines_fp8[cc]
+    doc = _doc(out)
+    for r in rows:
+        table = binding_table(r.component, doc)  # what TrtBackend binds (COMPONENT_IO + dtype policy + config)
+        ins = [(b.name, b.dtype) for b in table if b.is_input]
+        outs = [(b.name, b.dtype) for b in table if not b.is_input]
+        assert [(t.name, t.dtype) for t in r.report.inputs] == ins, r.component
+        assert [(t.name, t.dtype) for t in r.report.outputs] == outs, r.component
+        assert dict(r.report.profile) == {b.name: b.profile for b in table if b.is_input}, r.component
+        entry = doc["components"][r.component]  # the manifest the runtime reads says the same
+        assert [(t["name"], t["dtype"]) for t in entry["inputs"]] == ins
+        assert entry["built_profiles"] == entry["profiles"] == {b.name: [list(s) for s in b.profile] for b in table if b.is_input}
+    transformer = {b.name: b for b in binding_table("transformer", doc)}
+    assert transformer["hidden_states"].profile == ((2, 16, 16, 16),) * 3  # 128² static, CFG batch 2
+    assert transformer["encoder_hidden_states"].profile[0] == (2, 77 + 256, 96)  # 77 CLIP + 256 T5 tokens
+    assert transformer["timestep"].dtype == "float32" and binding_table("t5", doc)[0].dtype == "int64"
+
+
+def test_second_build_rebuilds_nothing(engines_fp8: dict, onnx_fp8: Path, capsys) -> None:
+    out, _ = engines_fp8["sm89"]
+    before, manifest = _mtimes(out), (out / "manifest.json").read_text()
+    assert main(["build", "--onnx", str(onnx_fp8), "--out", str(out), "--gpu", "sm89", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "0 built, 5 unchanged" in printed and printed.count("unchanged") == 6
+    assert _mtimes(out) == before and len(before) == 5
+    assert json.loads((out / "manifest.json").read_text())["components"] == json.loads(manifest)["components"]
+
+
+def test_only_stale_components_are_rebuilt(engines_fp8: dict, onnx_fp8: Path, tmp_path: Path) -> None:
+    out = tmp_path / "set"
+    shutil.copytree(engines_fp8["sm89"][0], out)
+    doc = _doc(out)
+    (out / "vae_decoder.engine").write_bytes((out / "vae_decoder.engine").read_bytes()[:1000])  # truncated
+    doc["components"]["clip_g"]["library_version"] = "1.6.0.0"  # built by another TensorRT-RTX
+    (out / "manifest.json").write_text(json.dumps(doc))
+    before = _mtimes(out)
+    rows = {r.component: r.status for r in build_engines(onnx_fp8, out, gpu="sm89")}
+    assert rows == {"clip_l": "unchanged", "clip_g": "built", "t5": "unchanged", "transformer": "unchanged",
+                    "vae_decoder": "built"}
+    after = _mtimes(out)
+    assert {n for n in before if before[n] != after[n]} == {"clip_g.engine", "vae_decoder.engine"}
+    assert _doc(out)["components"]["clip_g"]["library_version"] == trt.__version__
+
+
+@pytest.mark.parametrize("gpu", ["sm86", "sm80"])
+def test_fp8_on_a_gpu_without_fp8_is_refused_before_any_work(onnx_fp8: Path, tmp_path: Path, gpu: str) -> None:
+    out = tmp_path / "never"
+    t0 = time.perf_counter()
+    with pytest.raises(InvalidInputError, match=rf"(?s)FP8 export.*{gpu} has no FP8.*--precision fp16\|bf16") as err:
+        build_engines(onnx_fp8, out, gpu=gpu)
+    assert time.perf_counter() - t0 < 1.0
+    assert "sd35trt export --model" in str(err.value) and "--precision bf16" in str(err.value)
+    assert not out.exists()
+
+
+def test_options_a_flavor_lacks_are_refused_before_any_work(onnx_fp8: Path, tmp_path: Path) -> None:
+    out = tmp_path / "never"
+    with pytest.raises(InvalidInputError, match="refit: TensorRT-RTX"):
+        build_engines(onnx_fp8, out, gpu="sm89", refit=True)
+    with pytest.raises(InvalidInputError, match="timing_cache: TensorRT-RTX makes timing-cache operations no-ops"):
+        build_engines(onnx_fp8, out, gpu="sm89", timing_cache=tmp_path / "cache")
+    with pytest.raises(InvalidInputError, match=r"'sm90' is not a tensorrt-rtx target.*flavor 'tensorrt'"):
+        build_engines(onnx_fp8, out, gpu="sm90")
+    with pytest.raises(InvalidInputError, match="min_size=64/max_size=None apply to dynamic engines"):
+        build_engines(onnx_fp8, out, gpu="sm89", min_size=64)
+    with pytest.raises(InvalidInputError, match="height=1024 is outside custom-medium's range"):
+        build_engines(onnx_fp8, out, gpu="sm89", dynamic=True, max_size=1024)  # tiny: up to 512 px
+    assert not out.exists()
+
+
+def test_enterprise_flavor_refuses_a_gpu_other_than_the_local_one(onnx_fp8: Path, tmp_path: Path) -> None:
+    import torch
+
+    local = "sm%d%d" % torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    other = "sm89" if local != "sm89" else "sm90"
+    with pytest.raises(Exception, match=rf"flavor 'tensorrt' builds for the local GPU \({local or 'none visible'}\)"):
+        build_engines(onnx_fp8, tmp_path / "never", gpu=other, flavor="tensorrt")
+    assert not (tmp_path / "never").exists()
+
+
+def test_dynamic_engines_cover_the_derived_size_range(onnx_fp8: Path, tmp_path: Path) -> None:
+    """Tiny variant (default 128 px, positional embedding up to 512 px): 64..192 px, batch 1-2."""
+    out = default_out_dir(onnx_fp8, "sm89", root=tmp_path)
+    assert out.name == "custom-medium-fp8-sm89"
+    rows = build_engines(onnx_fp8, out, gpu="sm89", dynamic=True, batch=(1, 2))
+    doc = _doc(out)
+    assert doc["shapes"] == {"dynamic": True, "sizes": [64, 128, 192], "batches": [1, 1, 2], "cfg": True}
+    assert doc["components"]["transformer"]["built_profiles"]["hidden_states"] == [[2, 16, 8, 8], [2, 16, 16, 16], [4, 16, 24, 24]]
+    assert doc["components"]["vae_decoder"]["built_profiles"]["latent"] == [[1, 16, 8, 8], [1, 16, 16, 16], [2, 16, 24, 24]]
+    assert {r.status for r in rows} == {"built"}
+    assert "--dynamic --batch 1-2 --min-size 64 --max-size 192" in rebuild_command(doc)
