@@ -64,6 +64,16 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
 
 
+def fidelity(y: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """cosine and relative L2 vs the BF16 reference; PSNR (dB) too when the tensors are images in [-1, 1]."""
+    a, b = y.flatten().double(), ref.flatten().double()
+    out = {"cos_vs_bf16": round(cosine(a, b), 5), "rel_l2": round(float((a - b).norm() / b.norm()), 5)}
+    if y.dim() == 4 and y.shape[1] == 3:
+        mse = float((((a.clamp(-1, 1) - b.clamp(-1, 1)) / 2) ** 2).mean())
+        out["psnr_db"] = round(10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-20))).item(), 2)
+    return out
+
+
 def attention_ctx(kind: str):
     if kind == "default":
         return nullcontext()
@@ -98,13 +108,11 @@ class Runner:
         y = fn()
         torch.cuda.synchronize()
         first = time.perf_counter() - t0
-        cos = round(cosine(y, ref), 5) if ref is not None else None  # before CUDA-graph replays reuse y
+        fid = fidelity(y, ref) if ref is not None else {}  # before CUDA-graph replays reuse y
         y = y.clone()
         ms = time_cuda(fn, warmup, iters)
         row = {"name": name, "step_ms": round(ms, 2), "first_call_s": round(first, 1),
-               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), **extra}
-        if cos is not None:
-            row["cos_vs_bf16"] = cos
+               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), **fid, **extra}
         self.rows.append(row)
         print(json.dumps(row), flush=True)
         self.out.write_text(json.dumps(self.rows, indent=1))
