@@ -24,9 +24,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..runtime.errors import CheckpointError, InvalidInputError
+from ..runtime.models.fp8 import HIGH_PRECISION
 
 E4M3_MAX = 448.0
-DEFAULT_EXCLUDE = ("pos_embed", "time_text_embed", "context_embedder", "norm_out", "proj_out")
+DEFAULT_EXCLUDE = HIGH_PRECISION
 CALIB_DIR = Path(__file__).resolve().parent.parent / "calib_prompts"
 
 

@@ -18,21 +18,27 @@ from typing import Callable
 import torch
 
 from sd35trt.runtime.config import VARIANTS, VariantConfig
+from sd35trt.runtime.models.fp8 import HIGH_PRECISION as EXCLUDE
 from sd35trt.runtime.models.mmdit import MMDiT
 
-EXCLUDE = ("pos_embed", "time_text_embed", "context_embedder", "norm_out", "proj_out")
+
+
+def random_init(module: torch.nn.Module, device: str, seed: int, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    """Materialise a meta-device module on `device` with seeded N(0, 0.02) floats (no fp32 copy)."""
+    module = module.to_empty(device=device).to(dtype)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            if t.is_floating_point():
+                t.normal_(0.0, 0.02, generator=g)
+    return module.eval().requires_grad_(False)
 
 
 def random_mmdit(config: VariantConfig, dtype: torch.dtype, device: str, seed: int = 0) -> MMDiT:
-    """Seeded N(0, 0.02) weights, built on the meta device then materialised on `device`."""
+    """A full-size MMDiT of `config` with random weights (pos_embed too)."""
     with torch.device("meta"):
         model = MMDiT(config.transformer)
-    model = model.to_empty(device=device).to(dtype)
-    g = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for t in list(model.parameters()) + list(model.buffers()):
-            t.normal_(0.0, 0.02, generator=g)
-    return model.eval().requires_grad_(False)
+    return random_init(model, device, seed, dtype)
 
 
 def step_inputs(config: VariantConfig, size: int, batch: int, device: str, dtype: torch.dtype, seed: int = 1):
@@ -216,11 +222,8 @@ def bench_vae(config: VariantConfig, size: int, runner: Runner) -> None:
     spec = config.vae
     with torch.device("meta"):
         ours = VaeDecoder(spec)
-    ours = ours.to_empty(device="cuda").to(torch.bfloat16)
+    ours = random_init(ours, "cuda", 5)
     g = torch.Generator(device="cuda").manual_seed(5)
-    with torch.no_grad():
-        for t in ours.parameters():
-            t.normal_(0.0, 0.02, generator=g)
     n = len(spec.block_out_channels)
     peer = AutoencoderKL(latent_channels=16, block_out_channels=spec.block_out_channels,
                          layers_per_block=spec.layers_per_block, norm_num_groups=spec.norm_num_groups,

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from sd35trt.bench import EXCLUDE, Runner, diffusers_peer, free, random_mmdit
+from sd35trt.bench import EXCLUDE, Runner, diffusers_peer, free, random_init, random_mmdit
 from sd35trt.runtime.config import VARIANTS
 from sd35trt.runtime.sampling import denoise
 from sd35trt.runtime.schedule import flow_match_schedule
@@ -25,16 +25,6 @@ T5_XXL = dict(d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_heads=64, fe
               vocab_size=32128, is_encoder_decoder=False, use_cache=False)
 
 
-def _random(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    module = module.to_empty(device="cuda").to(torch.bfloat16)
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    with torch.no_grad():
-        for t in list(module.parameters()) + list(module.buffers()):
-            if t.is_floating_point():
-                t.normal_(0.0, 0.02, generator=g)
-    return module.eval().requires_grad_(False)
-
-
 def text_encoders() -> dict[str, torch.nn.Module]:
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
@@ -42,7 +32,7 @@ def text_encoders() -> dict[str, torch.nn.Module]:
         mods = {"clip_l": CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=49408, **CLIP_L)),
                 "clip_g": CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=49408, **CLIP_G)),
                 "t5": T5EncoderModel(T5Config(**T5_XXL))}
-    out = {k: _random(m, i) for i, (k, m) in enumerate(mods.items())}
+    out = {k: random_init(m, "cuda", i) for i, (k, m) in enumerate(mods.items())}
     for m in out.values():  # position ids are buffers the random fill must not touch
         for mod in m.modules():
             if hasattr(mod, "position_ids"):
@@ -79,7 +69,7 @@ def bench_e2e(variant: str, size: int, steps: int, runner: Runner) -> None:
     enc, model = text_encoders(), random_mmdit(config, torch.bfloat16, "cuda")
     with torch.device("meta"):
         ours_vae = VaeDecoder(config.vae)
-    ours_vae = _random(ours_vae, 7)
+    ours_vae = random_init(ours_vae, "cuda", 7)
     n = len(config.vae.block_out_channels)
     peer_vae = AutoencoderKL(latent_channels=16, block_out_channels=config.vae.block_out_channels,
                              layers_per_block=config.vae.layers_per_block, norm_num_groups=config.vae.norm_num_groups,

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Layers that stay in high precision by default (ModelOpt exclusion list and torch-fp8 alike).
+HIGH_PRECISION = ("pos_embed", "time_text_embed", "context_embedder", "norm_out", "proj_out")
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 _FUSED = {"to_qkv": ("to_q", "to_k", "to_v"), "add_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")}

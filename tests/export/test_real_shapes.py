@@ -23,6 +23,7 @@ from sd35trt.export.calibrate import DEFAULT_EXCLUDE, collect_amax, quantize_mod
 from sd35trt.export.onnx_export import export_graph, sample_inputs
 from sd35trt.export.qdq import qdq_summary
 from sd35trt.runtime.config import VARIANTS
+from sd35trt.bench import random_mmdit as bench_random_mmdit
 from sd35trt.runtime.models.mmdit import MMDiT
 
 pytest.importorskip("modelopt", reason="nvidia-modelopt (export extra) inserts the FP8 quantizers")
@@ -30,14 +31,7 @@ pytest.importorskip("modelopt", reason="nvidia-modelopt (export extra) inserts t
 
 def random_mmdit(name: str, dtype: torch.dtype, seed: int = 0) -> MMDiT:
     """Full-size MMDiT with seeded N(0, 0.02) weights (pos_embed too), built without fp32 copies."""
-    with torch.device("meta"):
-        model = MMDiT(VARIANTS[name].transformer)
-    model = model.to_empty(device="cpu").to(dtype)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in list(model.parameters()) + list(model.buffers()):
-            p.normal_(0.0, 0.02, generator=g)
-    return model.eval().requires_grad_(False)
+    return bench_random_mmdit(VARIANTS[name], dtype, "cpu", seed)
 
 
 @pytest.fixture(scope="module")
