@@ -5,18 +5,26 @@
     image = pipe("a red fox in snow", generator=torch.Generator().manual_seed(0)).images[0]
 """
 
+from .batching import Job, MicroBatcher
 from .config import VARIANTS, VariantConfig
 from .errors import (
+    BackendError,
     CheckpointError,
+    ClosedError,
     GenerationCancelled,
     InvalidInputError,
+    NonFiniteImageError,
     NonFiniteLatentsError,
+    OutOfMemoryError,
+    QueueFullError,
     Sd35Error,
 )
-from .pipeline import Pipeline, PipelineOutput
+from .pipeline import Pipeline, PipelineOutput, seed_generators
 from .schedule import Schedule, flow_match_schedule
 
 __all__ = [
-    "VARIANTS", "VariantConfig", "Pipeline", "PipelineOutput", "Schedule", "flow_match_schedule",
-    "Sd35Error", "InvalidInputError", "CheckpointError", "NonFiniteLatentsError", "GenerationCancelled",
+    "VARIANTS", "VariantConfig", "Pipeline", "PipelineOutput", "seed_generators", "MicroBatcher", "Job",
+    "Schedule", "flow_match_schedule", "Sd35Error", "InvalidInputError", "CheckpointError",
+    "NonFiniteLatentsError", "NonFiniteImageError", "GenerationCancelled", "BackendError", "OutOfMemoryError", "QueueFullError",
+    "ClosedError",
 ]

@@ -28,9 +28,38 @@ class NonFiniteLatentsError(Sd35Error, FloatingPointError):
         self.sigma = sigma
 
 
+class NonFiniteImageError(Sd35Error, FloatingPointError):
+    """The VAE decoded finite latents into NaN/Inf pixels (e.g. latents far outside the VAE's range)."""
+
+    def __init__(self, backend: str, latent_absmax: float) -> None:
+        super().__init__(
+            f"VAE decode on backend {backend!r} produced NaN/Inf pixels from latents with max |x| = "
+            f"{latent_absmax:.3g}; check guidance_scale (extreme values blow the latents up) and the VAE "
+            f"weights/engine with the torch fp32 backend"
+        )
+
+
 class GenerationCancelled(Sd35Error):
     """callback_on_step_end asked to stop; carries the step it stopped after."""
 
     def __init__(self, step: int) -> None:
         super().__init__(f"generation cancelled by callback_on_step_end after step {step}")
         self.step = step
+
+
+class BackendError(Sd35Error, RuntimeError):
+    """A component failed while running a request (the backend's own error, with the component
+    file and input shapes); the pipeline stays usable for the next request."""
+
+
+class OutOfMemoryError(BackendError, MemoryError):
+    """A component ran out of (host or device) memory on one request; a smaller size or batch, or a
+    larger memory limit, fixes it."""
+
+
+class QueueFullError(Sd35Error, RuntimeError):
+    """The micro-batcher's queue holds `max_queue` waiting requests; retry later or raise max_queue."""
+
+
+class ClosedError(Sd35Error, RuntimeError):
+    """The pipeline or micro-batcher was closed (or is shutting down) and takes no new requests."""

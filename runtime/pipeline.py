@@ -2,10 +2,17 @@
 
 A Pipeline holds only immutable state after construction (config, tokenizers behind locks, a
 backend), so one instance may serve many threads; each call keeps its own latents and schedule.
+`close()` refuses new calls, waits for the running ones, then frees the backend. `generate_async`
+runs a call on a small thread pool owned by the pipeline, so an event loop is never blocked.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import inspect
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -16,7 +23,7 @@ import torch
 from .backends import Backend, load_backend
 from .checkpoint import Checkpoint
 from .config import VariantConfig
-from .errors import GenerationCancelled
+from .errors import ClosedError, GenerationCancelled, NonFiniteImageError
 from .image import to_pil
 from .requests import Request, normalize_request
 from .sampling import denoise, initial_noise
@@ -35,12 +42,26 @@ class PipelineOutput:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def seed_generators(seed: int, n: int = 1) -> list[torch.Generator]:
+    """The generators of a request for `n` images from `seed`: image i draws its noise from
+    `torch.Generator().manual_seed(seed + i)`. The server and the micro-batcher use this, so an
+    image is the same whether its request ran alone or in a batch."""
+    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
 class Pipeline:
+    # Threads of the pool behind `generate_async` (calls beyond that wait for a free thread).
+    async_workers = 4
+
     def __init__(self, config: VariantConfig, backend: Backend, tokenizers: tuple, path: Path) -> None:
         self.config = config
         self.backend = backend
         self.path = path
         self.encode = PromptEncoder(config, tokenizers, backend)
+        self._state = threading.Condition()
+        self._running = 0  # calls in progress
+        self._closed = False
+        self._pool: ThreadPoolExecutor | None = None
 
     @classmethod
     def from_pretrained(
@@ -59,6 +80,15 @@ class Pipeline:
         return cls(ckpt.config, load_backend(backend, ckpt, ckpt.config, **options), tokenizers, ckpt.path)
 
     def close(self) -> None:
+        """Refuse new calls (ClosedError), wait for the running ones, then free the backend."""
+        with self._state:
+            if self._closed:
+                return
+            self._closed = True
+            self._state.wait_for(lambda: self._running == 0)
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
         self.backend.close()
 
     def __enter__(self) -> Pipeline:
@@ -66,6 +96,55 @@ class Pipeline:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def check_request(self, prompt: str | Sequence[str], **kwargs: Any) -> Request:
+        """Validate the arguments of a call without running anything (raises InvalidInputError);
+        returns the request with every default resolved."""
+        bound = inspect.signature(self.__call__).bind(prompt, **kwargs)
+        bound.apply_defaults()
+        args = dict(bound.arguments)
+        del args["callback_on_step_end"], args["progress"]
+        return normalize_request(self.config, **args)
+
+    async def generate_async(self, *args: Any, **kwargs: Any) -> PipelineOutput:
+        """`await pipe.generate_async(prompt, ...)`: the same arguments and result as a call, run
+        on the pipeline's thread pool. Cancelling the awaiting task stops the generation after its
+        current denoising step (GenerationCancelled inside the worker thread)."""
+        stop = threading.Event()
+        user_callback = kwargs.pop("callback_on_step_end", None)
+
+        def on_step(pipe: Pipeline, i: int, t: float, kw: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+            if stop.is_set():
+                return {"cancel": True}
+            return user_callback(pipe, i, t, kw) if user_callback is not None else None
+
+        kwargs.setdefault("progress", False)
+        call = functools.partial(self.__call__, *args, callback_on_step_end=on_step, **kwargs)
+        future = asyncio.get_running_loop().run_in_executor(self._executor(), call)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            stop.set()
+            raise
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._state:
+            if self._closed:
+                raise ClosedError(f"pipeline for {self.path} is closed; load it again with Pipeline.from_pretrained")
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.async_workers, thread_name_prefix="sd35trt-pipeline")
+            return self._pool
+
+    def _enter(self) -> None:
+        with self._state:
+            if self._closed:
+                raise ClosedError(f"pipeline for {self.path} is closed; load it again with Pipeline.from_pretrained")
+            self._running += 1
+
+    def _exit(self) -> None:
+        with self._state:
+            self._running -= 1
+            self._state.notify_all()
 
     def __call__(
         self,
@@ -91,6 +170,14 @@ class Pipeline:
         args = dict(locals())
         del args["self"], args["callback_on_step_end"], args["progress"]
         req = normalize_request(self.config, **args)  # raises before any heavy work
+        self._enter()
+        try:
+            return self._generate(req, generator, latents, callback_on_step_end, progress)
+        finally:
+            self._exit()
+
+    def _generate(self, req: Request, generator: Any, latents: torch.Tensor | None,
+                  callback_on_step_end: StepCallback | None, progress: bool) -> PipelineOutput:
         context, pooled = self._conditioning(req)
         shape = self.config.latent_shape(req.batch, req.height, req.width)  # [B, 16, H/8, W/8]
         x = latents if latents is not None else initial_noise(shape, generator, self.backend.device)
@@ -127,6 +214,8 @@ class Pipeline:
             return x
         vae = self.config.vae
         image = self.backend.vae_decoder(x / vae.scaling_factor + vae.shift_factor)  # [B, 3, H, W]
+        if not bool(torch.isfinite(image).all()):  # never hand out a black (NaN-clamped) image
+            raise NonFiniteImageError(self.backend.name, float(x.abs().max()))
         image = (image.float() / 2 + 0.5).clamp(0, 1)
         array: np.ndarray = image.cpu().permute(0, 2, 3, 1).numpy()  # [B, H, W, 3]
         return array if req.output_type == "np" else to_pil(array)

@@ -1,4 +1,4 @@
-"""The `sd35trt` command line: tiny-model, generate (export, build, bench and serve follow)."""
+"""The `sd35trt` command line: tiny-model, export, build, generate, bench, serve."""
 
 from __future__ import annotations
 
@@ -119,6 +119,32 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from sd35trt.server import Limits, ServeSettings, bind, create_app, run
+    except ImportError as exc:
+        print(f"sd35trt serve: error: {exc.name or exc} is missing; pip install 'sd35trt[serve]'", file=sys.stderr)
+        return 2
+    options: dict = {"device": args.device} if args.device else {}
+    if args.intra_op_threads:
+        options["intra_op_threads"] = args.intra_op_threads
+    limits = Limits(max_size=args.max_size, max_steps=args.max_steps, max_n=args.max_n,
+                    max_prompt_chars=args.max_prompt_chars, timeout_s=args.timeout_s)
+    settings = ServeSettings(model=args.engines or args.model, backend=args.backend, engines=args.engines is not None,
+                             backend_options=options, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
+                             max_queue=args.max_queue, workers=args.workers, limits=limits)
+    try:
+        sock = bind(args.host, args.port)
+    except OSError as exc:
+        print(f"sd35trt serve: error: cannot listen on {args.host}:{args.port} ({exc}); pick another --port",
+              file=sys.stderr)
+        return 2
+    print(f"sd35trt serve: http://{args.host}:{sock.getsockname()[1]} (model {settings.model}; "
+          f"GET /readyz turns 200 once it is loaded)", flush=True)
+    run(create_app(settings), sock, log_level="info" if args.verbose else "warning")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sd35trt", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -195,6 +221,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--out", type=Path, required=True, help="PNG path")
     g.set_defaults(func=_generate)
+
+    v = sub.add_parser("serve", help="HTTP server: POST /v1/images/generations with micro-batching, /metrics")
+    src = v.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", type=Path, help="diffusers folder, single file or `sd35trt export` folder")
+    src.add_argument("--engines", type=Path, help="engine set from `sd35trt build` (backend: its flavor)")
+    v.add_argument("--backend", help="torch, torch-fp8, onnxruntime, tensorrt, tensorrt-rtx (default: torch, "
+                                     "or the engine set's flavor)")
+    v.add_argument("--device", help="cpu, cuda, cuda:1 (torch backends)")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    v.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed)")
+    v.add_argument("--max-batch", type=int, default=4, help="images per pipeline call (capped by an engine set)")
+    v.add_argument("--batch-window-ms", type=float, default=10.0, help="how long a request waits for batch-mates")
+    v.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond which the server answers 429")
+    v.add_argument("--workers", type=int, default=1, help="batches generated at the same time, one thread each")
+    v.add_argument("--intra-op-threads", type=int, help="onnxruntime: threads per component (on a CPU, "
+                                                        "--workers 2 --intra-op-threads 1 serves 2 cores best)")
+    v.add_argument("--timeout-s", type=float, default=300.0, help="per request, queue wait + generation (504 after)")
+    v.add_argument("--max-size", type=int, default=2048, help="largest width/height in pixels")
+    v.add_argument("--max-steps", type=int, default=100)
+    v.add_argument("--max-n", type=int, help="images per request (default and at most: --max-batch)")
+    v.add_argument("--max-prompt-chars", type=int, default=2000)
+    v.set_defaults(func=_serve)
     return p
 
 

@@ -42,3 +42,18 @@ def test_console_script_tiny_model(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     assert "wrote tiny SD3.5 turbo" in res.stdout
     assert (tmp_path / "t" / "model_index.json").is_file()
+
+
+def test_serve_refuses_a_busy_port_and_bad_limits_before_loading(tiny_medium: Path, capsys) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        rc = main(["serve", "--model", str(tiny_medium), "--port", str(port)])
+    assert rc == 2 and f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tiny_medium), "--port", "0", "--max-steps", "0"]) == 2
+    assert "max_steps=0 must be an int >= 1" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tiny_medium), "--port", "0", "--max-batch", "0"]) == 2
+    assert "max_batch=0 must be an int >= 1" in capsys.readouterr().err

@@ -4,17 +4,20 @@ onnxruntime-gpu is installed) through the same loop as every other backend."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
 from ..config import COMPONENT_IO, VariantConfig
-from ..errors import CheckpointError
+from ..errors import BackendError, CheckpointError, OutOfMemoryError
 from ..manifest import read_manifest
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
        "tensor(int32)": np.int32, "tensor(double)": np.float64}
+# How ONNX Runtime words an allocation failure (CPU arena, CUDA allocator, std::bad_alloc); its
+# Python errors carry no type for it.
+_OOM_MARKERS = ("failed to allocate memory", "available memory of", "out of memory", "bad_alloc", "alloc_failed")
 
 
 class _Session:
@@ -37,7 +40,21 @@ class _Session:
 
     def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
         feed = {name: a.detach().cpu().numpy().astype(dtype, copy=False) for (name, dtype), a in zip(self.inputs, args)}
-        return [torch.from_numpy(o) for o in self.session.run(self.outputs, feed)]
+        try:
+            outputs = self.session.run(self.outputs, feed)
+        except Exception as exc:  # onnxruntime's errors are untyped: classify them once, here
+            raise _run_error(self.path, feed, exc) from exc
+        return [torch.from_numpy(o) for o in outputs]
+
+
+def _run_error(path: Path, feed: Mapping[str, np.ndarray], exc: Exception) -> BackendError:
+    shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feed.items())
+    text = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else type(exc).__name__
+    if any(m in str(exc).lower() for m in _OOM_MARKERS):
+        return OutOfMemoryError(f"{path.name}: out of memory on inputs {shapes} ({text}); lower the image size "
+                                f"or the batch, or give ONNX Runtime more memory")
+    return BackendError(f"{path.name}: ONNX Runtime failed on inputs {shapes} ({text}); check {path} with "
+                        f"`sd35trt export` (re-export) or the torch backend")
 
 
 class _Clip:
@@ -71,7 +88,11 @@ class OrtBackend:
         intra_op_threads: int | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        session_config: Mapping[str, str] | None = None,
     ) -> None:
+        """`session_config`: ONNX Runtime session config entries (key -> value), e.g.
+        {"session.use_env_allocators": "1"} to draw memory from an allocator the host process
+        registered (with its own limit)."""
         import onnxruntime as ort
 
         if dtype is not None and dtype != torch.float32:
@@ -81,6 +102,8 @@ class OrtBackend:
         options = ort.SessionOptions()
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
+        for key, value in (session_config or {}).items():
+            options.add_session_config_entry(str(key), str(value))
         providers = providers or ["CPUExecutionProvider"]
         files = {c: Path(path) / e["file"] for c, e in manifest["components"].items()}
         sess = {c: _Session(f, c, providers, options) for c, f in files.items() if c != "vae_encoder"

@@ -133,3 +133,11 @@ def test_without_t5_uses_zeros(tiny_models: dict[str, Path]) -> None:
 def test_unknown_backend(tiny_medium: Path) -> None:
     with pytest.raises(InvalidInputError, match="backend='nope'"):
         Pipeline.from_pretrained(tiny_medium, backend="nope")
+
+
+def test_extreme_guidance_fails_loudly_not_a_black_image(pipe) -> None:
+    from sd35trt.runtime import NonFiniteImageError, NonFiniteLatentsError
+
+    # finite latents so large that the VAE decodes them into NaN: an error, never a black PNG
+    with pytest.raises((NonFiniteImageError, NonFiniteLatentsError), match="backend 'torch'"):
+        pipe(**{**KW, "guidance_scale": 1e38}, generator=_gen(), progress=False)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from sd35trt.runtime import CheckpointError, Pipeline
+from sd35trt.runtime import BackendError, CheckpointError, Pipeline
 
 pytest.importorskip("onnxruntime", reason="onnxruntime (test extra) runs the exported graphs")
 KW = dict(prompt='a poster that says "SD35"', negative_prompt="blurry", height=64, width=96,
@@ -55,3 +55,12 @@ def test_tampered_graph_is_refused(onnx_fp32: Path, tmp_path: Path) -> None:
     (bad / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="re-export"):
         Pipeline.from_pretrained(bad, backend="onnxruntime")
+
+
+def test_a_failing_run_is_a_backend_error_naming_the_graph(onnx_fp32: Path) -> None:
+    pipe = Pipeline.from_pretrained(onnx_fp32, backend="onnxruntime")
+    wrong = torch.zeros(1, 3, 8, 8)  # 3 latent channels where the graph needs 16: ONNX Runtime refuses it
+    with pytest.raises(BackendError, match=r"vae_decoder.onnx: ONNX Runtime failed on inputs latent\[1, 3, 8, 8\]"):
+        pipe.backend.vae_decoder(wrong)
+    image = pipe.backend.vae_decoder(torch.zeros(1, 16, 8, 8))  # the session still works
+    assert image.shape == (1, 3, 64, 64)

@@ -1,0 +1,161 @@
+"""The FastAPI app: POST /v1/images/generations, GET /healthz, /readyz, /metrics.
+
+Status codes: 400 body is not JSON; 422 a field is wrong or out of limits (the message names it);
+429 the queue is full; 503 not ready (loading, failed to load, shutting down) or out of memory on
+this request; 504 the request outlived --timeout-s; 500 the generation failed (the message says
+why); 499 (logged only) the client went away and its generation was cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import secrets
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from sd35trt.runtime import Pipeline, PipelineOutput
+from sd35trt.runtime.batching import Job, Ticket
+from sd35trt.runtime.errors import (ClosedError, InvalidInputError, NonFiniteLatentsError, OutOfMemoryError,
+                                    QueueFullError)
+from sd35trt.runtime.image import png_bytes
+
+from .metrics import CONTENT_TYPE, Metrics, RequestMetrics
+from .schema import FieldError, GenerationRequest, describe_validation, to_job
+from .state import ModelHost, ServeSettings
+
+log = logging.getLogger(__name__)
+GENERATIONS = "/v1/images/generations"
+POLL_S = 0.05  # how often a waiting request checks for a client that went away
+
+
+class RequestTimeout(Exception):
+    pass
+
+
+class ClientGone(Exception):
+    pass
+
+
+def error(status: int, message: str, kind: str, field: str | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": field}}, status, headers=headers)
+
+
+def error_response(exc: BaseException, timeout_s: float) -> JSONResponse:
+    """A typed error -> its HTTP answer (the message always says what to change)."""
+    if isinstance(exc, FieldError):
+        return error(422, str(exc), "invalid_request_error", exc.field)
+    if isinstance(exc, InvalidInputError):
+        return error(422, str(exc), "invalid_request_error")
+    if isinstance(exc, QueueFullError):
+        return error(429, str(exc), "queue_full", headers={"Retry-After": "1"})
+    if isinstance(exc, ClosedError):
+        return error(503, str(exc), "unavailable", headers={"Retry-After": "5"})
+    if isinstance(exc, (OutOfMemoryError, MemoryError, torch.cuda.OutOfMemoryError)):
+        return error(503, f"out of memory while generating: {exc}", "out_of_memory")
+    if isinstance(exc, RequestTimeout):
+        return error(504, f"the request took longer than the server's timeout of {timeout_s:g} s (queue wait + "
+                          f"generation); ask for fewer steps or a smaller size, or raise --timeout-s", "timeout")
+    if isinstance(exc, ClientGone):
+        return error(499, "the client closed the connection; the generation was cancelled", "cancelled")
+    if isinstance(exc, NonFiniteLatentsError):
+        return error(500, f"generation failed: {exc}", "generation_error")
+    log.error("generation failed: %s: %s", type(exc).__name__, exc)
+    return error(500, f"generation failed: {type(exc).__name__}: {exc}", "generation_error")
+
+
+async def wait_for_result(ticket: Ticket, request: Request, timeout_s: float) -> PipelineOutput:
+    """The ticket's output; cancels the job on timeout, client disconnect or task cancellation."""
+    loop = asyncio.get_running_loop()
+    future, deadline = asyncio.wrap_future(ticket.future), loop.time() + timeout_s
+    try:
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise RequestTimeout()
+            done, _ = await asyncio.wait({future}, timeout=min(POLL_S, remaining))
+            if done:
+                return future.result()
+            if await request.is_disconnected():
+                raise ClientGone()
+    except BaseException:
+        if not ticket.future.done():
+            ticket.cancel()
+        raise
+
+
+def render(body: GenerationRequest, job: Job, out: PipelineOutput, model: str) -> Response:
+    """PNG bytes (n = 1, response_format png) or JSON with base64 PNGs; metadata as `sd35trt generate`."""
+    info = out.info
+    meta = {"prompt": job.prompt, "negative_prompt": job.negative_prompt or "", "steps": info["steps"],
+            "guidance": info["guidance"], "size": f"{info['width']}x{info['height']}", "model": model,
+            "variant": info["variant"], "backend": info["backend"]}
+    pngs = [png_bytes(img, {**meta, "seed": job.seed + i}) for i, img in enumerate(out.images)]
+    if body.response_format == "png":
+        headers = {"X-Seed": str(job.seed), "X-Batch-Images": str(info["batch_images"])}
+        return Response(pngs[0], media_type="image/png", headers=headers)
+    data = [{"b64_json": base64.b64encode(p).decode("ascii"), "seed": job.seed + i} for i, p in enumerate(pngs)]
+    summary = {k: meta[k] for k in ("steps", "guidance", "size", "variant", "backend")}
+    return JSONResponse({"created": int(time.time()), "data": data,
+                         "info": {**summary, "batch_images": info["batch_images"]}})
+
+
+def create_app(settings: ServeSettings, pipeline: Pipeline | None = None) -> FastAPI:
+    """The server app. With `pipeline`, serve that (already loaded) pipeline and leave it open at
+    shutdown; otherwise load `settings.model` in the background at startup and close it at shutdown."""
+    host = ModelHost(settings, pipeline)
+    metrics = Metrics(host.stats, lambda: host.ready, lambda: host.max_batch, gpu=torch.cuda.is_available())
+    limits = settings.limits
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        host.start()
+        yield
+        await run_in_threadpool(host.close)  # queued and running jobs finish first
+
+    app = FastAPI(title="sd35trt", summary="Stable Diffusion 3.5 image generation", lifespan=lifespan)
+    app.state.host, app.state.metrics = host, metrics
+    app.add_middleware(RequestMetrics, metrics=metrics, path=GENERATIONS)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        status, field, message = describe_validation(list(exc.errors()))
+        return error(status, message, "invalid_request_error", field)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        body: dict[str, Any] = {"status": host.status, "model": str(settings.model)}
+        if host.ready and host.pipe is not None:
+            body.update(backend=host.pipe.backend.name, variant=host.pipe.config.name, max_batch=host.max_batch)
+            return JSONResponse(body)
+        return JSONResponse({**body, "error": host.describe()}, 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.post(GENERATIONS, response_model=None)
+    async def generations(body: GenerationRequest, request: Request) -> Response:
+        try:
+            pipe, batcher = host.require_ready()
+            seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+            sizes = (host.caps.min_size, host.caps.max_size) if host.caps else None
+            job = to_job(body, limits, pipe.config, seed, sizes)
+            out = await wait_for_result(batcher.submit(job), request, limits.timeout_s)
+            return await run_in_threadpool(render, body, job, out, str(settings.model))
+        except Exception as exc:
+            return error_response(exc, limits.timeout_s)
+
+    return app

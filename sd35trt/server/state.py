@@ -1,0 +1,157 @@
+"""What the server serves: its settings, and the model's life (loading, ready, failed, draining).
+
+The model loads on a background thread when the app starts, so /healthz answers at once and
+/readyz says 503 "loading" until the pipeline and its micro-batcher are up, or 503 with the load
+error (a corrupt or foreign engine, a missing component) for as long as the process lives.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from sd35trt.runtime import Pipeline
+from sd35trt.runtime.batching import BatcherStats, MicroBatcher, check_batching
+from sd35trt.runtime.engine_manifest import EngineShapes, read_engine_manifest
+from sd35trt.runtime.errors import ClosedError, InvalidInputError
+
+from .schema import Limits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """`model`: a diffusers folder, single file or `sd35trt export` folder; with `engines=True`, an
+    engine set (`sd35trt build`), whose flavor is the default backend and whose profile caps the
+    batch and the sizes."""
+
+    model: Path
+    backend: str | None = None  # default: torch, or the engine set's flavor
+    engines: bool = False
+    backend_options: Mapping[str, Any] = field(default_factory=dict)
+    max_batch: int = 4
+    batch_window_ms: float = 10.0
+    max_queue: int = 64
+    workers: int = 1
+    limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        check_batching(self.max_batch, self.batch_window_ms, self.max_queue, self.workers)
+        if self.limits.max_n is None:
+            object.__setattr__(self, "limits", replace(self.limits, max_n=self.max_batch))
+        if self.limits.max_n > self.max_batch:
+            raise InvalidInputError(f"limits.max_n={self.limits.max_n} exceeds max_batch={self.max_batch}; "
+                                    f"a request's images run in one batch, so lower max_n or raise max_batch")
+
+
+@dataclass(frozen=True)
+class EngineCaps:
+    """What an engine set's profiles allow: images per call and the side range in pixels."""
+
+    max_batch: int
+    min_size: int
+    max_size: int
+
+    @classmethod
+    def of(cls, doc: Mapping[str, Any]) -> EngineCaps:
+        shapes = EngineShapes.from_dict(doc["shapes"])
+        return cls(shapes.batches[2], shapes.sizes[0], shapes.sizes[2])
+
+
+class NotReadyError(ClosedError):
+    """The model is loading, failed to load, or the server is shutting down."""
+
+
+class ModelHost:
+    """Owns the pipeline (unless one was handed in) and the micro-batcher; thread-safe."""
+
+    def __init__(self, settings: ServeSettings, pipeline: Pipeline | None = None) -> None:
+        self.settings = settings
+        self.status, self.error = "loading", None
+        self.pipe: Pipeline | None = None
+        self.batcher: MicroBatcher | None = None
+        self.caps: EngineCaps | None = None
+        self._given = pipeline
+        self._lock = threading.Lock()
+        self._loader: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._given is not None:
+            self._ready(self._given)
+            return
+        self._loader = threading.Thread(target=self._load, name="sd35trt-load", daemon=True)
+        self._loader.start()
+
+    def _load(self) -> None:
+        s = self.settings
+        try:
+            backend = s.backend
+            if s.engines:
+                doc = read_engine_manifest(Path(s.model))
+                self.caps = EngineCaps.of(doc)
+                backend = backend or doc["flavor"]
+            self._ready(Pipeline.from_pretrained(s.model, backend=backend or "torch", **dict(s.backend_options)))
+        except Exception as exc:  # any load failure is reported by /readyz, the process keeps serving
+            log.error("model %s failed to load: %s", s.model, exc)
+            with self._lock:
+                self.status, self.error = "failed", f"{type(exc).__name__}: {exc}"
+
+    def _ready(self, pipe: Pipeline) -> None:
+        s = self.settings
+        max_batch = min(s.max_batch, self.caps.max_batch) if self.caps else s.max_batch
+        batcher = MicroBatcher(pipe, max_batch=max_batch, window_ms=s.batch_window_ms, max_queue=s.max_queue,
+                               workers=s.workers)
+        with self._lock:
+            self.pipe, self.batcher = pipe, batcher
+            if self.status == "loading":
+                self.status = "ready"
+
+    def require_ready(self) -> tuple[Pipeline, MicroBatcher]:
+        with self._lock:
+            if self.status == "ready" and self.pipe is not None and self.batcher is not None:
+                return self.pipe, self.batcher
+            raise NotReadyError(self.describe())
+
+    def describe(self) -> str:
+        if self.status == "failed":
+            return f"model {self.settings.model} failed to load: {self.error}; fix it and restart the server"
+        if self.status == "loading":
+            return f"model {self.settings.model} is still loading; retry shortly"
+        if self.status in ("draining", "stopped"):
+            return "the server is shutting down and takes no new requests"
+        return "ready"
+
+    def stats(self) -> BatcherStats | None:
+        batcher = self.batcher
+        return batcher.stats() if batcher is not None else None
+
+    @property
+    def ready(self) -> bool:
+        return self.status == "ready"
+
+    @property
+    def max_batch(self) -> int:
+        return self.batcher.max_batch if self.batcher is not None else self.settings.max_batch
+
+    def begin_drain(self) -> None:
+        """Stop taking requests (readyz 503); those already queued or running still finish."""
+        with self._lock:
+            if self.status in ("loading", "ready"):
+                self.status = "draining"
+
+    def close(self) -> None:
+        """Drain: finish queued and running jobs, then free the pipeline if we loaded it."""
+        self.begin_drain()
+        if self._loader is not None:
+            self._loader.join()
+        if self.batcher is not None:
+            self.batcher.close()
+        if self.pipe is not None and self._given is None:
+            self.pipe.close()
+        with self._lock:
+            if self.status != "failed":
+                self.status = "stopped"

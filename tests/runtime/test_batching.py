@@ -1,0 +1,131 @@
+"""MicroBatcher on the real ONNX Runtime pipeline: grouping, twins, queue bound, cancel, close."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sd35trt.runtime import GenerationCancelled, InvalidInputError, Pipeline
+from sd35trt.runtime.batching import Job, MicroBatcher
+from sd35trt.runtime.errors import ClosedError, QueueFullError
+
+pytest.importorskip("onnxruntime", reason="onnxruntime (test extra) runs the exported graphs")
+SHAPE = dict(height=64, width=64, steps=3, output_type="np")
+
+
+@pytest.fixture(scope="module")
+def pipe(onnx_fp32: Path) -> Pipeline:
+    return Pipeline.from_pretrained(onnx_fp32, backend="onnxruntime")
+
+
+def _twin(pipe: Pipeline, job: Job) -> np.ndarray:
+    """The job run alone, with the same per-image seeds (seed, seed+1, ...)."""
+    return pipe(**job.call_kwargs(), progress=False).images
+
+
+def _submit_together(batcher: MicroBatcher, jobs: list[Job]) -> list:
+    barrier, tickets = threading.Barrier(len(jobs)), [None] * len(jobs)
+
+    def submit(i: int) -> None:
+        barrier.wait()
+        tickets[i] = batcher.submit(jobs[i])
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return tickets
+
+
+def test_four_concurrent_requests_run_as_one_batch_and_equal_their_twins(pipe: Pipeline, capsys) -> None:
+    jobs = [Job("a lighthouse at dusk", "blurry", seed=3, **SHAPE), Job("a red fox in snow", None, seed=11, **SHAPE),
+            Job("a bowl of ramen", "text, watermark", seed=12, **SHAPE), Job("a castle", "fog", seed=900, **SHAPE)]
+    with MicroBatcher(pipe, max_batch=4, window_ms=2000) as batcher:  # 4 images fill the batch: no wait
+        outs = [t.result(60) for t in _submit_together(batcher, jobs)]
+        stats = batcher.stats()
+    assert stats.batches == 1 and stats.batch_sizes == {4: 1} and stats.completed == 4
+    diffs = [float(np.abs(o.images - _twin(pipe, j)).max()) for o, j in zip(outs, jobs)]
+    with capsys.disabled():
+        print(f"\n[batch of 4 vs unbatched twins, max abs diff per image: {diffs}]")
+    assert all(o.info["batch_images"] == 4 for o in outs)
+    assert max(diffs) <= 1e-5
+    assert np.abs(outs[0].images - outs[1].images).max() > 0.01  # the images differ: a mix-up would show
+
+
+def test_n_images_use_consecutive_seeds_in_a_batch_and_alone(pipe: Pipeline) -> None:
+    jobs = [Job("two foxes", seed=40, n=2, **SHAPE), Job("one cat", seed=41, **SHAPE), Job("one dog", seed=7, **SHAPE)]
+    with MicroBatcher(pipe, max_batch=4, window_ms=2000) as batcher:
+        outs = [t.result(60) for t in _submit_together(batcher, jobs)]
+        assert batcher.stats().batch_sizes == {4: 1}
+    assert outs[0].images.shape == (2, 64, 64, 3) and outs[0].info["seeds"] == [40, 41]
+    for o, j in zip(outs, jobs):
+        assert np.abs(o.images - _twin(pipe, j)).max() <= 1e-5
+    # image 1 of seed 40 is the single image of seed 41 (same prompt): the documented convention
+    same = pipe(**Job("two foxes", seed=41, **SHAPE).call_kwargs(), progress=False).images
+    assert np.abs(outs[0].images[1] - same[0]).max() <= 1e-5
+
+
+def test_different_shapes_do_not_share_a_batch(pipe: Pipeline) -> None:
+    jobs = [Job("a", seed=1, **SHAPE), Job("b", seed=2, **{**SHAPE, "width": 96}),
+            Job("c", seed=3, **SHAPE), Job("d", seed=4, **{**SHAPE, "width": 96})]
+    with MicroBatcher(pipe, max_batch=4, window_ms=300) as batcher:
+        outs = [t.result(60) for t in _submit_together(batcher, jobs)]
+        stats = batcher.stats()
+    assert stats.batches == 2 and stats.batch_sizes == {2: 2}
+    assert [o.images.shape[2] for o in outs] == [64, 96, 64, 96]
+
+
+def test_bad_jobs_are_refused_at_submit(pipe: Pipeline) -> None:
+    with MicroBatcher(pipe, max_batch=2) as batcher:
+        with pytest.raises(InvalidInputError, match="height=65"):
+            batcher.submit(Job("x", height=65, width=64))
+        with pytest.raises(InvalidInputError, match="n=3 images exceed max_batch=2"):
+            batcher.submit(Job("x", n=3, **SHAPE))
+        assert batcher.stats().batches == 0
+    with pytest.raises(InvalidInputError, match="max_batch=0"):
+        MicroBatcher(pipe, max_batch=0)
+
+
+def test_full_queue_is_refused_and_waiting_jobs_can_be_cancelled(pipe: Pipeline) -> None:
+    batcher = MicroBatcher(pipe, max_batch=4, window_ms=10_000, max_queue=2)  # jobs wait for the window
+    waiting = [batcher.submit(Job(p, seed=i, **SHAPE)) for i, p in enumerate("ab")]
+    with pytest.raises(QueueFullError, match="max_queue=2"):
+        batcher.submit(Job("c", **SHAPE))
+    assert batcher.stats().queue_depth == 2
+    for t in waiting:
+        t.cancel()
+    stats = batcher.stats()
+    assert (stats.queue_depth, stats.cancelled, stats.rejected, stats.batches) == (0, 2, 1, 0)
+    assert all(t.future.cancelled() for t in waiting)
+    batcher.close()
+
+
+def test_a_running_batch_stops_when_its_jobs_are_cancelled(pipe: Pipeline) -> None:
+    with MicroBatcher(pipe, max_batch=1, window_ms=0) as batcher:
+        ticket = batcher.submit(Job("slow", **{**SHAPE, "steps": 400}))
+        deadline = time.monotonic() + 30
+        while batcher.stats().running == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        ticket.cancel()
+        with pytest.raises(GenerationCancelled) as info:
+            ticket.result(30)
+        assert info.value.step < 399
+        after = batcher.submit(Job("next", seed=5, **SHAPE)).result(60)  # the batcher still serves
+        stats = batcher.stats()
+    assert after.images.shape == (1, 64, 64, 3)
+    assert stats.stopped_mid_run == 1 and stats.cancelled == 1 and stats.completed == 1
+
+
+def test_close_runs_the_queued_jobs_then_refuses(pipe: Pipeline) -> None:
+    batcher = MicroBatcher(pipe, max_batch=2, window_ms=10_000)
+    tickets = [batcher.submit(Job(p, seed=i, **SHAPE)) for i, p in enumerate("xyz")]
+    batcher.close()  # does not wait for the 10 s window: closing runs what is queued at once
+    assert all(t.result(0).images.shape == (1, 64, 64, 3) for t in tickets)
+    assert batcher.stats().batch_sizes == {2: 1, 1: 1}
+    with pytest.raises(ClosedError, match="shutting down"):
+        batcher.submit(Job("late", **SHAPE))
