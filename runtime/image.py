@@ -40,6 +40,7 @@ def save_png(image: Image.Image, path: str | Path, metadata: Mapping[str, object
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; an image is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
