@@ -20,7 +20,7 @@ FLAVOR ?= tensorrt-rtx
 ENGINE_ARGS ?=
 ONNX_DIR ?= build/onnx/$(notdir $(abspath $(MODEL)))-$(PRECISION)
 
-.PHONY: demo engines test test-slow venv clean
+.PHONY: demo engines test test-slow venv clean gpu-wheels
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
