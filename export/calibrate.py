@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..runtime.errors import CheckpointError, InvalidInputError
+from ..runtime.files import atomic_write
 from ..runtime.models.fp8 import HIGH_PRECISION
 
 E4M3_MAX = 448.0
@@ -54,8 +53,9 @@ class CalibState:
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: torch.tensor([v], dtype=torch.float32) for k, v in sorted(self.amax.items())}
         doc = {"settings": asdict(self.settings), "meta": self.meta, "amax": dict(sorted(self.amax.items()))}
-        _atomic(folder / "amax.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-        _atomic(folder / "amax.json", lambda p: p.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n"))
+        blob = save(tensors, metadata={"format": "pt"})
+        atomic_write(folder / "amax.safetensors", lambda f: f.write(blob))
+        atomic_write(folder / "amax.json", lambda f: f.write((json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()))
 
     @classmethod
     def load(cls, folder: Path) -> CalibState:
@@ -67,16 +67,6 @@ class CalibState:
         settings["exclude"] = tuple(settings["exclude"])
         amax = {k: float(v.item()) for k, v in load_file(str(path)).items()}
         return cls(amax=amax, settings=CalibSettings(**settings), meta=doc.get("meta", {}))
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def quant_config(exclude: Sequence[str]) -> dict:

@@ -12,7 +12,6 @@ import importlib
 import logging
 import os
 import resource
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from sd35trt.runtime.errors import InvalidInputError, Sd35Error
+from sd35trt.runtime.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -206,9 +206,9 @@ def build_engine(onnx_path: Path, engine_path: Path, *, flavor: str = "tensorrt-
             f"building {onnx_path} for {compute_capability} with {fl.module} {trt.__version__} "
             f"failed: {'; '.join(logger.errors) or 'no error logged'}. Check that the graph's "
             f"dtypes/ops exist on {compute_capability} (FP8 needs sm89+) and the profile shapes")
-    _write_atomic(engine_path, memoryview(serialized))
+    atomic_write(engine_path, lambda f: f.write(memoryview(serialized)))
     if cache is not None:
-        _write_atomic(Path(timing_cache), memoryview(config.get_timing_cache().serialize()))
+        atomic_write(Path(timing_cache), lambda f: f.write(memoryview(config.get_timing_cache().serialize())))
     return BuildReport(
         flavor=flavor, trt_version=trt.__version__, compute_capability=compute_capability,
         engine_path=engine_path, engine_bytes=engine_path.stat().st_size, inputs=inputs,
@@ -352,18 +352,3 @@ class _PeakRss:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-
-
-def _write_atomic(path: Path, data: memoryview) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)  # mkstemp makes 0600; engines are shared artifacts
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

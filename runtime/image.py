@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 from PIL import Image, PngImagePlugin
+
+from .files import atomic_write
 
 
 def to_pil(array: np.ndarray) -> list[Image.Image]:
@@ -33,16 +33,5 @@ def png_bytes(image: Image.Image, metadata: Mapping[str, object]) -> bytes:
 
 def save_png(image: Image.Image, path: str | Path, metadata: Mapping[str, object]) -> Path:
     """Write `image` to `path` atomically (temp file + rename) with tEXt metadata."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     info = _png_info(metadata)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; an image is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: image.save(f, format="PNG", pnginfo=info))

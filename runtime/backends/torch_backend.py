@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -37,15 +38,17 @@ class _T5:
 
 
 class _Module:
-    """Casts float inputs to the module's dtype, returns float32."""
+    """Casts float inputs to the module's dtype, runs under `context` (e.g. an SDPA backend choice),
+    returns float32."""
 
-    def __init__(self, model: torch.nn.Module, dtype: torch.dtype) -> None:
-        self.model, self.dtype = model, dtype
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype, context=nullcontext) -> None:
+        self.model, self.dtype, self.context = model, dtype, context
 
     @torch.inference_mode()
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         cast = [a if a.dim() == 1 else a.to(self.dtype) for a in args]  # timestep stays fp32
-        return self.model(*cast).float()
+        with self.context():
+            return self.model(*cast).float()
 
 
 def _text_model(ckpt: Checkpoint, name: str, device: torch.device, dtype: torch.dtype):

@@ -20,7 +20,7 @@ from ..checkpoint import Checkpoint
 from ..config import VariantConfig
 from ..errors import CheckpointError
 from ..models.fp8 import FP8Linear, load_amax, to_fp8
-from .torch_backend import TorchBackend
+from .torch_backend import TorchBackend, _Module
 
 
 def _attention_backend(device: torch.device):
@@ -29,19 +29,6 @@ def _attention_backend(device: torch.device):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION])
-
-
-class _Compiled:
-    """Casts inputs like the torch backend, runs under the attention context, returns float32."""
-
-    def __init__(self, model: torch.nn.Module, dtype: torch.dtype, ctx) -> None:
-        self.model, self.dtype, self.ctx = model, dtype, ctx
-
-    @torch.inference_mode()
-    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
-        cast = [a if a.dim() == 1 else a.to(self.dtype) for a in args]  # timestep stays fp32
-        with self.ctx():
-            return self.model(*cast).float()
 
 
 class TorchFP8Backend(TorchBackend):
@@ -74,6 +61,6 @@ class TorchFP8Backend(TorchBackend):
         if compile:
             mmdit, vae = torch.compile(mmdit, fullgraph=True), torch.compile(vae)
         ctx = _attention_backend(self.device)
-        self.transformer = _Compiled(mmdit, dtype, ctx)
-        self.vae_decoder = _Compiled(vae, dtype, nullcontext)
+        self.transformer = _Module(mmdit, dtype, ctx)
+        self.vae_decoder = _Module(vae, dtype)
         self.fp8_layers = n_fp8
