@@ -54,11 +54,13 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
-# Wheels the GPU host lacks (it has no package index): diffusers for the benchmark's peer.
+# Wheels the GPU host lacks (it has no package index): diffusers for the benchmark's peer,
+# cudnn-frontend for the cuDNN FP8 attention row of tools/attention_probe.py.
 gpu-wheels:
 	mkdir -p .whl && grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-		--platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1 importlib_metadata==10.2.0
+		--platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1 importlib_metadata==10.2.0 \
+		nvidia-cudnn-frontend==1.32.0
 
 clean:
 	rm -rf build $(VENV)

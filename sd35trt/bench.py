@@ -160,10 +160,48 @@ def bench_attention(config: VariantConfig, size: int, batch: int, runner: Runner
             print(f"sdpa {name}: unavailable ({str(exc).splitlines()[0]})")
 
 
+FP8_FLAGS = {"fast": "fast-accumulation FP8 GEMMs", "fa8": "FP8 attention (FP8 q k^T and P v)",
+             "fa8qk": "FP8 q k^T, bf16 P v", "tune": "inductor coordinate-descent tuning of its Triton kernels",
+             "gelu": "GELU(tanh) as x*sigmoid(2z)", "mk": "inductor multi-kernel (persistent LayerNorm rows)"}
+
+
+def fp8_config(cfg: str) -> tuple[str | None, set[str]]:
+    """"fp8" / "fp8-compile-<mode>", then "+flag"s -> (compile mode or None for eager, flags)."""
+    base, *flags = cfg.split("+")
+    unknown = set(flags) - set(FP8_FLAGS)
+    if unknown or not (base == "fp8" or base.startswith("fp8-compile-")):
+        raise ValueError(f"bench config {cfg!r}: expected fp8[-compile-<mode>][+flag...] with flags from "
+                         f"{sorted(FP8_FLAGS)}")
+    return (None if base == "fp8" else base.removeprefix("fp8-compile-")), set(flags)
+
+
+def inductor_options(mode: str, tune: bool = False, multi_kernel: bool = False) -> dict:
+    """torch.compile's `mode` as inductor options (compile takes one or the other), plus tuning."""
+    from torch._inductor import list_mode_options
+
+    return {**list_mode_options(mode), **({"coordinate_descent_tuning": True} if tune else {}),
+            **({"triton.multi_kernel": 1} if multi_kernel else {})}
+
+
+def set_fp8_options(model: torch.nn.Module, flags: set[str]) -> None:
+    """Apply a config's flags to an FP8 model in place (GEMM accumulation, attention core)."""
+    from sd35trt.runtime.models.fp8_attention import use_fp8_attention
+    from sd35trt.runtime.models.mmdit import use_sigmoid_gelu
+
+    for mod in model.modules():
+        if hasattr(mod, "fast_accum"):
+            mod.fast_accum = "fast" in flags
+    use_fp8_attention(model, enabled=bool({"fa8", "fa8qk"} & flags), pv_fp8="fa8" in flags)
+    use_sigmoid_gelu(model, "gelu" in flags)
+
+
 def bench_transformer(variant: str, size: int, batch: int, configs: list[str], attention: str,
                       out: Path) -> Runner:
     from sd35trt.runtime.models.fp8 import max_calibrate, to_fp8
 
+    for cfg in configs:  # bad names fail here, before minutes of model setup
+        if cfg.startswith("fp8"):
+            fp8_config(cfg)
     config, runner, bf16 = VARIANTS[variant], Runner(out), torch.bfloat16
     model = random_mmdit(config, bf16, "cuda")
     args = step_inputs(config, size, batch, "cuda", bf16)
@@ -194,21 +232,17 @@ def bench_transformer(variant: str, size: int, batch: int, configs: list[str], a
         amax = max_calibrate(model, lambda m: m(*args), EXCLUDE)
         m8 = to_fp8(model, amax)
         free()
-        if "fp8" in configs:
-            runner.record(f"ours eager fp8 [{attention}]", lambda: m8(*args), ref)
-        for cfg in [c for c in configs if c.startswith("fp8-compile-")]:
-            mode, _, fast = cfg.removeprefix("fp8-compile-").partition("+")
-            for mod in m8.modules():
-                if hasattr(mod, "fast_accum"):
-                    mod.fast_accum = fast == "fast"
+        for cfg in [c for c in configs if c.split("+")[0] == "fp8" or c.startswith("fp8-compile-")]:
+            mode, flags = fp8_config(cfg)
+            set_fp8_options(m8, flags)
             torch._dynamo.reset()
-            compiled = torch.compile(m8, mode=mode, fullgraph=True)
-            runner.record(f"ours compile fp8 {mode}{' fast-acc' if fast else ''} [{attention}]",
-                          lambda: compiled(*args), ref)
-            if "profile" in configs:
-                runner.rows[-1]["breakdown_ms"] = kernel_breakdown(lambda: compiled(*args))
+            fn = m8 if mode is None else torch.compile(m8, fullgraph=True, options=inductor_options(mode, "tune" in flags, "mk" in flags))
+            name = f"ours {'eager' if mode is None else 'compile ' + mode} fp8{''.join(' +' + f for f in sorted(flags))}"
+            runner.record(f"{name} [{attention}]", lambda: fn(*args), ref)
+            if "profile" in configs and mode is not None:
+                runner.rows[-1]["breakdown_ms"] = kernel_breakdown(lambda: fn(*args))
                 print("breakdown", runner.rows[-1]["breakdown_ms"], flush=True)
-            del compiled
+            del fn
     print(runner.table("diffusers eager bf16"))
     return runner
 
@@ -250,7 +284,7 @@ def kernel_breakdown(fn: Callable[[], object], steps: int = 3) -> dict[str, floa
             fn()
         torch.cuda.synchronize()
     kinds = {"gemm": 0.0, "attention": 0.0, "rest": 0.0}
-    top: dict[str, float] = {}
+    top: dict[str, tuple[float, float]] = {}
     for ev in prof.key_averages():
         us = ev.self_device_time_total if hasattr(ev, "self_device_time_total") else ev.self_cuda_time_total
         if us <= 0:
@@ -260,7 +294,8 @@ def kernel_breakdown(fn: Callable[[], object], steps: int = 3) -> dict[str, floa
                 else "gemm" if any(k in name for k in ("gemm", "xmma", "nvjet", "cutlass", "scaled_mm", "matmul"))
                 else "rest")
         kinds[kind] += us / 1000 / steps
-        top[ev.key[:90]] = us / 1000 / steps
-    for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:12]:
-        print(f"  {v:8.2f} ms  {k}")
+        top[ev.key[:100]] = (us / 1000 / steps, ev.count / steps)
+    kinds["kernels"] = sum(n for _, n in top.values())
+    for k, (ms, n) in sorted(top.items(), key=lambda kv: -kv[1][0])[:30]:
+        print(f"  {ms:8.2f} ms {n:6.0f}x  {k}")
     return {k: round(v, 2) for k, v in kinds.items()}

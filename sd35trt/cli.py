@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, default=1, help="images per step (the transformer sees 2x: CFG)")
     b.add_argument("--steps", type=int, default=28, help="denoising steps of the end-to-end image (e2e)")
     b.add_argument("--configs", default="peer-eager,peer-compile,bf16,fp8,fp8-compile-default",
-                   help="comma list: attention, vae, peer-eager, peer-compile, bf16, fp8, fp8-compile-<mode>[+fast], profile, e2e")
+                   help="comma list: attention, vae, peer-eager, peer-compile, bf16, fp8[-compile-<mode>][+fast][+fa8|+fa8qk], profile, e2e")
     b.add_argument("--attention", choices=("default", "cudnn", "flash"), default="cudnn",
                    help="SDPA backend for our configs (the peer keeps diffusers' default)")
     b.add_argument("--json", type=Path, default=Path("bench.json"))

@@ -3,9 +3,13 @@
 For GPUs without TensorRT, and the runtime's reference for FP8 fidelity. The calibration is the
 one `sd35trt export --precision fp8` saved (ModelOpt max calibration); q/k/v are fused, weights
 kept only in FP8, activations quantized with the static calibrated scales, everything else bf16.
-On CUDA, attention uses cuDNN's SDPA kernel (fastest on Hopper in our measurements) and
-`compile=True` runs the MMDiT and VAE decoder under torch.compile (inductor fuses the activation
-quantization into the producing kernels; its cache makes later starts warm).
+On CUDA, attention uses cuDNN's SDPA kernel (fastest on Hopper in our measurements; our FP8
+attention kernel was not faster at head_dim 64 and cost fidelity, see BENCHMARKS.md). GELU(tanh)
+runs as the identical x*sigmoid(2z) form (cheaper compiled). `compile=True` runs the MMDiT and the VAE
+decoder under torch.compile (inductor fuses the activation quantization into the producers; its
+on-disk cache makes later starts warm; coordinate-descent tuning gained < 1 ms and tripled the warm
+start, so it stays off);
+`compile="reduce-overhead"` also replays the step as a CUDA graph (static shapes).
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ import torch
 
 from ..checkpoint import Checkpoint
 from ..config import VariantConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InvalidInputError
 from ..models.fp8 import FP8Linear, load_amax, to_fp8
+from ..models.mmdit import use_sigmoid_gelu
 from .torch_backend import TorchBackend, _Module
 
 
@@ -29,6 +34,15 @@ def _attention_backend(device: torch.device):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION])
+
+
+def compile_options(compile: bool | str) -> dict | None:
+    """`compile` -> torch.compile options for the MMDiT (None: eager). Raised before any loading."""
+    modes = {False: None, True: {}, "default": {}, "reduce-overhead": {"triton.cudagraphs": True}}
+    if not isinstance(compile, (bool, str)) or compile not in modes:
+        raise InvalidInputError(f"torch-fp8 compile={compile!r}; use False, True (= 'default') or "
+                                f"'reduce-overhead' (CUDA graphs)")
+    return modes[compile]
 
 
 class TorchFP8Backend(TorchBackend):
@@ -42,9 +56,10 @@ class TorchFP8Backend(TorchBackend):
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         load_t5: bool = True,
-        compile: bool = False,
+        compile: bool | str = False,
         fast_accum: bool = False,
     ) -> None:
+        options = compile_options(compile)
         if calibration is None:
             raise CheckpointError("backend 'torch-fp8' needs calibration=<dir with amax.safetensors> "
                                   "(written by `sd35trt export --precision fp8` under <out>/calibration)")
@@ -54,12 +69,14 @@ class TorchFP8Backend(TorchBackend):
         super().__init__(checkpoint, config, device, dtype, load_t5)
         amax = dict(calibration) if isinstance(calibration, Mapping) else load_amax(calibration)
         mmdit = to_fp8(self.transformer.model, amax, fast_accum=fast_accum)  # bf16 weights dropped
+        use_sigmoid_gelu(mmdit)
         n_fp8 = sum(isinstance(m, FP8Linear) for m in mmdit.modules())
         vae = self.vae_decoder.model
         if self.device.type == "cuda":
             vae = vae.to(memory_format=torch.channels_last)
-        if compile:
-            mmdit, vae = torch.compile(mmdit, fullgraph=True), torch.compile(vae)
+        if options is not None:
+            mmdit = torch.compile(mmdit, fullgraph=True, options=options)
+            vae = torch.compile(vae)
         ctx = _attention_backend(self.device)
         self.transformer = _Module(mmdit, dtype, ctx)
         self.vae_decoder = _Module(vae, dtype)

@@ -43,6 +43,12 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, dim: in
     return _affine(_layer_norm(x, dim), shift, scale)
 
 
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v on [B, N, heads, D] tensors (torch's SDPA wants heads first)."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)  # [B, N, heads, D]
+
+
 class AdaNorm(nn.Module):
     """SiLU -> Linear producing `n` modulation vectors (AdaLayerNormZero/-X/-Continuous)."""
 
@@ -63,9 +69,29 @@ class FeedForward(nn.Module):
         proj = nn.Module()
         proj.proj = nn.Linear(dim, 4 * dim)
         self.net = nn.ModuleList([proj, nn.Identity(), nn.Linear(4 * dim, dim)])
+        self.act = gelu_tanh  # torch-fp8 swaps in gelu_tanh_sigmoid (same function, cheaper kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
+        return self.net[2](self.act(self.net[0].proj(x)))
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def gelu_tanh_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """GELU(tanh) written as x * sigmoid(2z), z = sqrt(2/pi) (x + 0.044715 x^3): the identity
+    0.5 (1 + tanh z) = sigmoid(2z) makes it the same function, and a compiled sigmoid is far
+    cheaper than an accurate tanh (the FF1 epilogue kernel was bound by tanh, not memory)."""
+    xf = x.float()
+    return (xf * torch.sigmoid(1.5957691216057308 * (xf + 0.044715 * xf * xf * xf))).to(x.dtype)
+
+
+def use_sigmoid_gelu(model: nn.Module, enabled: bool = True) -> None:
+    """Switch every FeedForward of `model` to gelu_tanh_sigmoid (or back), in place."""
+    for mod in model.modules():
+        if isinstance(mod, FeedForward):
+            mod.act = gelu_tanh_sigmoid if enabled else gelu_tanh
 
 
 class Attention(nn.Module):
@@ -74,7 +100,8 @@ class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, qk_norm: bool, joint: bool, context_out: bool) -> None:
         super().__init__()
         self.heads = heads
-        head_dim = dim // heads
+        self.head_dim = head_dim = dim // heads
+        self.core = sdpa  # (q, k, v) [B, N, heads, head_dim] -> same; torch-fp8 may swap in FP8Attention
         self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
         if qk_norm:
@@ -87,7 +114,7 @@ class Attention(nn.Module):
             self.to_add_out = nn.Linear(dim, dim)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # [B, heads, N, head_dim]
+        return x.unflatten(-1, (self.heads, -1))  # [B, N, heads, head_dim]
 
     def fuse_qkv(self) -> None:
         """One [3D, D] projection instead of q, k, v (and add_q/k/v): same math, one GEMM each."""
@@ -122,9 +149,8 @@ class Attention(nn.Module):
             cq, ck, cv = self._qkv(
                 ctx, "add_qkv", ("add_q_proj", "add_k_proj", "add_v_proj"), "norm_added_q", "norm_added_k"
             )
-            q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
-        out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, N, head_dim]
-        out = out.transpose(1, 2).flatten(2).to(q.dtype)  # [B, N, dim]
+            q, k, v = torch.cat([q, cq], 1), torch.cat([k, ck], 1), torch.cat([v, cv], 1)
+        out = self.core(q, k, v).flatten(2).to(q.dtype)  # [B, N, dim]
         img, txt = out[:, :n_img], out[:, n_img:]
         img = self.to_out[0](img)
         if ctx is None or not hasattr(self, "to_add_out"):
