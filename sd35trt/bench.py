@@ -196,7 +196,10 @@ def set_fp8_options(model: torch.nn.Module, flags: set[str]) -> None:
 
 
 def bench_transformer(variant: str, size: int, batch: int, configs: list[str], attention: str,
-                      out: Path) -> Runner:
+                      out: Path, fidelity: bool = False) -> Runner:
+    """Time `configs` on a random-weight model of `variant`; with `fidelity`, every FP8 row is also
+    compared (cosine, relative L2) with a BF16 output of the same inputs, even when no peer or bf16
+    row is timed (then an untimed eager BF16 forward is the reference)."""
     from sd35trt.runtime.models.fp8 import max_calibrate, to_fp8
 
     for cfg in configs:  # bad names fail here, before minutes of model setup
@@ -229,6 +232,8 @@ def bench_transformer(variant: str, size: int, batch: int, configs: list[str], a
         if "bf16" in configs:
             y = runner.record(f"ours eager bf16 [{attention}]", lambda: model(*args), ref)
             ref = ref if ref is not None else y
+        if fidelity and ref is None:
+            ref = model(*args)  # our eager BF16 MMDiT == diffusers' (tests/runtime/models/test_mmdit.py)
         amax = max_calibrate(model, lambda m: m(*args), EXCLUDE)
         m8 = to_fp8(model, amax)
         free()

@@ -80,7 +80,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     configs = args.configs.split(",")
     if set(configs) - {"e2e"}:
-        bench_transformer(args.variant, args.size, args.batch, configs, args.attention, args.json)
+        bench_transformer(args.variant, args.size, args.batch, configs, args.attention, args.json, args.fidelity)
     if "e2e" in configs:
         from sd35trt.bench import Runner
         from sd35trt.bench_e2e import bench_e2e
@@ -178,7 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, default=1, help="images per step (the transformer sees 2x: CFG)")
     b.add_argument("--steps", type=int, default=28, help="denoising steps of the end-to-end image (e2e)")
     b.add_argument("--configs", default="peer-eager,peer-compile,bf16,fp8,fp8-compile-default",
-                   help="comma list: attention, vae, peer-eager, peer-compile, bf16, fp8[-compile-<mode>][+fast][+fa8|+fa8qk], profile, e2e")
+                   help="comma list: attention, vae, peer-eager, peer-compile, bf16, fp8[-compile-<mode>][+fast][+gelu][+tune][+mk][+fa8|+fa8qk], profile, e2e")
+    b.add_argument("--fidelity", action="store_true",
+                   help="compare every FP8 row with BF16 (cosine, rel. L2) even without a peer/bf16 row; "
+                        "e2e rows always compare the final image (cosine, PSNR)")
     b.add_argument("--attention", choices=("default", "cudnn", "flash"), default="cudnn",
                    help="SDPA backend for our configs (the peer keeps diffusers' default)")
     b.add_argument("--json", type=Path, default=Path("bench.json"))

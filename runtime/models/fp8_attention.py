@@ -25,7 +25,7 @@ from torch import nn
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 LOG2E = 1.4426950408889634
-KERNEL_CONFIG = dict(block_m=128, block_n=128, num_warps=8, num_stages=3, fast_exp=True)
+KERNEL_CONFIG = dict(block_m=128, block_n=128, num_warps=4, num_stages=3, fast_exp=True)  # fastest on H100
 
 
 @torch.library.custom_op("sd35trt::fp8_attention", mutates_args=(), device_types="cuda")

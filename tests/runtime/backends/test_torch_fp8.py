@@ -41,3 +41,12 @@ def test_calibration_is_required_and_must_match(tiny_models: dict[str, Path], on
     with pytest.raises(CheckpointError, match="does not match"):
         Pipeline.from_pretrained(tiny_models["large"], backend="torch-fp8", device="cpu",
                                  calibration=onnx_fp8 / "calibration")
+
+
+@pytest.mark.parametrize("bad", ["max-autotune", 1, None])
+def test_bad_compile_value_is_refused_before_loading(tiny_medium: Path, bad) -> None:
+    from sd35trt.runtime import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="compile="):
+        Pipeline.from_pretrained(tiny_medium, backend="torch-fp8", device="cpu", calibration="/nonexistent",
+                                 compile=bad)
