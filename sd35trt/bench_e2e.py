@@ -57,6 +57,26 @@ def run_e2e(enc, transformer, vae, ids, noise, steps: int) -> torch.Tensor:
     return vae(x / 1.5305 + 0.0609)
 
 
+def prompt_ids(g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Token ids of [negative; positive]: CLIP-L/G 77 tokens, T5 256, from `g`."""
+    return {k: torch.randint(0, 30000, (2, 77 if k != "t5" else 256), generator=g, device="cuda")
+            for k in ("clip_l", "clip_g", "t5")}
+
+
+def bench_text(runner: Runner) -> None:
+    """The three text encoders for one CFG prompt pair: transformers BF16 eager (peer) vs ours
+    (T5-XXL's Linears weight-only FP8, as the torch-fp8 end-to-end path runs them)."""
+    from sd35trt.runtime.models.fp8 import fp8_weights_only
+
+    enc, ids = text_encoders(), prompt_ids(torch.Generator(device="cuda").manual_seed(9))
+    with torch.no_grad():
+        ref = runner.record("text encoders (CLIP-L, CLIP-G, T5-XXL) transformers eager bf16",
+                            lambda: encode(enc, ids)[0])
+        fp8_weights_only(enc["t5"])
+        free()
+        runner.record("text encoders, ours (T5-XXL weight-only FP8)", lambda: encode(enc, ids)[0], ref)
+
+
 def bench_e2e(variant: str, size: int, steps: int, runner: Runner, mode: str = "reduce-overhead") -> None:
     from diffusers import AutoencoderKL
 
@@ -67,7 +87,7 @@ def bench_e2e(variant: str, size: int, steps: int, runner: Runner, mode: str = "
 
     config = VARIANTS[variant]
     g = torch.Generator(device="cuda").manual_seed(9)
-    ids = {k: torch.randint(0, 30000, (2, 77 if k != "t5" else 256), generator=g, device="cuda") for k in ("clip_l", "clip_g", "t5")}
+    ids = prompt_ids(g)
     noise = torch.randn(config.latent_shape(1, size, size), generator=g, device="cuda")
     enc, model = text_encoders(), random_mmdit(config, torch.bfloat16, "cuda")
     with torch.device("meta"):

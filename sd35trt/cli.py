@@ -79,14 +79,14 @@ def _bench(args: argparse.Namespace) -> int:
     from sd35trt.bench import bench_transformer
 
     configs = args.configs.split(",")
-    if set(configs) - {"e2e"}:
+    if set(configs) - {"e2e", "text"}:
         bench_transformer(args.variant, args.size, args.batch, configs, args.attention, args.json, args.fidelity)
-    if "e2e" in configs:
+    for part in [c for c in ("text", "e2e") if c in configs]:
         from sd35trt.bench import Runner
-        from sd35trt.bench_e2e import bench_e2e
+        from sd35trt.bench_e2e import bench_e2e, bench_text
 
-        runner = Runner(args.json.with_name(args.json.stem + "_e2e.json"))
-        bench_e2e(args.variant, args.size, args.steps, runner)
+        runner = Runner(args.json.with_name(f"{args.json.stem}_{part}.json"))
+        bench_text(runner) if part == "text" else bench_e2e(args.variant, args.size, args.steps, runner)
         print(runner.table(runner.rows[0]["name"]))
     return 0
 
@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, default=1, help="images per step (the transformer sees 2x: CFG)")
     b.add_argument("--steps", type=int, default=28, help="denoising steps of the end-to-end image (e2e)")
     b.add_argument("--configs", default="peer-eager,peer-compile,bf16,fp8,fp8-compile-default",
-                   help="comma list: attention, vae, peer-eager, peer-compile, bf16, fp8[-compile-<mode>][+fast][+gelu][+tune][+mk][+fa8|+fa8qk], profile, e2e")
+                   help="comma list: attention, vae, peer-eager, peer-compile, bf16, fp8[-compile-<mode>][+fast][+gelu][+tune][+mk][+fa8|+fa8qk], profile, text, e2e")
     b.add_argument("--fidelity", action="store_true",
                    help="compare every FP8 row with BF16 (cosine, rel. L2) even without a peer/bf16 row; "
                         "e2e rows always compare the final image (cosine, PSNR)")

@@ -153,8 +153,9 @@ class FP8WeightLinear(nn.Module):
         return self._dtype_probe
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = (self.weight_fp8.to(torch.float32) * self.scale).to(x.dtype)  # [N, K], transient
-        return F.linear(x, w, self.bias)
+        w = self.weight_fp8.to(x.dtype)  # [N, K], transient; exact (E4M3 values are bf16 values)
+        y = F.linear(x, w) * self.scale.to(x.dtype)  # the per-tensor scale on the output: one small pass
+        return y if self.bias is None else y + self.bias
 
 
 def fp8_weights_only(model: nn.Module) -> nn.Module:
