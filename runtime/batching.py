@@ -12,8 +12,9 @@ generator per image as diffusers does for a generator list, so every image equal
 
 Threads: `workers` threads (default 1) take batches off one queue and call the pipeline. A waiting
 job counts against `max_queue` (QueueFullError beyond it). Cancelling a waiting job removes it; a
-running batch stops after its current step once every job in it is cancelled. `close()` refuses new
-jobs, runs the ones already queued and waits for the running batch.
+running batch stops after its current step once every job in it is cancelled. A batch that runs
+out of memory is run again one job at a time, so a request that fits alone is not failed by its
+neighbours. `close()` refuses new jobs, runs the ones already queued and waits for the running batch.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ClosedError, GenerationCancelled, InvalidInputError, QueueFullError
+from .errors import ClosedError, GenerationCancelled, InvalidInputError, OutOfMemoryError, QueueFullError
 from .pipeline import Pipeline, PipelineOutput, seed_generators
 
 
@@ -88,6 +89,7 @@ class BatcherStats:
     rejected: int  # queue full
     queue_depth: int  # jobs waiting now
     running: int  # jobs in the batch(es) running now
+    retried_alone: int = 0  # jobs of batches that ran out of memory, run again one by one
 
 
 def check_batching(max_batch: int, window_ms: float, max_queue: int, workers: int) -> None:
@@ -150,7 +152,8 @@ class MicroBatcher:
         with self._cond:
             c = self._counts
             return BatcherStats(c["batches"], dict(self._sizes), c["completed"], c["failed"], c["cancelled"],
-                                c["stopped_mid_run"], c["rejected"], len(self._pending), self._running)
+                                c["stopped_mid_run"], c["rejected"], len(self._pending), self._running,
+                                c["retried_alone"])
 
     def close(self) -> None:
         """Take no new jobs, run the queued ones, wait for the workers to finish."""
@@ -211,27 +214,44 @@ class MicroBatcher:
         so a caller that has its result also sees it counted."""
         if not batch:
             return
-        result: list[PipelineOutput] | BaseException
+        results = self._call(batch)
+        with self._cond:
+            self._running -= len(batch)
+            for r in results:
+                outcome = ("stopped_mid_run" if isinstance(r, GenerationCancelled)
+                           else "failed" if isinstance(r, BaseException) else "completed")
+                self._counts[outcome] += 1
+                self._counts["cancelled"] += outcome == "stopped_mid_run"
+        for t, r in zip(batch, results):
+            if isinstance(r, BaseException):
+                t.future.set_exception(r)
+            else:
+                t.future.set_result(r)
+
+    def _call(self, batch: list[Ticket]) -> list[PipelineOutput | BaseException]:
+        """Each job's output or error. A batch of several jobs that runs out of memory is run again
+        one job at a time (a smaller batch may fit), so only the jobs that fail alone fail."""
+        with self._cond:
+            self._counts["batches"] += 1
+            self._sizes[sum(t.job.n for t in batch)] += 1
         try:
             out = self.pipe(**_batch_kwargs(batch), callback_on_step_end=_stop_when_all_cancelled(batch),
                             progress=False)
-            result, outcome = _split(batch, out), "completed"
+            return _split(batch, out)
         except GenerationCancelled as exc:
-            result, outcome = exc, "stopped_mid_run"
+            return [exc] * len(batch)
         except Exception as exc:  # the batch's jobs get the error; the batcher keeps serving
-            result, outcome = exc, "failed"
-        with self._cond:
-            self._running -= len(batch)
-            self._counts["batches"] += 1
-            self._sizes[sum(t.job.n for t in batch)] += 1
-            self._counts[outcome] += len(batch)
-            if outcome == "stopped_mid_run":
-                self._counts["cancelled"] += len(batch)
-        for i, t in enumerate(batch):
-            if isinstance(result, BaseException):
-                t.future.set_exception(result)
-            else:
-                t.future.set_result(result[i])
+            if len(batch) > 1 and _out_of_memory(exc):
+                with self._cond:
+                    self._counts["retried_alone"] += len(batch)
+                return [self._call([t])[0] for t in batch]
+            return [exc] * len(batch)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, (OutOfMemoryError, MemoryError, torch.cuda.OutOfMemoryError))
 
 
 def _batch_kwargs(batch: list[Ticket]) -> dict[str, Any]:

@@ -37,6 +37,8 @@ class _Runtime(Collector):
         for outcome in ("completed", "failed", "cancelled", "rejected"):
             jobs.add_metric([outcome], getattr(s, outcome) if s else 0)
         yield jobs
+        yield CounterMetricFamily("sd35trt_jobs_retried_alone", "requests of out-of-memory batches run again one by one",
+                                  value=s.retried_alone if s else 0)
         yield _batch_histogram(s.batch_sizes if s else {}, self.max_batch())
 
 

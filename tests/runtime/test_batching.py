@@ -129,3 +129,19 @@ def test_close_runs_the_queued_jobs_then_refuses(pipe: Pipeline) -> None:
     assert batcher.stats().batch_sizes == {2: 1, 1: 1}
     with pytest.raises(ClosedError, match="shutting down"):
         batcher.submit(Job("late", **SHAPE))
+
+
+def test_a_batch_that_runs_out_of_memory_is_rerun_job_by_job(onnx_fp32: Path) -> None:
+    """ONNX Runtime's CPU arena capped at 48 MiB (in a child process): four 192x192 requests do not
+    fit as one batch, each fits alone; all four succeed, equal to their unbatched twins."""
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).with_name("oom_batch.py")
+    out = subprocess.run([sys.executable, str(script), str(onnx_fp32), "48", "192"], capture_output=True,
+                         text=True, timeout=600, check=True).stdout.strip().splitlines()[-1]
+    got = json.loads(out)
+    assert got["sizes"] == {"4": 1, "1": 4}, got  # the batch of 4 ran, then each job alone
+    assert got["retried_alone"] == 4 and got["completed"] == 4 and got["failed"] == 0, got
+    assert got["max_diff"] == 0.0, got
