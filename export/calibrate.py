@@ -25,7 +25,6 @@ from ..runtime.errors import CheckpointError, InvalidInputError
 from ..runtime.files import atomic_write
 from ..runtime.models.fp8 import HIGH_PRECISION
 
-E4M3_MAX = 448.0
 DEFAULT_EXCLUDE = HIGH_PRECISION
 CALIB_DIR = Path(__file__).resolve().parent.parent / "calib_prompts"
 

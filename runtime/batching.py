@@ -27,7 +27,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ClosedError, GenerationCancelled, InvalidInputError, OutOfMemoryError, QueueFullError
+from .errors import ClosedError, GenerationCancelled, InvalidInputError, QueueFullError, is_out_of_memory
 from .pipeline import Pipeline, PipelineOutput, seed_generators
 
 
@@ -241,17 +241,11 @@ class MicroBatcher:
         except GenerationCancelled as exc:
             return [exc] * len(batch)
         except Exception as exc:  # the batch's jobs get the error; the batcher keeps serving
-            if len(batch) > 1 and _out_of_memory(exc):
+            if len(batch) > 1 and is_out_of_memory(exc):
                 with self._cond:
                     self._counts["retried_alone"] += len(batch)
                 return [self._call([t])[0] for t in batch]
             return [exc] * len(batch)
-
-
-def _out_of_memory(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, (OutOfMemoryError, MemoryError, torch.cuda.OutOfMemoryError))
 
 
 def _batch_kwargs(batch: list[Ticket]) -> dict[str, Any]:

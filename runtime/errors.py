@@ -57,6 +57,14 @@ class OutOfMemoryError(BackendError, MemoryError):
     larger memory limit, fixes it."""
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Our typed OutOfMemoryError, Python's MemoryError (OutOfMemoryError is one) or torch's CUDA
+    out-of-memory error."""
+    import torch
+
+    return isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError))
+
+
 class QueueFullError(Sd35Error, RuntimeError):
     """The micro-batcher's queue holds `max_queue` waiting requests; retry later or raise max_queue."""
 

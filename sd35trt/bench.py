@@ -202,9 +202,7 @@ def bench_transformer(variant: str, size: int, batch: int, configs: list[str], a
     row is timed (then an untimed eager BF16 forward is the reference)."""
     from sd35trt.runtime.models.fp8 import max_calibrate, to_fp8
 
-    for cfg in configs:  # bad names fail here, before minutes of model setup
-        if cfg.startswith("fp8"):
-            fp8_config(cfg)
+    fp8_rows = {c: fp8_config(c) for c in configs if c.startswith("fp8")}  # bad names fail before setup
     config, runner, bf16 = VARIANTS[variant], Runner(out), torch.bfloat16
     model = random_mmdit(config, bf16, "cuda")
     args = step_inputs(config, size, batch, "cuda", bf16)
@@ -237,11 +235,11 @@ def bench_transformer(variant: str, size: int, batch: int, configs: list[str], a
         amax = max_calibrate(model, lambda m: m(*args), EXCLUDE)
         m8 = to_fp8(model, amax)
         free()
-        for cfg in [c for c in configs if c.split("+")[0] == "fp8" or c.startswith("fp8-compile-")]:
-            mode, flags = fp8_config(cfg)
+        for mode, flags in fp8_rows.values():
             set_fp8_options(m8, flags)
             torch._dynamo.reset()
-            fn = m8 if mode is None else torch.compile(m8, fullgraph=True, options=inductor_options(mode, "tune" in flags, "mk" in flags))
+            options = None if mode is None else inductor_options(mode, "tune" in flags, "mk" in flags)
+            fn = m8 if options is None else torch.compile(m8, fullgraph=True, options=options)
             name = f"ours {'eager' if mode is None else 'compile ' + mode} fp8{''.join(' +' + f for f in sorted(flags))}"
             runner.record(f"{name} [{attention}]", lambda: fn(*args), ref)
             if "profile" in configs and mode is not None:

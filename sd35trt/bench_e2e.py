@@ -2,8 +2,8 @@
 
 Peer: the diffusers-module eager path (transformers CLIP-L/CLIP-G/T5-XXL, diffusers
 SD3Transformer2DModel and AutoencoderKL, all bf16 eager). Ours: the same text encoders with T5's
-Linears weight-only FP8, the FP8 MMDiT (fast accumulation, sigmoid-form GELU, compiled with
-coordinate-descent tuning; CUDA graphs with mode "reduce-overhead") and the VAE decoder compiled. Both run our own loop
+Linears weight-only FP8, the FP8 MMDiT (fast accumulation, sigmoid-form GELU, compiled as the
+torch-fp8 backend's `compile=mode`, CUDA graphs by default) and the VAE decoder compiled. Both run our own loop
 (`runtime.sampling.denoise`) on the same random weights, prompt ids, noise and schedule.
 """
 

@@ -106,8 +106,7 @@ def main():
             for name, be in (("sdpa cudnn bf16", SDPBackend.CUDNN_ATTENTION), ("sdpa flash bf16", SDPBackend.FLASH_ATTENTION)):
                 with sdpa_kernel(be):
                     record(name, lambda: F.scaled_dot_product_attention(t(q), t(k), t(v)).transpose(1, 2), ref, flops, **tag)
-            qa = qb = float(q.float().abs().amax())
-            q8, sq = quantize(q, torch.tensor(qa, device="cuda"))
+            q8, sq = quantize(q, q.float().abs().amax())
             k8, sk = quantize(k, k.float().abs().amax())
             vt = F.pad(v.permute(0, 2, 3, 1), (0, (-n) % 16))
             vt8, sv = quantize(vt, v.float().abs().amax())

@@ -5,11 +5,10 @@ one `sd35trt export --precision fp8` saved (ModelOpt max calibration); q/k/v are
 kept only in FP8, activations quantized with the static calibrated scales, everything else bf16.
 On CUDA, attention uses cuDNN's SDPA kernel (fastest on Hopper in our measurements; our FP8
 attention kernel was not faster at head_dim 64 and cost fidelity, see BENCHMARKS.md). GELU(tanh)
-runs as the identical x*sigmoid(2z) form (cheaper compiled). `compile=True` runs the MMDiT and the VAE
-decoder under torch.compile (inductor fuses the activation quantization into the producers; its
+runs as the identical x*sigmoid(2z) form (cheaper compiled). `compile=True` runs the MMDiT and the
+VAE decoder under torch.compile (inductor fuses the activation quantization into the producers; its
 on-disk cache makes later starts warm; coordinate-descent tuning gained < 1 ms and tripled the warm
-start, so it stays off);
-`compile="reduce-overhead"` also replays the step as a CUDA graph (static shapes).
+start, so it stays off); `compile="reduce-overhead"` also replays the step as a CUDA graph.
 """
 
 from __future__ import annotations
@@ -38,11 +37,13 @@ def _attention_backend(device: torch.device):
 
 def compile_options(compile: bool | str) -> dict | None:
     """`compile` -> torch.compile options for the MMDiT (None: eager). Raised before any loading."""
-    modes = {False: None, True: {}, "default": {}, "reduce-overhead": {"triton.cudagraphs": True}}
+    modes = {False: None, True: "default", "default": "default", "reduce-overhead": "reduce-overhead"}
     if not isinstance(compile, (bool, str)) or compile not in modes:
         raise InvalidInputError(f"torch-fp8 compile={compile!r}; use False, True (= 'default') or "
                                 f"'reduce-overhead' (CUDA graphs)")
-    return modes[compile]
+    from torch._inductor import list_mode_options
+
+    return None if modes[compile] is None else list_mode_options(modes[compile])
 
 
 class TorchFP8Backend(TorchBackend):

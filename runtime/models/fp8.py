@@ -22,6 +22,11 @@ E4M3_MAX = 448.0
 _FUSED = {"to_qkv": ("to_q", "to_k", "to_v"), "add_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")}
 
 
+def to_e4m3(x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """x / scale rounded to E4M3, saturating at +-448 (per-tensor scale)."""
+    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+
+
 class FP8Linear(nn.Module):
     """y = (x/s_x -> e4m3) @ (W/s_w -> e4m3)^T * s_x * s_w + b, accumulated in fp32, bf16 out."""
 
@@ -30,7 +35,7 @@ class FP8Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         w_scale = max(w_amax, 1e-12) / E4M3_MAX
         x_scale = max(in_amax, 1e-12) / E4M3_MAX
-        w = (linear.weight.detach().float() / w_scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+        w = to_e4m3(linear.weight.detach(), w_scale)
         self.register_buffer("weight_t", w.t())  # [K, N] column-major, as _scaled_mm wants
         self.register_buffer("scale_w", torch.tensor(w_scale, dtype=torch.float32, device=w.device))
         self.register_buffer("scale_x", torch.tensor(x_scale, dtype=torch.float32, device=w.device))
@@ -142,7 +147,7 @@ class FP8WeightLinear(nn.Module):
         super().__init__()
         w = linear.weight.detach()
         scale = max(float(w.abs().max()), 1e-12) / E4M3_MAX
-        self.register_buffer("weight_fp8", (w.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3))
+        self.register_buffer("weight_fp8", to_e4m3(w, scale))
         self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32, device=w.device))
         self.register_buffer("bias", linear.bias.detach() if linear.bias is not None else None)
         self.register_buffer("_dtype_probe", torch.empty(0, dtype=w.dtype, device=w.device), persistent=False)

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-E4M3 = torch.float8_e4m3fn
-E4M3_MAX = 448.0
+from .fp8 import E4M3, E4M3_MAX, to_e4m3
+
 LOG2E = 1.4426950408889634
 KERNEL_CONFIG = dict(block_m=128, block_n=128, num_warps=4, num_stages=3, fast_exp=True)  # fastest on H100
 
@@ -65,7 +65,7 @@ def emulate(q8, k8, vt8, qk_scale, v_scale) -> torch.Tensor:
 def quantize(x: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x / (amax/448) rounded to E4M3, and the fp32 scale amax/448."""
     scale = amax.float().clamp_min(1e-12) / E4M3_MAX
-    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+    return to_e4m3(x, scale), scale
 
 
 class FP8Attention(nn.Module):

@@ -24,8 +24,8 @@ from starlette.concurrency import run_in_threadpool
 
 from sd35trt.runtime import Pipeline, PipelineOutput
 from sd35trt.runtime.batching import Job, Ticket
-from sd35trt.runtime.errors import (ClosedError, InvalidInputError, NonFiniteLatentsError, OutOfMemoryError,
-                                    QueueFullError)
+from sd35trt.runtime.errors import (ClosedError, InvalidInputError, NonFiniteLatentsError, QueueFullError,
+                                    is_out_of_memory)
 from sd35trt.runtime.image import png_bytes
 
 from .metrics import CONTENT_TYPE, Metrics, RequestMetrics
@@ -59,7 +59,7 @@ def error_response(exc: BaseException, timeout_s: float) -> JSONResponse:
         return error(429, str(exc), "queue_full", headers={"Retry-After": "1"})
     if isinstance(exc, ClosedError):
         return error(503, str(exc), "unavailable", headers={"Retry-After": "5"})
-    if isinstance(exc, (OutOfMemoryError, MemoryError, torch.cuda.OutOfMemoryError)):
+    if is_out_of_memory(exc):
         return error(503, f"out of memory while generating: {exc}", "out_of_memory")
     if isinstance(exc, RequestTimeout):
         return error(504, f"the request took longer than the server's timeout of {timeout_s:g} s (queue wait + "
