@@ -21,9 +21,14 @@ from safetensors.torch import load_file, save
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..runtime.backends.base import ComponentCall
+from ..runtime.backends.torch_backend import ModuleRun
 from ..runtime.errors import CheckpointError, InvalidInputError
 from ..runtime.files import atomic_write
 from ..runtime.models.fp8 import HIGH_PRECISION
+from ..runtime.pipeline import sample
+from ..runtime.requests import normalize_request
+from ..runtime.text import PromptEncoder
 
 DEFAULT_EXCLUDE = HIGH_PRECISION
 CALIB_DIR = Path(__file__).resolve().parent.parent / "calib_prompts"
@@ -119,24 +124,25 @@ def apply_calibration(model: nn.Module, state: CalibState) -> nn.Module:
     return model
 
 
-def calibrate(pipe, settings: CalibSettings, progress: bool = True) -> CalibState:
-    """Run the pipeline's own loop over the calibration prompts, collecting max |x| per quantizer.
-
-    `pipe` is a torch-backend `Pipeline`; its transformer module is quantized in place.
-    """
+def calibrate(encode: PromptEncoder, model: nn.Module, settings: CalibSettings,
+              progress: bool = True) -> tuple[CalibState, nn.Module]:
+    """Denoise the calibration prompts with the runtime's own prompt encoding and loop
+    (`pipeline.sample`), collecting max |x| per quantizer of `model` (the MMDiT, which ModelOpt
+    quantizes in place). Returns the calibration and the quantized model."""
     prompts, negatives = read_prompts(settings.num_prompts)
-    wrapper = pipe.backend.transformer
+    config, device = encode.config, encode.backend.device
+    dtype = next(model.parameters()).dtype
 
-    def loop(model: nn.Module) -> None:
-        wrapper.model = model
+    def loop(quantized: nn.Module) -> None:
+        transformer = ComponentCall(ModuleRun(quantized, dtype), "transformer")
         for i, prompt in enumerate(tqdm(prompts, desc="calibrate", disable=not progress)):
-            pipe(prompt, negative_prompt=negatives[i % len(negatives)], height=settings.height,
-                 width=settings.width, num_inference_steps=settings.steps, guidance_scale=settings.guidance,
-                 generator=torch.Generator().manual_seed(settings.seed + i), output_type="latent",
-                 progress=False)
+            req = normalize_request(config, prompt, negative_prompt=negatives[i % len(negatives)],
+                                    height=settings.height, width=settings.width,
+                                    num_inference_steps=settings.steps, guidance_scale=settings.guidance)
+            sample(encode, transformer, device, req, generator=torch.Generator().manual_seed(settings.seed + i))
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
-        wrapper.model = quantize_module(wrapper.model, settings.exclude, loop)
+        model = quantize_module(model, settings.exclude, loop)
     digest = hashlib.sha256("\n".join(prompts + negatives).encode()).hexdigest()[:16]
-    return CalibState(collect_amax(wrapper.model), settings, {"prompts_sha256": digest})
+    return CalibState(collect_amax(model), settings, {"prompts_sha256": digest}), model

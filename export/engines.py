@@ -17,10 +17,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..runtime.checkpoint import Checkpoint
-from ..runtime.config import COMPONENTS, FAMILY_SAMPLING, VARIANTS, VariantConfig
-from ..runtime.engine_manifest import FORMAT, FP8_GPUS, EngineShapes
+from ..runtime.components import COMPONENTS
+from ..runtime.config import FAMILY_SAMPLING, VARIANTS, VariantConfig
+from ..runtime.engine_manifest import FP8_GPUS, BuildArgs, EngineEntry, EngineManifest, EngineShapes
 from ..runtime.errors import CheckpointError, InvalidInputError
-from ..runtime.manifest import MANIFEST, copy_tokenizers, read_manifest, sha256_file, write_json_atomic
+from ..runtime.files import MANIFEST, sha256_file
+from ..runtime.manifest import ExportEntry, ExportManifest
+from .artifacts import copy_tokenizers
 from .trt_build import BuildReport, EngineBuildError, build_engine, check_build_options
 
 BF16_GPUS_EXCLUDED = ("sm75",)  # Turing has no bf16 tensor cores
@@ -39,9 +42,9 @@ class EngineRow:
     report: BuildReport | None = None  # None when unchanged
 
 
-def variant_config(src: dict[str, Any], family: str | None = None) -> VariantConfig:
+def variant_config(src: ExportManifest, family: str | None = None) -> VariantConfig:
     """The exported variant, or the same architecture as `family` (large <-> large-turbo)."""
-    config = VariantConfig.from_dict(src["variant"])
+    config = src.variant
     if family is None or family == config.family:
         return config
     if family not in FAMILY_SAMPLING:
@@ -53,19 +56,19 @@ def variant_config(src: dict[str, Any], family: str | None = None) -> VariantCon
 
 def default_out_dir(onnx_dir: str | Path, gpu: str, root: str | Path = "engines", family: str | None = None) -> Path:
     """engines/<variant>-<precision>-<gpu>, the variant and precision read from the ONNX manifest."""
-    src = read_manifest(Path(onnx_dir))
-    return Path(root) / f"{variant_config(src, family).name}-{src['precision']}-{gpu}"
+    src = ExportManifest.load(onnx_dir)
+    return Path(root) / f"{variant_config(src, family).name}-{src.precision}-{gpu}"
 
 
-def check_precision(src: dict[str, Any], onnx_dir: Path, gpu: str) -> None:
+def check_precision(src: ExportManifest, onnx_dir: Path, gpu: str) -> None:
     """FP8 engines only for GPUs with FP8 tensor cores; otherwise offer a 16-bit re-export."""
-    redo = f"sd35trt export --model {src.get('source', 'MODEL')} --out {onnx_dir}-{{p}} --precision {{p}}"
-    if src["precision"] == "fp8" and gpu not in FP8_GPUS:
+    redo = f"sd35trt export --model {src.source or 'MODEL'} --out {onnx_dir}-{{p}} --precision {{p}}"
+    if src.precision == "fp8" and gpu not in FP8_GPUS:
         raise InvalidInputError(
             f"{onnx_dir / MANIFEST} is an FP8 export, but {gpu} has no FP8 tensor cores (FP8 needs one of "
             f"{', '.join(FP8_GPUS)}); re-export with --precision fp16|bf16 and build from that: "
             f"`{redo.format(p='fp16')}` (or `{redo.format(p='bf16')}`)")
-    if "bf16" in (src["precision"], src["dtype"]) and gpu in BF16_GPUS_EXCLUDED:
+    if "bf16" in (src.precision, src.dtype) and gpu in BF16_GPUS_EXCLUDED:
         raise InvalidInputError(f"{onnx_dir / MANIFEST} uses bf16, which {gpu} lacks; re-export with "
                                 f"`{redo.format(p='fp16')}`")
 
@@ -85,44 +88,43 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path | None = None, *, gp
         raise InvalidInputError(f"gpu={gpu!r}: name the target compute capability, e.g. sm89 (RTX 40xx, L40S), "
                                 f"sm90 (H100), sm120 (RTX 50xx)")
     fl = check_build_options(flavor, gpu, refit=refit, timing_cache=timing_cache, opt_level=opt_level)
-    src = read_manifest(onnx_dir)
+    src = ExportManifest.load(onnx_dir)
     check_precision(src, onnx_dir, gpu)
     config = variant_config(src, family)
     shapes = EngineShapes.for_variant(config, dynamic, tuple(batch), min_size, max_size)
     out = Path(out_dir) if out_dir is not None else default_out_dir(onnx_dir, gpu, family=family)
-    comps = [c for c in COMPONENTS if c in src["components"]]
-    version = _library_version(fl.module, fl.install, flavor)
+    comps = [c for c in COMPONENTS if c in src.components]
+    lib = fl.library
+    version = _library_version(lib.module, lib.install, flavor)
     flags = {"refit": refit, "weight_streaming": weight_streaming, "opt_level": opt_level}
-    build = {"onnx": str(onnx_dir), "out": str(out), "gpu": gpu, "flavor": flavor, "variant": family,
-             "dynamic": dynamic, "batch": list(batch), "min_size": shapes.sizes[0] if dynamic else None,
-             "max_size": shapes.sizes[2] if dynamic else None, "opt_level": opt_level, "refit": refit,
-             "weight_streaming": weight_streaming, "timing_cache": str(timing_cache) if timing_cache else None}
+    build = BuildArgs(onnx=str(onnx_dir), out=str(out), gpu=gpu, flavor=flavor, variant=family, dynamic=dynamic,
+                      batch=list(batch), min_size=shapes.sizes[0] if dynamic else None,
+                      max_size=shapes.sizes[2] if dynamic else None, opt_level=opt_level, refit=refit,
+                      weight_streaming=weight_streaming, timing_cache=str(timing_cache) if timing_cache else None)
     profiles = shapes.profiles(config)
-    old = _old_components(out)
+    old = EngineManifest.load_existing(out)
     rows, entries = [], {}
     for comp in comps:
-        want = _json({"onnx_sha256": _onnx_digest(onnx_dir, comp, src["components"][comp]), "flavor": flavor,
+        want = _json({"onnx_sha256": _onnx_digest(onnx_dir, comp, src.components[comp]), "flavor": flavor,
                       "library_version": version, "target": gpu, "profiles": profiles[comp], "flags": flags})
-        if _fresh(out, old.get(comp), want):
+        kept = old.components.get(comp) if old else None
+        if kept is not None and kept.is_fresh(out, want):
             if on_component:
                 on_component(comp, "keep")
-            entries[comp] = e = old[comp]
-            rows.append(EngineRow(comp, e["file"], e["bytes"], e["precision"], e["target"],
-                                  e["parse_seconds"] + e["build_seconds"], e["peak_rss_mib"], "unchanged"))
+            entries[comp] = e = kept
+            rows.append(EngineRow(comp, e.file, e.bytes, e.precision, e.target, e.parse_seconds + e.build_seconds,
+                                  e.peak_rss_mib, "unchanged"))
             continue
         if on_component:
             on_component(comp, "build")
-        report = build_engine(onnx_dir / src["components"][comp]["file"], out / f"{comp}.engine", flavor=flavor,
+        report = build_engine(onnx_dir / src.components[comp].file, out / f"{comp}.engine", flavor=flavor,
                               compute_capability=gpu, profiles=profiles[comp], opt_level=opt_level, refit=refit,
                               weight_streaming=weight_streaming, timing_cache=timing_cache)
-        entries[comp] = e = _entry(report, want, src["components"][comp], fl.module)
-        rows.append(EngineRow(comp, e["file"], e["bytes"], e["precision"], gpu,
-                              e["parse_seconds"] + e["build_seconds"], e["peak_rss_mib"], "built", report))
+        entries[comp] = e = _entry(report, want, src.components[comp], lib.module)
+        rows.append(EngineRow(comp, e.file, e.bytes, e.precision, gpu, e.parse_seconds + e.build_seconds,
+                              e.peak_rss_mib, "built", report))
     copy_tokenizers(Checkpoint.open(onnx_dir), out)
-    write_json_atomic(out / MANIFEST, {
-        "format": FORMAT, "variant": config.to_dict(), "precision": src["precision"], "dtype": src["dtype"],
-        "flavor": flavor, "library": fl.module, "library_version": version, "target": gpu,
-        "shapes": shapes.to_dict(), "build": build, "components": entries})
+    EngineManifest(config, src.precision, src.dtype, flavor, lib.module, version, gpu, shapes, build, entries).save(out)
     return rows
 
 
@@ -138,44 +140,29 @@ def _json(doc: Any) -> Any:
     return json.loads(json.dumps(doc))
 
 
-def _onnx_digest(onnx_dir: Path, comp: str, entry: dict[str, Any]) -> str:
+def _onnx_digest(onnx_dir: Path, comp: str, entry: ExportEntry) -> str:
     """Content hash of a component's graph and its external data; refuses a graph that no longer
     matches the export manifest (edited or truncated after export)."""
-    graph = onnx_dir / entry["file"]
+    graph = onnx_dir / entry.file
     digest = sha256_file(graph) if graph.is_file() else "missing"
-    if digest != entry["sha256"]:
+    if digest != entry.sha256:
         raise CheckpointError(f"{graph} does not match {onnx_dir / MANIFEST} (sha256 differs or the file is "
                               f"missing); re-run `sd35trt export --out {onnx_dir}` to redo it")
-    if not entry.get("data"):
+    if not entry.data:
         return digest
-    data = onnx_dir / entry["data"]
+    data = onnx_dir / entry.data
     if not data.is_file():
         raise CheckpointError(f"{data} (external weights of {graph.name}) is missing; re-run `sd35trt export`")
     return hashlib.sha256(f"{digest}:{sha256_file(data)}".encode()).hexdigest()
 
 
-def _old_components(out: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads((out / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return {}
-    return doc.get("components", {}) if doc.get("format") == FORMAT else {}
-
-
-def _fresh(out: Path, entry: dict[str, Any] | None, want: dict[str, Any]) -> bool:
-    if not entry or any(entry.get(k) != v for k, v in want.items()):
-        return False
-    engine = out / entry["file"]
-    return engine.is_file() and sha256_file(engine) == entry["sha256"]
-
-
-def _entry(report: BuildReport, want: dict[str, Any], src: dict[str, Any], module: str) -> dict[str, Any]:
-    return {**want, "file": report.engine_path.name, "sha256": sha256_file(report.engine_path),
-            "bytes": report.engine_bytes, "precision": src["precision"], "library": module,
-            "onnx_file": src["file"], "inputs": [asdict(t) for t in report.inputs],
-            "outputs": [asdict(t) for t in report.outputs], "built_profiles": _json(report.profile),
-            "applied_flags": dict(report.flags), "parse_seconds": round(report.parse_seconds, 3),
-            "build_seconds": round(report.build_seconds, 3), "peak_rss_mib": round(report.build_peak_rss_mib, 1)}
+def _entry(report: BuildReport, want: dict[str, Any], src: ExportEntry, module: str) -> EngineEntry:
+    return EngineEntry(**want, file=report.engine_path.name, sha256=sha256_file(report.engine_path),
+                       bytes=report.engine_bytes, precision=src.precision, library=module, onnx_file=src.file,
+                       inputs=_json([asdict(t) for t in report.inputs]), outputs=_json([asdict(t) for t in report.outputs]),
+                       built_profiles=_json(report.profile), applied_flags=dict(report.flags),
+                       parse_seconds=round(report.parse_seconds, 3), build_seconds=round(report.build_seconds, 3),
+                       peak_rss_mib=round(report.build_peak_rss_mib, 1))
 
 
 def format_table(rows: list[EngineRow]) -> str:

@@ -18,13 +18,18 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..runtime.backends.torch_backend import TorchBackend
 from ..runtime.checkpoint import Checkpoint
+from ..runtime.components import TABLE, component
 from ..runtime.config import VariantConfig
 from ..runtime.errors import CheckpointError, InvalidInputError
-from ..runtime.manifest import FORMAT, MANIFEST, copy_tokenizers, sha256_file, write_json_atomic
+from ..runtime.files import sha256_file
+from ..runtime.manifest import ExportEntry, ExportManifest
+from ..runtime.models.loader import load_modules
+from ..runtime.text import PromptEncoder, load_tokenizers
+from .artifacts import copy_tokenizers
 from .calibrate import CalibSettings, CalibState, apply_calibration, calibrate
-from .onnx_export import ClipGraph, T5Graph, VaeEncoderGraph, export_graph, sample_inputs
-from .tiny_model import autoencoder
+from .onnx_export import export_graph
 
 EXPORTER_VERSION = "1"
 PRECISIONS = ("fp8", "bf16", "fp16", "fp32")
@@ -71,34 +76,6 @@ def source_fingerprint(ckpt: Checkpoint, component: str) -> str:
     return _fingerprint([(p.name, sha256_file(p)) for p in files])
 
 
-def _load_manifest(out: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads((out / MANIFEST).read_text())
-        return doc if doc.get("format") == FORMAT else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def _trusted(out: Path, entry: dict[str, Any] | None, fingerprint: str) -> bool:
-    if not entry or entry.get("fingerprint") != fingerprint:
-        return False
-    files = [entry["file"]] + ([entry["data"]] if entry.get("data") else [])
-    return all((out / f).is_file() for f in files) and sha256_file(out / entry["file"]) == entry["sha256"]
-
-
-def _modules(pipe, ckpt: Checkpoint, components: list[str]) -> dict[str, torch.nn.Module]:
-    b = pipe.backend
-    mods = {"clip_l": ClipGraph(b.clip_l.model), "clip_g": ClipGraph(b.clip_g.model),
-            "transformer": b.transformer.model, "vae_decoder": b.vae_decoder.model}
-    if "t5" in components:
-        mods["t5"] = T5Graph(b.t5.model)
-    if "vae_encoder" in components:
-        vae = autoencoder(ckpt.config.vae)
-        vae.encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in ckpt.vae_encoder_state().items()})
-        mods["vae_encoder"] = VaeEncoderGraph(vae.to(b.dtype).eval())
-    return mods
-
-
 def _reusable_calibration(ckpt: Checkpoint, out: Path, opts: ExportOptions) -> tuple[str, CalibState | None]:
     """(calibration input fingerprint, the saved calibration if it was made from the same inputs)."""
     fp = _fingerprint(source_fingerprint(ckpt, "transformer"), asdict(opts.calib), opts.dtype)
@@ -111,8 +88,8 @@ def _reusable_calibration(ckpt: Checkpoint, out: Path, opts: ExportOptions) -> t
 
 def _plan(ckpt: Checkpoint, opts: ExportOptions, calib: CalibState | None) -> dict[str, str]:
     """Fingerprint of every component to export (the FP8 transformer's needs the calibration)."""
-    comps = ["clip_l", "clip_g"] + (["t5"] if opts.t5 and ckpt.files.get("t5") else [])
-    comps += ["transformer", "vae_decoder"] + (["vae_encoder"] if opts.vae_encoder else [])
+    wanted = {"t5": opts.t5 and ckpt.files.get("t5") is not None, "vae_encoder": opts.vae_encoder}
+    comps = [c.name for c in TABLE if wanted.get(c.name, True)]
     plan = {}
     for comp in comps:
         fp8 = opts.precision == "fp8" and comp == "transformer"
@@ -122,51 +99,54 @@ def _plan(ckpt: Checkpoint, opts: ExportOptions, calib: CalibState | None) -> di
 
 
 def export_model(model: str | Path, out: str | Path, opts: ExportOptions, progress: bool = True) -> list[Row]:
-    from ..runtime.pipeline import Pipeline
-
     out = Path(out)
     ckpt = Checkpoint.open(model, t5=None if opts.t5 else False)  # configs and headers only
     out.mkdir(parents=True, exist_ok=True)
-    old = _load_manifest(out).get("components", {})
+    old = ExportManifest.load_existing(out)
     calib_fp, calib = _reusable_calibration(ckpt, out, opts) if opts.precision == "fp8" else ("", None)
     plan = _plan(ckpt, opts, calib)
-    todo = [c for c, fp in plan.items() if not _trusted(out, old.get(c), fp)]
-    entries = {c: old[c] for c in plan if c not in todo}
-    rows = [Row(c, e["file"], e["bytes"], e["precision"], e["qdq_pairs"], "cached", 0.0) for c, e in entries.items()]
-    config = VariantConfig.from_dict(_load_manifest(out)["variant"]) if not todo else None
+    todo = [c for c, fp in plan.items() if not (old and c in old.components and old.components[c].is_fresh(out, fp))]
+    entries = {c: old.components[c] for c in plan if c not in todo}
+    rows = [Row(c, e.file, e.bytes, e.precision, e.qdq_pairs, "cached", 0.0) for c, e in entries.items()]
     if todo:  # load the checkpoint only when something must be (re)built
-        dtype = DTYPES[opts.dtype]
-        pipe = Pipeline.from_pretrained(ckpt.path, backend="torch", device="cpu", dtype=dtype, load_t5="t5" in plan)
-        config = pipe.config
-        if opts.precision == "fp8":
-            wrapper = pipe.backend.transformer
-            if calib is None:
-                calib = calibrate(pipe, opts.calib, progress=progress)
-                calib.meta["fingerprint"] = calib_fp
-                calib.save(out / "calibration")
-            else:
-                wrapper.model = apply_calibration(wrapper.model, calib)
-            plan = _plan(ckpt, opts, calib)
-        mods = _modules(pipe, ckpt, todo)
+        mods, calib = _modules(ckpt, opts, calib, calib_fp, out, todo, progress)
+        plan = _plan(ckpt, opts, calib)
         for comp in tqdm(todo, desc="export", disable=not progress):
             t0 = time.perf_counter()
-            entries[comp] = _export_one(mods[comp], comp, config, dtype, out, opts, plan[comp])
-            e = entries[comp]
-            rows.append(Row(comp, e["file"], e["bytes"], e["precision"], e["qdq_pairs"], "exported", time.perf_counter() - t0))
-        pipe.close()
+            entries[comp] = e = _export_one(mods[comp], comp, ckpt.config, DTYPES[opts.dtype], out, opts, plan[comp])
+            rows.append(Row(comp, e.file, e.bytes, e.precision, e.qdq_pairs, "exported", time.perf_counter() - t0))
     copy_tokenizers(ckpt, out)
-    write_json_atomic(out / MANIFEST, {"format": FORMAT, "variant": config.to_dict(), "precision": opts.precision,
-                                       "dtype": opts.dtype, "source": str(ckpt.path), "components": entries})
+    ExportManifest(ckpt.config, opts.precision, opts.dtype, str(ckpt.path), entries).save(out)
     return sorted(rows, key=lambda r: list(plan).index(r.component))
 
 
-def _export_one(module, comp: str, config: VariantConfig, dtype, out: Path, opts: ExportOptions, fp: str) -> dict:
+def _modules(ckpt: Checkpoint, opts: ExportOptions, calib: CalibState | None, calib_fp: str, out: Path,
+             todo: list[str], progress: bool) -> tuple[dict[str, torch.nn.Module], CalibState | None]:
+    """The torch modules to trace (the runtime's loader); for FP8 the MMDiT calibrated (or the saved
+    calibration re-applied) with the runtime's own text encoders and loop."""
+    dtype = DTYPES[opts.dtype]
+    backend = TorchBackend(ckpt, ckpt.config, device="cpu", dtype=dtype, load_t5="t5" in todo or opts.precision == "fp8")
+    mods = dict(backend.modules)
+    if "vae_encoder" in todo:
+        mods.update(load_modules(ckpt, ["vae_encoder"], backend.device, dtype))
+    if opts.precision == "fp8":
+        if calib is None:
+            encode = PromptEncoder(ckpt.config, load_tokenizers(ckpt), backend)
+            calib, mods["transformer"] = calibrate(encode, mods["transformer"], opts.calib, progress=progress)
+            calib.meta["fingerprint"] = calib_fp
+            calib.save(out / "calibration")
+        else:
+            mods["transformer"] = apply_calibration(mods["transformer"], calib)
+    return mods, calib
+
+
+def _export_one(module, comp: str, config: VariantConfig, dtype, out: Path, opts: ExportOptions, fp: str) -> ExportEntry:
     fp8 = opts.precision == "fp8" and comp == "transformer"
     path = out / f"{comp}.onnx"
-    stats = export_graph(module, comp, sample_inputs(config, comp, dtype), path, fp8)
-    return {"file": path.name, "data": stats.data, "sha256": sha256_file(path), "bytes": stats.bytes,
-            "precision": "fp8" if fp8 else opts.dtype, "qdq_pairs": stats.qdq_pairs, "fp8_weights": stats.fp8_weights,
-            "quantized_linears": list(stats.quantized_linears), "fingerprint": fp}
+    stats = export_graph(module, comp, component(comp).sample_inputs(config, dtype), path, fp8)
+    return ExportEntry(file=path.name, data=stats.data, sha256=sha256_file(path), bytes=stats.bytes,
+                       precision="fp8" if fp8 else opts.dtype, qdq_pairs=stats.qdq_pairs, fp8_weights=stats.fp8_weights,
+                       quantized_linears=list(stats.quantized_linears), fingerprint=fp)
 
 
 def format_table(rows: list[Row]) -> str:

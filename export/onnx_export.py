@@ -1,8 +1,9 @@
 """torch -> ONNX for one component: trace, standard FP8 Q/DQ, fold, save (external data), infer shapes.
 
-Graphs use opset 19 (float8 QuantizeLinear/DequantizeLinear), dynamic batch, latent height and
-width, and T5 length; input/output names come from `COMPONENT_IO`. The TorchScript exporter is
-used because ModelOpt's quantizers export through it.
+Graphs use opset 19 (float8 QuantizeLinear/DequantizeLinear); input/output names, dynamic axes
+(batch, latent height and width, T5 length) and tracing samples come from the component table
+(`runtime/components.py`). The TorchScript exporter is used because ModelOpt's quantizers export
+through it.
 """
 
 from __future__ import annotations
@@ -17,23 +18,12 @@ import onnx
 import torch
 from torch import nn
 
-from ..runtime.config import COMPONENT_IO, VariantConfig
+from ..runtime.components import component
+from ..runtime.models.loader import TextGraph
 from .qdq import fold, qdq_summary, quantize_weights, to_standard_qdq
 
 OPSET = 19
 EXTERNAL_DATA_BYTES = 1 << 30  # weights beyond 1 GiB go to <name>.onnx.data (protobuf caps at 2 GiB)
-DYNAMIC_AXES = {
-    "clip_l": {"input_ids": {0: "B"}, "hidden_states": {0: "B"}, "text_embeds": {0: "B"}},
-    "clip_g": {"input_ids": {0: "B"}, "hidden_states": {0: "B"}, "text_embeds": {0: "B"}},
-    "t5": {"input_ids": {0: "B", 1: "T"}, "hidden_states": {0: "B", 1: "T"}},
-    "transformer": {
-        "hidden_states": {0: "B", 2: "h", 3: "w"}, "timestep": {0: "B"},
-        "encoder_hidden_states": {0: "B", 1: "S"}, "pooled_projections": {0: "B"},
-        "velocity": {0: "B", 2: "h", 3: "w"},
-    },
-    "vae_decoder": {"latent": {0: "B", 2: "h", 3: "w"}, "image": {0: "B", 2: "H", 3: "W"}},
-    "vae_encoder": {"image": {0: "B", 2: "H", 3: "W"}, "latent": {0: "B", 2: "h", 3: "w"}},
-}
 
 
 def _eager_attention(model: nn.Module) -> nn.Module:
@@ -46,63 +36,6 @@ def _eager_attention(model: nn.Module) -> nn.Module:
     return model
 
 
-class ClipGraph(nn.Module):
-    """input_ids [B, 77] -> (penultimate hidden states [B, 77, C], pooled projection [B, C])."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = _eager_attention(model)
-
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.model(input_ids, output_hidden_states=True)
-        return out.hidden_states[-2], out.text_embeds
-
-
-class T5Graph(nn.Module):
-    """input_ids [B, T] -> hidden states [B, T, 4096]."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = _eager_attention(model)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids)[0]
-
-
-class VaeEncoderGraph(nn.Module):
-    """image [B, 3, H, W] in [-1, 1] -> latent mean [B, 16, H/8, W/8] (unscaled), for img2img."""
-
-    def __init__(self, vae: nn.Module) -> None:
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        moments = self.vae.encoder(image)
-        return moments[:, : moments.shape[1] // 2]
-
-
-def sample_inputs(config: VariantConfig, component: str, dtype: torch.dtype, vocab: int = 100) -> tuple:
-    # token ids below 100 are valid for every vocab (tiny ones too)
-    """Small tracing inputs (batch 2 so the batch axis is never specialised to 1)."""
-    g = torch.Generator().manual_seed(0)
-    ids = lambda n: torch.randint(0, vocab, (2, n), generator=g)  # noqa: E731
-    b, c, h, w = config.latent_shape(2, 64, 96)  # [2, 16, 8, 12]
-    if component in ("clip_l", "clip_g"):
-        return (ids(config.clip_tokens),)
-    if component == "t5":
-        return (ids(16),)
-    if component == "transformer":
-        return (
-            torch.randn(b, c, h, w, generator=g).to(dtype),
-            torch.tensor([1000.0, 500.0]),  # timesteps stay fp32
-            torch.randn(b, config.text_tokens(16), config.joint_dim, generator=g).to(dtype),
-            torch.randn(b, config.pooled_dim, generator=g).to(dtype),
-        )
-    if component == "vae_decoder":
-        return (torch.randn(b, c, h, w, generator=g).to(dtype),)
-    return (torch.rand(b, 3, h * 8, w * 8, generator=g).to(dtype) * 2 - 1,)  # vae_encoder
-
-
 @dataclass(frozen=True)
 class GraphStats:
     bytes: int
@@ -113,16 +46,19 @@ class GraphStats:
     plain_matmuls: tuple[str, ...]
 
 
-def export_graph(module: nn.Module, component: str, args: tuple, out_path: Path, fp8: bool) -> GraphStats:
-    """Trace `module` to `out_path` (+ `.data` when large), written atomically."""
-    names_in, names_out = COMPONENT_IO[component]
+def export_graph(module: nn.Module, name: str, args: tuple, out_path: Path, fp8: bool) -> GraphStats:
+    """Trace `module` (component `name`, signature as in the component table) to `out_path` (+ `.data`
+    when large), written atomically."""
+    spec = component(name)
+    if isinstance(module, TextGraph):
+        _eager_attention(module.model)
     with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.", dir=out_path.parent) as tmp:
         raw = Path(tmp) / "raw.onnx"
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                module, args, str(raw), dynamo=False, opset_version=OPSET, input_names=list(names_in),
-                output_names=list(names_out), dynamic_axes=DYNAMIC_AXES[component], do_constant_folding=True,
+                module, args, str(raw), dynamo=False, opset_version=OPSET, input_names=list(spec.input_names),
+                output_names=list(spec.output_names), dynamic_axes=spec.dynamic_axes(), do_constant_folding=True,
             )
         # Weights stay on disk (external data) until needed: a full-size MMDiT must fit in 24 GiB.
         model = onnx.load(str(raw), load_external_data=False)

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from sd35trt.runtime.errors import InvalidInputError, Sd35Error
-from sd35trt.runtime.files import atomic_write
+from ..runtime.engine_manifest import LIBRARIES, TRT_DTYPES, Library
+from ..runtime.errors import InvalidInputError, Sd35Error
+from ..runtime.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +116,7 @@ def _enterprise_target(trt: Any, config: Any, cc: str) -> None:
 
 @dataclass(frozen=True)
 class _Flavor:
-    module: str
-    install: str
+    library: Library  # what the runtime loads (module, install hint): runtime/engine_manifest.py
     targets: tuple[str, ...]  # accepted compute_capability values
     check_target: Callable[[str], None]  # before any work
     set_target: Callable[[Any, Any, str], None]
@@ -125,7 +125,7 @@ class _Flavor:
 
 FLAVORS: dict[str, _Flavor] = {
     "tensorrt-rtx": _Flavor(
-        "tensorrt_rtx_bindings", "pip install 'sd35trt[trt-rtx]'",
+        LIBRARIES["tensorrt-rtx"],
         ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121", "current"), _rtx_check, _rtx_target,
         refused={
             "refit": "TensorRT-RTX 1.7.1.116 fails REFIT builds ahead of time on a CPU (Myelin "
@@ -134,16 +134,11 @@ FLAVORS: dict[str, _Flavor] = {
                             "TensorRT-RTX 1.2); drop --timing-cache",
         }),
     "tensorrt": _Flavor(
-        "tensorrt", "install enterprise TensorRT (`pip install tensorrt`) on a GPU host",
+        LIBRARIES["tensorrt"],
         ("sm80", "sm86", "sm89", "sm90", "sm100", "sm120", "current"), _enterprise_check,
         _enterprise_target),
 }
 # -------------------------------------------------------------------------------------------------
-
-_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "FP8": "float8_e4m3fn",
-           "INT8": "int8", "INT32": "int32", "INT64": "int64", "BOOL": "bool", "UINT8": "uint8",
-           "INT4": "int4", "FP4": "float4_e2m1fn", "E8M0": "float8_e8m0fnu"}
-
 
 def check_build_options(flavor: str, compute_capability: str, *, refit: bool = False,
                         timing_cache: Path | None = None, opt_level: int | None = None) -> _Flavor:
@@ -174,16 +169,16 @@ def build_engine(onnx_path: Path, engine_path: Path, *, flavor: str = "tensorrt-
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     fl = _check_args(onnx_path, flavor, compute_capability, profiles, opt_level, refit, timing_cache)
     try:
-        trt = importlib.import_module(fl.module)
+        trt = importlib.import_module(fl.library.module)
     except ImportError as exc:
-        raise EngineBuildError(f"flavor {flavor!r} needs module {fl.module!r} ({exc}); "
-                               f"{fl.install}") from exc
+        raise EngineBuildError(f"flavor {flavor!r} needs module {fl.library.module!r} ({exc}); "
+                               f"{fl.library.install}") from exc
     logger = _recording_logger(trt)
     builder = trt.Builder(logger)
     typed = trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED
     network = builder.create_network(1 << int(typed))
     if not network.get_flag(typed):
-        raise EngineBuildError(f"{fl.module} {trt.__version__} made a weakly typed network")
+        raise EngineBuildError(f"{fl.library.module} {trt.__version__} made a weakly typed network")
     with _PeakRss() as rss:
         t0 = time.perf_counter()
         _parse(trt, network, logger, onnx_path)
@@ -203,7 +198,7 @@ def build_engine(onnx_path: Path, engine_path: Path, *, flavor: str = "tensorrt-
         build_seconds = time.perf_counter() - t0
     if serialized is None:
         raise EngineBuildError(
-            f"building {onnx_path} for {compute_capability} with {fl.module} {trt.__version__} "
+            f"building {onnx_path} for {compute_capability} with {fl.library.module} {trt.__version__} "
             f"failed: {'; '.join(logger.errors) or 'no error logged'}. Check that the graph's "
             f"dtypes/ops exist on {compute_capability} (FP8 needs sm89+) and the profile shapes")
     atomic_write(engine_path, lambda f: f.write(memoryview(serialized)))
@@ -294,7 +289,7 @@ def _parse(trt: Any, network: Any, logger: Any, onnx_path: Path) -> None:
 
 
 def _spec(t: Any) -> TensorSpec:
-    return TensorSpec(t.name, _DTYPES.get(t.dtype.name, t.dtype.name.lower()), tuple(t.shape))
+    return TensorSpec(t.name, TRT_DTYPES.get(t.dtype.name, t.dtype.name.lower()), tuple(t.shape))
 
 
 def _add_profile(builder: Any, config: Any, inputs: tuple[TensorSpec, ...], profiles: Profiles,

@@ -25,7 +25,11 @@ from typing import Any
 import torch
 
 from .config import FAMILY_SAMPLING, VARIANTS, TransformerSpec, VaeSpec, VariantConfig
+from .engine_manifest import FORMAT as ENGINES_FORMAT
+from .engine_manifest import EngineManifest
 from .errors import CheckpointError, InvalidInputError
+from .files import MANIFEST, read_json
+from .manifest import ExportManifest
 from .weights import (
     MMDIT_SAI_NAMES,
     VAE_SAI_NAMES,
@@ -63,6 +67,7 @@ class Checkpoint(ABC):
     path: Path
     config: VariantConfig
     files: dict[str, Path | None]
+    default_backend = "torch"  # what `Pipeline.from_pretrained(path)` runs it with
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -81,10 +86,8 @@ class Checkpoint(ABC):
         (found beside it by default) and `tokenizers` the folder holding tokenizer*/; `t5=False`
         leaves T5 out (the runtime then uses zeros)."""
         path = Path(path)
-        if (path / "manifest.json").is_file():  # written by `sd35trt export` / `sd35trt build`
-            from .manifest import exported_folder
-
-            return exported_folder(path, family)
+        if (path / MANIFEST).is_file():  # written by `sd35trt export` / `sd35trt build`
+            return ExportedFolder(path, family)
         if path.is_dir():
             for key, value in (("clip_l", clip_l), ("clip_g", clip_g), ("t5", t5), ("tokenizers", tokenizers)):
                 if value is not None and not isinstance(value, bool):
@@ -194,6 +197,36 @@ class FolderCheckpoint(Checkpoint):
     def tokenizer_dirs(self) -> tuple[Path, Path, Path | None]:
         t5 = self.path / "tokenizer_3"
         return self.path / "tokenizer", self.path / "tokenizer_2", t5 if t5.is_dir() else None
+
+    def tokenizer_classes(self) -> tuple[str, str, str]:
+        return tokenizer_classes(self.path)
+
+
+class ExportedFolder(Checkpoint):
+    """An exported ONNX folder or an engine set: config from its manifest, tokenizers beside it, no
+    torch weights (the runtimes that read graphs or engines need none)."""
+
+    def __init__(self, path: Path, family: str | None = None) -> None:
+        self.path = path
+        doc = read_json(path / MANIFEST)
+        engines = isinstance(doc, dict) and doc.get("format") == ENGINES_FORMAT
+        self.manifest: ExportManifest | EngineManifest = (EngineManifest if engines else ExportManifest).load(path)
+        self.default_backend = self.manifest.flavor if engines else "onnxruntime"
+        config = self.manifest.variant
+        self.config = config.with_family(family) if family else config
+        self.files = {c: path / e.file for c, e in self.manifest.components.items()}
+
+    def _no_weights(self, *_: object):
+        raise CheckpointError(
+            f"{self.path} holds exported graphs or engines, not torch weights; use backend='onnxruntime' "
+            f"(ONNX) or 'tensorrt'/'tensorrt-rtx' (engines), or point the torch backend at the original checkpoint"
+        )
+
+    transformer_state = vae_decoder_state = vae_encoder_state = _text_source = _no_weights
+
+    def tokenizer_dirs(self) -> tuple[Path, Path, Path | None]:
+        t5 = self.path / "tokenizer_3"
+        return self.path / "tokenizer", self.path / "tokenizer_2", t5 if t5.is_dir() and "t5" in self.files else None
 
     def tokenizer_classes(self) -> tuple[str, str, str]:
         return tokenizer_classes(self.path)

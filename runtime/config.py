@@ -15,19 +15,6 @@ from typing import Any
 
 from .errors import CheckpointError, InvalidInputError
 
-COMPONENTS = ("clip_l", "clip_g", "t5", "transformer", "vae_decoder")
-# Input and output tensor names of every component: ONNX export, engine build and backends bind these.
-COMPONENT_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "clip_l": (("input_ids",), ("hidden_states", "text_embeds")),
-    "clip_g": (("input_ids",), ("hidden_states", "text_embeds")),
-    "t5": (("input_ids",), ("hidden_states",)),
-    "transformer": (("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections"), ("velocity",)),
-    "vae_decoder": (("latent",), ("image",)),
-    "vae_encoder": (("image",), ("latent",)),
-}
-# Components whose batch doubles under CFG (runtime/text.py encodes negatives and prompts as one
-# batch; runtime/sampling.py runs the transformer on [x; x]); the VAE decodes the B final latents.
-CFG_DOUBLED = ("clip_l", "clip_g", "t5", "transformer")
 # Written into model_index.json by sd35trt so that Large and Large Turbo (identical architectures)
 # can be told apart; diffusers ignores keys that start with "_".
 VARIANT_HINT_KEY = "_sd35trt_family"
@@ -167,16 +154,21 @@ class VariantConfig:
     def image_tokens(self, height: int, width: int) -> int:
         return (height // self.size_multiple) * (width // self.size_multiple)
 
-    def check_size(self, height: int, width: int) -> None:
+    def check_size(self, height: int, width: int, min_size: int | None = None, max_size: int | None = None) -> None:
+        """Both sides are ints, multiples of `size_multiple` and in the model's range, narrowed by
+        `min_size`/`max_size` where a caller (a server's limits, an engine profile) allows less."""
+        lo, hi = max(self.min_size, min_size or 0), min(self.max_size, max_size or self.max_size)
         for label, v in (("height", height), ("width", width)):
             if not isinstance(v, int) or isinstance(v, bool):
                 raise InvalidInputError(f"{label}={v!r} must be an int (pixels)")
             if v % self.size_multiple:
-                lo = v - v % self.size_multiple
+                down = v - v % self.size_multiple
                 raise InvalidInputError(
-                    f"{label}={v} is not a multiple of {self.size_multiple}; use {lo} or "
-                    f"{lo + self.size_multiple}"
+                    f"{label}={v} is not a multiple of {self.size_multiple}; use {down or self.size_multiple} or "
+                    f"{down + self.size_multiple}"
                 )
+            if (lo, hi) != (self.min_size, self.max_size) and not lo <= v <= hi:
+                raise InvalidInputError(f"{label}={v} is outside [{lo}, {hi}]; pick a size in range")
             if not self.min_size <= v <= self.max_size:
                 raise InvalidInputError(
                     f"{label}={v} is outside {self.name}'s range [{self.min_size}, "
@@ -185,24 +177,12 @@ class VariantConfig:
                 )
 
     # --- engine profiles ------------------------------------------------------------------
-    def io_shapes(
-        self, batch: int, height: int, width: int, max_sequence_length: int | None = None
-    ) -> dict[str, dict[str, tuple[int, ...]]]:
-        """Concrete input shapes of every component for one request shape (batch = model batch)."""
-        t5 = max_sequence_length or self.max_sequence_length
-        b, c, h, w = self.latent_shape(batch, height, width)
-        return {
-            "clip_l": {"input_ids": (b, self.clip_tokens)},
-            "clip_g": {"input_ids": (b, self.clip_tokens)},
-            "t5": {"input_ids": (b, t5)},
-            "transformer": {
-                "hidden_states": (b, c, h, w),
-                "timestep": (b,),
-                "encoder_hidden_states": (b, self.text_tokens(t5), self.joint_dim),
-                "pooled_projections": (b, self.pooled_dim),
-            },
-            "vae_decoder": {"latent": (b, c, h, w)},
-        }
+    def io_shapes(self, batch: int, height: int, width: int,
+                  max_sequence_length: int | None = None) -> dict[str, dict[str, tuple[int, ...]]]:
+        """Concrete input shapes of every runtime component for one request (batch = model batch)."""
+        from .components import request_shapes
+
+        return request_shapes(self, batch, height, width, max_sequence_length)
 
     def engine_profiles(
         self,
@@ -210,22 +190,11 @@ class VariantConfig:
         batches: tuple[int, int, int] = (1, 1, 4),
         cfg: bool = True,
     ) -> dict[str, dict[str, tuple[tuple[int, ...], ...]]]:
-        """(min, opt, max) shapes per component input. With CFG every component but the VAE sees
-        2x batch: the prompt encoders encode [negatives; prompts], the transformer [x; x]."""
-        for s in sizes:
-            self.check_size(s, s)
-        mult = 2 if cfg else 1
-        shapes = [
-            (self.io_shapes(b, s, s), self.io_shapes(b * mult, s, s))
-            for b, s in zip(batches, sizes)
-        ]
-        out: dict[str, dict[str, tuple[tuple[int, ...], ...]]] = {}
-        for comp in COMPONENTS:
-            pick = 1 if comp in CFG_DOUBLED else 0
-            out[comp] = {
-                name: tuple(s[pick][comp][name] for s in shapes) for name in shapes[0][0][comp]
-            }
-        return out
+        """(min, opt, max) shapes per component input (the component table says which inputs and
+        which components CFG doubles: all but the VAE)."""
+        from .components import engine_profiles
+
+        return engine_profiles(self, sizes, batches, cfg)
 
     # --- construction ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

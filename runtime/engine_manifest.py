@@ -1,29 +1,53 @@
-"""manifest.json of an engine set (`sd35trt build`), and the checks run on it before any engine is
-deserialized.
+"""manifest.json of an engine set (`sd35trt build`): read, written and checked here only, and the
+checks run on it before any engine is deserialized.
 
 Everything here is pure (no TensorRT, no GPU): the build writes the manifest, the TensorRT backends
 call `preflight` and `check_shapes` before touching an engine, and CI exercises both on engine sets
 it really built. Every refusal names the file and the exact `sd35trt build` command that fixes it.
+What a backend needs to load a flavor (its module, how to install it, its dtype names) is here too;
+what the builder does with a flavor stays in the export side (`export/trt_build.py`).
 """
 
 from __future__ import annotations
 
-import json
 import shlex
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from .config import CFG_DOUBLED, VariantConfig
+from .components import component as table_entry
+from .config import VariantConfig
 from .errors import CheckpointError, InvalidInputError
-from .manifest import ENGINES_FORMAT as FORMAT
-from .manifest import MANIFEST, sha256_file
+from .files import MANIFEST, file_matches, read_json, write_json_atomic
+from .manifest import entry_from_dict
+
+FORMAT = "sd35trt-engines/1"
 
 # Compute capabilities with FP8 (E4M3) tensor cores: Ada, Hopper, Blackwell (datacenter, RTX, GB10).
 FP8_GPUS = ("sm89", "sm90", "sm100", "sm120", "sm121")
 
 Shape = tuple[int, ...]
 MinOptMax = tuple[Shape, Shape, Shape]
+
+
+@dataclass(frozen=True)
+class Library:
+    """What a backend needs to load engines of one flavor."""
+
+    module: str
+    install: str
+
+
+LIBRARIES = {
+    "tensorrt-rtx": Library("tensorrt_rtx_bindings", "pip install 'sd35trt[trt-rtx]'"),
+    "tensorrt": Library("tensorrt", "install enterprise TensorRT (`pip install tensorrt`) on a GPU host"),
+}
+# TensorRT DataType member name -> the dtype names manifests and the component table use.
+TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "FP8": "float8_e4m3fn",
+              "INT8": "int8", "INT32": "int32", "INT64": "int64", "BOOL": "bool", "UINT8": "uint8",
+              "INT4": "int4", "FP4": "float4_e2m1fn", "E8M0": "float8_e8m0fnu"}
+# Export dtype (ONNX manifest "dtype") -> tensor dtype name.
+FLOAT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 class EngineSetError(CheckpointError):
@@ -81,35 +105,136 @@ class EngineShapes:
         return cls(bool(d["dynamic"]), tuple(d["sizes"]), tuple(d["batches"]), bool(d["cfg"]))
 
 
-def read_engine_manifest(folder: Path) -> dict[str, Any]:
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        raise EngineSetError(f"{path} is missing: {folder} is not an engine set; build one with "
-                             f"`sd35trt build --onnx ONNX_DIR --out {folder} --gpu smXX`")
-    doc = json.loads(path.read_text())
-    if doc.get("format") != FORMAT:
-        raise EngineSetError(f"{path}: format {doc.get('format')!r}, the TensorRT backends read {FORMAT!r}; "
-                             f"build an engine set with `sd35trt build --onnx {folder} --out ENGINE_DIR --gpu smXX`")
-    return doc
+
+@dataclass(frozen=True)
+class BuildArgs:
+    """The `sd35trt build` arguments a set was made with (so a refusal can print the rebuild)."""
+
+    onnx: str
+    out: str
+    gpu: str
+    flavor: str
+    dynamic: bool
+    batch: list[int]
+    variant: str | None = None  # family override (large <-> large-turbo)
+    min_size: int | None = None
+    max_size: int | None = None
+    opt_level: int | None = None
+    refit: bool = False
+    weight_streaming: bool = False
+    timing_cache: str | None = None
 
 
-def rebuild_command(doc: Mapping[str, Any], **changes: Any) -> str:
-    """The `sd35trt build` command that made this set, with `changes` (gpu=, flavor=, dynamic=,
-    batch=(lo, hi), min_size=, max_size=) applied."""
-    b = {**doc["build"], **changes}
-    argv = ["sd35trt", "build", "--onnx", b["onnx"], "--out", b["out"], "--gpu", b["gpu"], "--flavor", b["flavor"]]
-    if b.get("variant"):
-        argv += ["--variant", b["variant"]]
-    argv.append("--dynamic" if b["dynamic"] else "--static")
-    lo, hi = b["batch"]
+@dataclass(frozen=True)
+class EngineEntry:
+    """One engine: what it was built from and for (compared to decide freshness), and what it holds."""
+
+    onnx_sha256: str
+    flavor: str
+    library_version: str
+    target: str
+    profiles: Mapping[str, list]  # input -> [min, opt, max] shapes
+    flags: Mapping[str, Any]
+    file: str
+    sha256: str
+    bytes: int
+    precision: str
+    library: str = ""
+    onnx_file: str = ""
+    inputs: list = field(default_factory=list)  # [{name, dtype, shape}] as the parsed network declares
+    outputs: list = field(default_factory=list)
+    built_profiles: Mapping[str, list] = field(default_factory=dict)
+    applied_flags: Mapping[str, Any] = field(default_factory=dict)
+    parse_seconds: float = 0.0
+    build_seconds: float = 0.0
+    peak_rss_mib: float = 0.0
+
+    # The fields a build compares with what it would build now.
+    INPUTS = ("onnx_sha256", "flavor", "library_version", "target", "profiles", "flags")
+
+    def is_fresh(self, folder: Path, want: Mapping[str, Any]) -> bool:
+        return all(getattr(self, k) == v for k, v in want.items()) and file_matches(folder / self.file, self.sha256)
+
+
+@dataclass(frozen=True)
+class EngineManifest:
+    variant: VariantConfig
+    precision: str
+    dtype: str  # export dtype of the non-FP8 part: fp32 | fp16 | bf16
+    flavor: str
+    library: str
+    library_version: str
+    target: str
+    shapes: EngineShapes
+    build: BuildArgs
+    components: Mapping[str, EngineEntry]
+    format: str = FORMAT
+
+    @classmethod
+    def load(cls, folder: str | Path) -> EngineManifest:
+        folder = Path(folder)
+        path = folder / MANIFEST
+        if not path.is_file():
+            raise EngineSetError(f"{path} is missing: {folder} is not an engine set; build one with "
+                                 f"`sd35trt build --onnx ONNX_DIR --out {folder} --gpu smXX`")
+        doc = read_json(path)
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            got = doc.get("format") if isinstance(doc, dict) else "not JSON"
+            raise EngineSetError(f"{path}: format {got!r}, the TensorRT backends read {FORMAT!r}; build an engine "
+                                 f"set with `sd35trt build --onnx {folder} --out ENGINE_DIR --gpu smXX`")
+        return cls.from_dict(doc, path)
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any], path: Path = Path(MANIFEST)) -> EngineManifest:
+        fix = f"rebuild the set with `sd35trt build --onnx ONNX_DIR --out {path.parent} --gpu smXX`"
+        try:
+            comps = {c: entry_from_dict(EngineEntry, e, path, EngineSetError, fix) for c, e in doc["components"].items()}
+            return cls(VariantConfig.from_dict(doc["variant"]), doc["precision"], doc["dtype"], doc["flavor"],
+                       doc["library"], doc["library_version"], doc["target"], EngineShapes.from_dict(doc["shapes"]),
+                       entry_from_dict(BuildArgs, doc["build"], path, EngineSetError, fix), comps)
+        except (KeyError, TypeError) as exc:
+            raise EngineSetError(f"{path}: unreadable manifest ({type(exc).__name__}: {exc}); {fix}") from exc
+
+    @classmethod
+    def load_existing(cls, folder: Path) -> EngineManifest | None:
+        """The folder's manifest if it is a readable engine-set manifest, else None (build afresh)."""
+        try:
+            return cls.load(folder)
+        except CheckpointError:
+            return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": self.format, "variant": self.variant.to_dict(), "precision": self.precision,
+                "dtype": self.dtype, "flavor": self.flavor, "library": self.library,
+                "library_version": self.library_version, "target": self.target, "shapes": self.shapes.to_dict(),
+                "build": asdict(self.build), "components": {c: asdict(e) for c, e in self.components.items()}}
+
+    def save(self, folder: Path) -> None:
+        write_json_atomic(Path(folder) / MANIFEST, self.to_dict())
+
+    def profiles(self) -> dict[str, dict[str, MinOptMax]]:
+        return self.shapes.profiles(self.variant)
+
+
+def rebuild_command(m: EngineManifest | Mapping[str, Any], **changes: Any) -> str:
+    """The `sd35trt build` command that made this set (its manifest, or the manifest's JSON), with
+    `changes` (gpu=, flavor=, dynamic=, batch=(lo, hi), min_size=, max_size=, out=,
+    weight_streaming=) applied."""
+    m = m if isinstance(m, EngineManifest) else EngineManifest.from_dict(m)
+    b = replace(m.build, **changes)
+    argv = ["sd35trt", "build", "--onnx", b.onnx, "--out", b.out, "--gpu", b.gpu, "--flavor", b.flavor]
+    if b.variant:
+        argv += ["--variant", b.variant]
+    argv.append("--dynamic" if b.dynamic else "--static")
+    lo, hi = b.batch
     argv += ["--batch", str(lo) if lo == hi else f"{lo}-{hi}"]
-    if b["dynamic"] and b.get("min_size") is not None:
-        argv += ["--min-size", str(b["min_size"]), "--max-size", str(b["max_size"])]
-    if b.get("opt_level") is not None:
-        argv += ["--opt-level", str(b["opt_level"])]
-    argv += [flag for key, flag in (("refit", "--refit"), ("weight_streaming", "--weight-streaming")) if b.get(key)]
-    if b.get("timing_cache"):
-        argv += ["--timing-cache", b["timing_cache"]]
+    if b.dynamic and b.min_size is not None:
+        argv += ["--min-size", str(b.min_size), "--max-size", str(b.max_size)]
+    if b.opt_level is not None:
+        argv += ["--opt-level", str(b.opt_level)]
+    argv += [flag for on, flag in ((b.refit, "--refit"), (b.weight_streaming, "--weight-streaming")) if on]
+    if b.timing_cache:
+        argv += ["--timing-cache", b.timing_cache]
     return shlex.join(str(a) for a in argv)
 
 
@@ -121,86 +246,85 @@ def device_cc(device: Any = None) -> str:
     return f"sm{major}{minor}"
 
 
-def check_flavor(doc: Mapping[str, Any], folder: Path, flavor: str) -> None:
-    if doc["flavor"] != flavor:
+def check_flavor(m: EngineManifest, folder: Path, flavor: str) -> None:
+    if m.flavor != flavor:
         raise EngineSetError(
-            f"{Path(folder) / MANIFEST}: engines were built with {doc['flavor']!r}, not {flavor!r}; load them "
-            f"with backend={doc['flavor']!r}, or rebuild: {rebuild_command(doc, flavor=flavor)}")
+            f"{Path(folder) / MANIFEST}: engines were built with {m.flavor!r}, not {flavor!r}; load them "
+            f"with backend={m.flavor!r}, or rebuild: {rebuild_command(m, flavor=flavor)}")
 
 
-def check_library(doc: Mapping[str, Any], folder: Path, installed: str) -> None:
+def check_library(m: EngineManifest, folder: Path, installed: str) -> None:
     """TensorRT engines only deserialize in the library version that built them."""
-    for comp, e in doc["components"].items():
-        if e["library_version"] != installed:
+    for e in m.components.values():
+        if e.library_version != installed:
             raise EngineSetError(
-                f"{Path(folder) / e['file']} was built with {e['flavor']} {e['library_version']}, but "
-                f"{installed} is installed: engines only load in the version that built them. Rebuild the "
-                f"set with the installed version: {rebuild_command(doc)} (or install {e['flavor']} "
-                f"{e['library_version']})")
+                f"{Path(folder) / e.file} was built with {e.flavor} {e.library_version}, but {installed} is "
+                f"installed: engines only load in the version that built them. Rebuild the set with the "
+                f"installed version: {rebuild_command(m)} (or install {e.flavor} {e.library_version})")
 
 
-def check_device(doc: Mapping[str, Any], folder: Path, cc: str) -> None:
-    for comp, e in doc["components"].items():
-        if e["target"] != cc:
-            raise EngineSetError(
-                f"{Path(folder) / e['file']} targets {e['target']}, this GPU is {cc}; rebuild for it: "
-                f"{rebuild_command(doc, gpu=cc, out=_sibling_out(doc, cc))}")
+def check_device(m: EngineManifest, folder: Path, cc: str) -> None:
+    for e in m.components.values():
+        if e.target != cc:
+            raise EngineSetError(f"{Path(folder) / e.file} targets {e.target}, this GPU is {cc}; rebuild for it: "
+                                 f"{rebuild_command(m, gpu=cc, out=_sibling_out(m, cc))}")
 
 
-def check_engine_files(doc: Mapping[str, Any], folder: Path) -> None:
+def check_engine_files(m: EngineManifest, folder: Path) -> None:
     """Every engine exists and has the sha256 the build recorded (catches truncation, corruption
     and engines copied in from another set)."""
-    for comp, e in doc["components"].items():
-        path = Path(folder) / e["file"]
+    for e in m.components.values():
+        path = Path(folder) / e.file
         if not path.is_file():
-            raise EngineSetError(f"{path} is missing; rebuild: {rebuild_command(doc)}")
-        if sha256_file(path) != e["sha256"]:
+            raise EngineSetError(f"{path} is missing; rebuild: {rebuild_command(m)}")
+        if not file_matches(path, e.sha256):
             raise EngineSetError(
                 f"{path} does not match its manifest (sha256 differs: corrupted, truncated or replaced); "
-                f"rebuild it: {rebuild_command(doc)}")
+                f"rebuild it: {rebuild_command(m)}")
 
 
-def preflight(doc: Mapping[str, Any], folder: Path, *, flavor: str, installed: str, cc: str) -> None:
+def preflight(m: EngineManifest, folder: Path, *, flavor: str, installed: str, cc: str) -> None:
     """All checks the backends make before deserializing: flavor, library version, GPU, file hashes."""
-    check_flavor(doc, folder, flavor)
-    check_library(doc, folder, installed)
-    check_device(doc, folder, cc)
-    check_engine_files(doc, folder)
+    check_flavor(m, folder, flavor)
+    check_library(m, folder, installed)
+    check_device(m, folder, cc)
+    check_engine_files(m, folder)
 
 
-def check_shapes(doc: Mapping[str, Any], folder: Path, component: str, shapes: Mapping[str, Shape]) -> None:
+def check_shapes(m: EngineManifest, folder: Path, component: str, shapes: Mapping[str, Shape]) -> None:
     """Refuse a request whose input shapes fall outside `component`'s profile, saying what to rebuild."""
-    entry = doc["components"][component]
-    for name, shape in shapes.items():
-        lo, _, hi = entry["profiles"][name]
+    entry, spec = m.components[component], table_entry(component)
+    for t in spec.inputs:
+        if t.name not in shapes:
+            continue
+        shape, (lo, _, hi) = shapes[t.name], entry.profiles[t.name]
         if len(shape) == len(lo) and all(a <= s <= b for a, s, b in zip(lo, shape, hi)):
             continue
         note = ""
-        if component in ("t5", "transformer") and len(shape) > 1 and len(lo) > 1 and not lo[1] <= shape[1] <= hi[1]:
-            clip = VariantConfig.from_dict(doc["variant"]).clip_tokens if component == "transformer" else 0
+        if t.axes.get(1) in ("T", "S") and len(shape) > 1 and len(lo) > 1 and not lo[1] <= shape[1] <= hi[1]:
+            clip = m.variant.clip_tokens if t.axes[1] == "S" else 0  # joint sequence: 77 CLIP + T5 tokens
             note = (f" The text length is fixed at build time ({lo[1]}..{hi[1]} tokens): call with "
                     f"max_sequence_length={lo[1] - clip}.")
         raise EngineShapeError(
-            f"{component} input {name!r} has shape {list(shape)}, outside {Path(folder) / entry['file']}'s "
+            f"{component} input {t.name!r} has shape {list(shape)}, outside {Path(folder) / entry.file}'s "
             f"profile {list(lo)}..{list(hi)}.{note} Rebuild engines that cover it: "
-            f"{rebuild_command(doc, **_covering(doc, component, shape))}")
+            f"{rebuild_command(m, **_covering(m, component, t.axes, shape))}")
 
 
-def _covering(doc: Mapping[str, Any], component: str, shape: Shape) -> dict[str, Any]:
+def _covering(m: EngineManifest, component: str, axes: Mapping[int, str], shape: Shape) -> dict[str, Any]:
     """Build options widened to include a request of `shape` (batch from dim 0, pixels from latents)."""
-    config = VariantConfig.from_dict(doc["variant"])
-    shapes = EngineShapes.from_dict(doc["shapes"])
-    per_image = 2 if shapes.cfg and component in CFG_DOUBLED else 1
+    shapes = m.shapes
+    per_image = 2 if shapes.cfg and table_entry(component).cfg_doubled else 1
     batch = max(1, shape[0] // per_image) if shape else 1
     lo, hi = shapes.sizes[0], shapes.sizes[2]
-    if component in ("transformer", "vae_decoder") and len(shape) == 4:
-        f = config.vae.scale_factor
+    if axes.get(2) == "h" and len(shape) == 4:  # a latent: pixels = latent side x the VAE factor
+        f = m.variant.vae.scale_factor
         lo, hi = min(lo, shape[2] * f, shape[3] * f), max(hi, shape[2] * f, shape[3] * f)
     b_lo, _, b_hi = shapes.batches
     return {"dynamic": True, "min_size": lo, "max_size": hi, "batch": (min(b_lo, batch), max(b_hi, batch))}
 
 
-def _sibling_out(doc: Mapping[str, Any], cc: str) -> str:
+def _sibling_out(m: EngineManifest, cc: str) -> str:
     """engines/<variant>-<precision>-sm89 -> engines/<variant>-<precision>-sm120 (else the same)."""
-    out, old = doc["build"]["out"], doc["build"]["gpu"]
+    out, old = m.build.out, m.build.gpu
     return out[: -len(old)] + cc if out.endswith(old) else out

@@ -1,12 +1,15 @@
-"""Atomic file writes: temp file beside the target, fsync, mode 0644, rename. A reader never sees a
-half-written artifact, and an interrupted write leaves only the previous file (or none)."""
+"""Artifact files: atomic writes (temp file beside the target, fsync, mode 0644, rename: a reader never
+sees a half-written artifact, an interrupted write leaves only the previous file or none), content
+hashes, and the JSON documents the manifests are made of."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
@@ -25,3 +28,32 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+MANIFEST = "manifest.json"  # the one manifest file name of export folders and engine sets
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_matches(path: Path, sha256: str) -> bool:
+    """The file exists and has the recorded content hash (the one freshness test of artifacts)."""
+    return path.is_file() and sha256_file(path) == sha256
+
+
+def write_json_atomic(path: Path, doc: Any) -> None:
+    text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def read_json(path: Path) -> Any:
+    """A JSON document, or None when the file is missing or not valid JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None

@@ -1,94 +1,97 @@
-"""manifest.json of an exported model folder (ONNX today, engine sets later).
+"""manifest.json of an exported ONNX folder (`sd35trt export`): read, written and checked here only.
 
-The manifest is written last and atomically; a component is trusted only when its manifest entry
-exists and the file's sha256 matches, so an interrupted export never leaves a file a later run
-(or the runtime) trusts.
+The manifest is written last and atomically; a component is trusted only when its entry exists
+and the file's sha256 matches, so an interrupted export never leaves a file a later run (or the
+runtime) trusts.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
-from .checkpoint import TOKENIZER_DIRS
 from .config import VariantConfig
-from .files import atomic_write
 from .errors import CheckpointError
+from .files import MANIFEST, file_matches, read_json, write_json_atomic
 
-MANIFEST = "manifest.json"
 FORMAT = "sd35trt-onnx/1"
-ENGINES_FORMAT = "sd35trt-engines/1"  # engine sets (`sd35trt build`); see engine_manifest.py
 
 
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def entry_from_dict(cls: type, d: Mapping[str, Any], path: Path, error: type[Exception], fix: str):
+    """A manifest entry dataclass from its JSON object; a missing key names the file and the fix."""
+    names = {f.name for f in fields(cls)}
+    missing = sorted(f.name for f in fields(cls) if f.name not in d and f.default is f.default_factory is MISSING)
+    if missing:
+        raise error(f"{path}: an entry lacks {missing}; the manifest is incomplete or from another version; {fix}")
+    return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def write_json_atomic(path: Path, doc: Any) -> None:
-    text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
-    atomic_write(path, lambda f: f.write(text.encode()))
+@dataclass(frozen=True)
+class ExportEntry:
+    """One exported component: its graph file (and external weights), content hash, what went in."""
+
+    file: str
+    sha256: str
+    bytes: int
+    precision: str  # "fp8" (Q/DQ MMDiT) or the export dtype
+    fingerprint: str  # hash of the sources, options and calibration it was made from
+    data: str | None = None  # external-data file beside `file`, when the weights exceed 1 GiB
+    qdq_pairs: int = 0
+    fp8_weights: int = 0
+    quantized_linears: list[str] = field(default_factory=list)
+
+    def is_fresh(self, folder: Path, fingerprint: str) -> bool:
+        """Made from the same inputs, and its files are still the ones written."""
+        files = [self.file] + ([self.data] if self.data else [])
+        return (self.fingerprint == fingerprint and all((folder / f).is_file() for f in files)
+                and file_matches(folder / self.file, self.sha256))
 
 
-def read_manifest(folder: Path, formats: tuple[str, ...] = (FORMAT,)) -> dict[str, Any]:
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing; export the model first: sd35trt export --model … --out {folder}")
-    doc = json.loads(path.read_text())
-    if doc.get("format") not in formats:
-        raise CheckpointError(f"{path}: format {doc.get('format')!r}, this reads {' or '.join(map(repr, formats))}; re-export")
-    return doc
+@dataclass(frozen=True)
+class ExportManifest:
+    variant: VariantConfig
+    precision: str  # fp8 | bf16 | fp16 | fp32
+    dtype: str  # precision of everything not in FP8: fp32 | fp16 | bf16
+    source: str  # the checkpoint it was exported from
+    components: Mapping[str, ExportEntry]
+    format: str = FORMAT
 
+    @classmethod
+    def load(cls, folder: str | Path) -> ExportManifest:
+        folder = Path(folder)
+        path = folder / MANIFEST
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing; export the model first: sd35trt export --model … --out {folder}")
+        doc = read_json(path)
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            got = doc.get("format") if isinstance(doc, dict) else "not JSON"
+            raise CheckpointError(f"{path}: format {got!r}, this reads {FORMAT!r}; re-export with "
+                                  f"`sd35trt export --model … --out {folder}`")
+        return cls.from_dict(doc, path)
 
-def copy_tokenizers(ckpt, out: Path) -> None:
-    """Copy a checkpoint's tokenizer*/ folders into `out` (each atomically, once) and write the
-    model_index.json naming their classes, so an exported folder or engine set is self-contained."""
-    for sub, src in zip(TOKENIZER_DIRS, ckpt.tokenizer_dirs()):
-        if src is not None and not (out / sub).is_dir():
-            tmp = out / f".{sub}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(src, tmp)
-            tmp.rename(out / sub)
-    classes = ckpt.tokenizer_classes()
-    write_json_atomic(out / "model_index.json", {sub: ["transformers", cls] for sub, cls in zip(TOKENIZER_DIRS, classes)})
+    @classmethod
+    def load_existing(cls, folder: Path) -> ExportManifest | None:
+        """The folder's manifest if it is a readable one of this format, else None (start afresh)."""
+        try:
+            return cls.load(folder)
+        except CheckpointError:
+            return None
 
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any], path: Path) -> ExportManifest:
+        fix = f"re-export with `sd35trt export --out {path.parent}`"
+        try:
+            variant = VariantConfig.from_dict(doc["variant"])
+            comps = {c: entry_from_dict(ExportEntry, e, path, CheckpointError, fix) for c, e in doc["components"].items()}
+            return cls(variant, doc["precision"], doc["dtype"], doc["source"], comps)
+        except (KeyError, TypeError) as exc:
+            raise CheckpointError(f"{path}: unreadable manifest ({type(exc).__name__}: {exc}); {fix}") from exc
 
-def manifest_config(folder: Path) -> VariantConfig:
-    return VariantConfig.from_dict(read_manifest(folder)["variant"])
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": self.format, "variant": self.variant.to_dict(), "precision": self.precision,
+                "dtype": self.dtype, "source": self.source,
+                "components": {c: asdict(e) for c, e in self.components.items()}}
 
-
-def exported_folder(path: Path, family: str | None = None):
-    """A `Checkpoint` view of an exported folder or an engine set: config from the manifest,
-    tokenizers beside it, no torch weights (runtimes that read graphs or engines need none)."""
-    from .checkpoint import Checkpoint, tokenizer_classes
-
-    class ExportedFolder(Checkpoint):
-        def __init__(self) -> None:
-            self.path = path
-            self.manifest = read_manifest(path, (FORMAT, ENGINES_FORMAT))
-            config = VariantConfig.from_dict(self.manifest["variant"])
-            self.config = config.with_family(family) if family else config
-            self.files = {c: path / e["file"] for c, e in self.manifest["components"].items()}
-
-        def _no_weights(self, *_: object):
-            raise CheckpointError(
-                f"{path} holds exported graphs or engines, not torch weights; use backend='onnxruntime' "
-                f"(ONNX) or 'tensorrt'/'tensorrt-rtx' (engines), or point the torch backend at the original checkpoint"
-            )
-
-        transformer_state = vae_decoder_state = vae_encoder_state = _text_source = _no_weights
-
-        def tokenizer_dirs(self) -> tuple[Path, Path, Path | None]:
-            t5 = path / "tokenizer_3"
-            return path / "tokenizer", path / "tokenizer_2", t5 if t5.is_dir() and "t5" in self.files else None
-
-        def tokenizer_classes(self) -> tuple[str, str, str]:
-            return tokenizer_classes(path)
-
-    return ExportedFolder()
+    def save(self, folder: Path) -> None:
+        write_json_atomic(Path(folder) / MANIFEST, self.to_dict())

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from .config import VariantConfig
 from .errors import ClosedError, GenerationCancelled, NonFiniteImageError
 from .image import to_pil
 from .requests import Request, normalize_request
-from .sampling import denoise, initial_noise
+from .sampling import StepHook, Transformer, denoise, initial_noise
 from .text import PromptEncoder, load_tokenizers
 
 # Options of `from_pretrained` that locate a single file's parts (the rest go to the backend).
@@ -49,6 +48,22 @@ def seed_generators(seed: int, n: int = 1) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(seed + i) for i in range(n)]
 
 
+def sample(encode: PromptEncoder, transformer: Transformer, device: torch.device, req: Request,
+           generator: Any = None, latents: torch.Tensor | None = None, on_step: StepHook | None = None,
+           progress: bool = False, backend_name: str = "") -> torch.Tensor:
+    """The final latents [B, 16, H/8, W/8] of a request: prompts encoded (negatives first under CFG),
+    noise drawn (or `latents`), the flow-matching loop run. The FP8 calibration drives it too."""
+    p, p2, p3 = req.prompts, req.prompts_2, req.prompts_3
+    if req.negatives is not None:
+        n, n2, n3 = req.negatives
+        p, p2, p3 = n + p, n2 + p2, n3 + p3
+    context, pooled = encode(p, p2, p3, req.max_sequence_length)  # [B or 2B, 77+T, 4096], [B or 2B, 2048]
+    shape = encode.config.latent_shape(req.batch, req.height, req.width)  # [B, 16, H/8, W/8]
+    x = latents if latents is not None else initial_noise(shape, generator, device)
+    return denoise(transformer, x.to(device), context, pooled, req.schedule, req.guidance, on_step, progress,
+                   backend_name)
+
+
 class Pipeline:
     # Threads of the pool behind `generate_async` (calls beyond that wait for a free thread).
     async_workers = 4
@@ -65,19 +80,22 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, backend: str = "torch", variant: str | None = None, **options: Any
+        cls, path: str | Path, backend: str | None = None, variant: str | None = None, **options: Any
     ) -> Pipeline:
         """Load SD3.5 from a diffusers folder or a single-file checkpoint (`sd3.5_large.safetensors`
-        with clip_l/clip_g[/t5xxl_*] .safetensors and tokenizer*/ folders beside it). `variant`
-        (large|medium|large-turbo) overrides the family detected from the configs or shapes;
-        `clip_l=`, `clip_g=`, `t5=`, `tokenizers=` point a single file at its other parts; the
-        remaining options (device, dtype, load_t5, ...) go to the backend."""
+        with clip_l/clip_g[/t5xxl_*] .safetensors and tokenizer*/ folders beside it), an export
+        folder or an engine set. `backend` defaults to what the path holds: torch for checkpoints,
+        onnxruntime for export folders, an engine set's flavor. `variant` (the family: large|medium|
+        large-turbo) overrides the one detected from the configs or shapes; `clip_l=`, `clip_g=`,
+        `t5=`, `tokenizers=` point a single file at its other parts; the remaining options (device,
+        dtype, load_t5, ...) go to the backend."""
         files = {k: options.pop(k) for k in CHECKPOINT_OPTIONS if k in options}
         if options.get("load_t5") is False:
             files["t5"] = False
         ckpt = Checkpoint.open(path, family=variant, **files)
         tokenizers = load_tokenizers(ckpt)  # before any weights: a missing tokenizer fails fast
-        return cls(ckpt.config, load_backend(backend, ckpt, ckpt.config, **options), tokenizers, ckpt.path)
+        name = backend or ckpt.default_backend
+        return cls(ckpt.config, load_backend(name, ckpt, ckpt.config, **options), tokenizers, ckpt.path)
 
     def close(self) -> None:
         """Refuse new calls (ClosedError), wait for the running ones, then free the backend."""
@@ -98,13 +116,13 @@ class Pipeline:
         self.close()
 
     def check_request(self, prompt: str | Sequence[str], **kwargs: Any) -> Request:
-        """Validate the arguments of a call without running anything (raises InvalidInputError);
+        """Validate the arguments of a call without running anything (raises InvalidInputError, or
+        the backend's own error for a request it cannot take, e.g. outside an engine's profile);
         returns the request with every default resolved."""
-        bound = inspect.signature(self.__call__).bind(prompt, **kwargs)
-        bound.apply_defaults()
-        args = dict(bound.arguments)
-        del args["callback_on_step_end"], args["progress"]
-        return normalize_request(self.config, **args)
+        kwargs.pop("callback_on_step_end", None), kwargs.pop("progress", None)
+        req = normalize_request(self.config, prompt, **kwargs)
+        self.backend.check_request(req.batch, req.height, req.width, req.max_sequence_length)
+        return req
 
     async def generate_async(self, *args: Any, **kwargs: Any) -> PipelineOutput:
         """`await pipe.generate_async(prompt, ...)`: the same arguments and result as a call, run
@@ -167,9 +185,12 @@ class Pipeline:
         callback_on_step_end: StepCallback | None = None,
         progress: bool = True,
     ) -> PipelineOutput:
-        args = dict(locals())
-        del args["self"], args["callback_on_step_end"], args["progress"]
-        req = normalize_request(self.config, **args)  # raises before any heavy work
+        req = self.check_request(  # raises before any heavy work
+            prompt, prompt_2=prompt_2, prompt_3=prompt_3, negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3, height=height, width=width,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sigmas=sigmas,
+            num_images_per_prompt=num_images_per_prompt, generator=generator, latents=latents,
+            max_sequence_length=max_sequence_length, output_type=output_type)
         self._enter()
         try:
             return self._generate(req, generator, latents, callback_on_step_end, progress)
@@ -178,24 +199,12 @@ class Pipeline:
 
     def _generate(self, req: Request, generator: Any, latents: torch.Tensor | None,
                   callback_on_step_end: StepCallback | None, progress: bool) -> PipelineOutput:
-        context, pooled = self._conditioning(req)
-        shape = self.config.latent_shape(req.batch, req.height, req.width)  # [B, 16, H/8, W/8]
-        x = latents if latents is not None else initial_noise(shape, generator, self.backend.device)
-        x = denoise(
-            self.backend.transformer, x.to(self.backend.device), context, pooled, req.schedule,
-            req.guidance, self._hook(callback_on_step_end), progress, self.backend.name,
-        )
+        b = self.backend
+        x = sample(self.encode, b.transformer, b.device, req, generator, latents, self._hook(callback_on_step_end),
+                   progress, b.name)
         info = {"steps": len(req.schedule), "guidance": req.guidance, "height": req.height,
                 "width": req.width, "backend": self.backend.name, "variant": self.config.name}
         return PipelineOutput(self._decode(x, req), info)
-
-    def _conditioning(self, req: Request) -> tuple[torch.Tensor, torch.Tensor]:
-        """context [B or 2B, 77+T, 4096], pooled [B or 2B, 2048]; negatives first under CFG."""
-        p, p2, p3 = req.prompts, req.prompts_2, req.prompts_3
-        if req.negatives is not None:
-            n, n2, n3 = req.negatives
-            p, p2, p3 = n + p, n2 + p2, n3 + p3
-        return self.encode(p, p2, p3, req.max_sequence_length)
 
     def _hook(self, callback: StepCallback | None):
         if callback is None:

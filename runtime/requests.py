@@ -66,43 +66,62 @@ def _repeat(items: Sequence[str], n: int) -> tuple[str, ...]:
     return tuple(p for p in items for _ in range(n))
 
 
-def normalize_request(config: VariantConfig, **kw: Any) -> Request:
-    prompts = _prompt_list("prompt", kw["prompt"], None)
+def normalize_request(
+    config: VariantConfig,
+    prompt: str | Sequence[str],
+    prompt_2: str | Sequence[str] | None = None,
+    prompt_3: str | Sequence[str] | None = None,
+    negative_prompt: str | Sequence[str] | None = None,
+    negative_prompt_2: str | Sequence[str] | None = None,
+    negative_prompt_3: str | Sequence[str] | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    sigmas: Sequence[float] | None = None,
+    num_images_per_prompt: int = 1,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    latents: torch.Tensor | None = None,
+    max_sequence_length: int = 256,
+    output_type: str = "pil",
+) -> Request:
+    """A `Pipeline` call's arguments (same names and defaults) as a Request, or InvalidInputError."""
+    prompts = _prompt_list("prompt", prompt, None)
     if prompts is None:
         raise InvalidInputError("prompt=None; pass a prompt string or a list of strings")
     n = len(prompts)
-    p2 = _prompt_list("prompt_2", kw["prompt_2"], n) or prompts
-    p3 = _prompt_list("prompt_3", kw["prompt_3"], n) or prompts
-    height = config.default_size if kw["height"] is None else kw["height"]
-    width = config.default_size if kw["width"] is None else kw["width"]
+    p2 = _prompt_list("prompt_2", prompt_2, n) or prompts
+    p3 = _prompt_list("prompt_3", prompt_3, n) or prompts
+    height = config.default_size if height is None else height
+    width = config.default_size if width is None else width
     config.check_size(height, width)
-    guidance = config.sampling.guidance if kw["guidance_scale"] is None else kw["guidance_scale"]
+    guidance = config.sampling.guidance if guidance_scale is None else guidance_scale
     if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not math.isfinite(guidance) or guidance < 0:
         raise InvalidInputError(
             f"guidance_scale={guidance!r} must be a finite number >= 0 (<= 1 disables CFG; "
             f"{config.name} uses {config.sampling.guidance})"
         )
-    steps = kw["num_inference_steps"]
-    if kw["sigmas"] is None:
+    steps = num_inference_steps
+    if sigmas is None:
         steps = config.sampling.steps if steps is None else _int("num_inference_steps", steps, 1)
-    schedule = flow_match_schedule(steps, config.sampling.shift, kw["sigmas"])
-    per = _int("num_images_per_prompt", kw["num_images_per_prompt"], 1)
-    max_seq = _int("max_sequence_length", kw["max_sequence_length"], 1, MAX_T5_TOKENS)
-    if kw["output_type"] not in OUTPUT_TYPES:
-        raise InvalidInputError(f"output_type={kw['output_type']!r} must be one of {OUTPUT_TYPES}")
+    schedule = flow_match_schedule(steps, config.sampling.shift, sigmas)
+    per = _int("num_images_per_prompt", num_images_per_prompt, 1)
+    max_seq = _int("max_sequence_length", max_sequence_length, 1, MAX_T5_TOKENS)
+    if output_type not in OUTPUT_TYPES:
+        raise InvalidInputError(f"output_type={output_type!r} must be one of {OUTPUT_TYPES}")
     negatives = None
     if guidance > 1.0:
-        neg = _prompt_list("negative_prompt", kw["negative_prompt"] or "", n)
-        neg2 = _prompt_list("negative_prompt_2", kw["negative_prompt_2"], n) or neg
-        neg3 = _prompt_list("negative_prompt_3", kw["negative_prompt_3"], n) or neg
+        neg = _prompt_list("negative_prompt", negative_prompt or "", n)
+        neg2 = _prompt_list("negative_prompt_2", negative_prompt_2, n) or neg
+        neg3 = _prompt_list("negative_prompt_3", negative_prompt_3, n) or neg
         negatives = (_repeat(neg, per), _repeat(neg2, per), _repeat(neg3, per))
     req = Request(
         prompts=_repeat(prompts, per), prompts_2=_repeat(p2, per), prompts_3=_repeat(p3, per),
         negatives=negatives, height=height, width=width, schedule=schedule, guidance=float(guidance),
-        max_sequence_length=max_seq, output_type=kw["output_type"],
+        max_sequence_length=max_seq, output_type=output_type,
     )
-    _check_generator(kw["generator"], req.batch)
-    _check_latents(kw["latents"], config.latent_shape(req.batch, height, width))
+    _check_generator(generator, req.batch)
+    _check_latents(latents, config.latent_shape(req.batch, height, width))
     return req
 
 

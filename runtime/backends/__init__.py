@@ -1,6 +1,6 @@
 """Backends: one callable per component behind the `Backend` protocol, looked up by name."""
 
-from .base import Backend, available, load_backend, register
+from .base import Backend, BackendBase, ComponentCall, Limits, available, backend_limits, load_backend, register
 
 
 def _torch():
@@ -17,11 +17,9 @@ def _onnxruntime():
 
 def _tensorrt(flavor: str):
     def loader():
-        from functools import partial
+        from .trt_backend import FLAVOR_BACKENDS
 
-        from .trt_backend import TrtBackend
-
-        return partial(TrtBackend, flavor=flavor)
+        return FLAVOR_BACKENDS[flavor]
 
     return loader
 
@@ -38,4 +36,4 @@ register("onnxruntime", _onnxruntime)
 register("tensorrt", _tensorrt("tensorrt"))  # enterprise TensorRT engine sets (`sd35trt build`)
 register("tensorrt-rtx", _tensorrt("tensorrt-rtx"))
 
-__all__ = ["Backend", "available", "load_backend", "register"]
+__all__ = ["Backend", "BackendBase", "ComponentCall", "Limits", "available", "backend_limits", "load_backend", "register"]

@@ -7,16 +7,21 @@ Shapes (B = model batch; with CFG the transformer sees 2x the image batch):
   transformer(latent [B, 16, h, w], timestep [B] in [0, 1000], context [B, 77+T, 4096],
               pooled [B, 2048])    -> velocity [B, 16, h, w] float32
   vae_decoder(latent [B, 16, h, w], already unscaled) -> image [B, 3, 8h, 8w] in [-1, 1]
-Inputs arrive on `backend.device`; outputs may be any float dtype on that device.
+Inputs arrive on `backend.device`; outputs may be any float dtype on that device. Input and output
+names and order are the component table's (`runtime/components.py`). `limits` says what one call
+can take beyond the model's own range; `check_request` refuses, before any component runs, a
+request the backend cannot take.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 
+from ..components import component
 from ..config import VariantConfig
 from ..errors import InvalidInputError
 
@@ -32,8 +37,47 @@ class Backend(Protocol):
     t5: Callable[[torch.Tensor], torch.Tensor] | None
     transformer: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     vae_decoder: Callable[[torch.Tensor], torch.Tensor]
+    limits: Limits
+
+    def check_request(self, batch: int, height: int, width: int, max_sequence_length: int) -> None: ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one call of a backend takes beyond the model's own range (None: no further limit)."""
+
+    max_batch: int | None = None  # images per call
+    min_size: int | None = None  # pixels per side
+    max_size: int | None = None
+
+
+class BackendBase:
+    """Defaults for backends without limits of their own (torch, ONNX Runtime)."""
+
+    limits = Limits()
+
+    @classmethod
+    def limits_for(cls, path: Any, config: VariantConfig) -> Limits:
+        """The limits a backend would have for the model at `path`, known before loading it."""
+        return cls.limits
+
+    def check_request(self, batch: int, height: int, width: int, max_sequence_length: int) -> None:
+        """Nothing beyond the request checks every backend shares."""
+
+
+class ComponentCall:
+    """The Backend protocol's callable for one component over `run(*inputs) -> outputs` (table
+    order): a one-output component returns its tensor as float32, a multi-output one the tuple."""
+
+    def __init__(self, run: Callable[..., Sequence[torch.Tensor]], name: str, model: Any = None) -> None:
+        self.run, self.name, self.n_outputs = run, name, len(component(name).outputs)
+        self.model = model  # what runs it, for inspection (torch backends: the nn.Module)
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        outs = self.run(*args)
+        return outs[0].float() if self.n_outputs == 1 else tuple(outs)
 
 
 BackendLoader = Callable[..., Backend]
@@ -49,8 +93,17 @@ def available() -> list[str]:
     return sorted(_LOADERS)
 
 
-def load_backend(name: str, path: Path, config: VariantConfig, **options: Any) -> Backend:
-    """Build the named backend for the model at `path` (factory signature: path, config, **options)."""
+def backend_class(name: str) -> BackendLoader:
     if name not in _LOADERS:
         raise InvalidInputError(f"backend={name!r} is unknown; choose one of {available()}")
-    return _LOADERS[name]()(path, config, **options)
+    return _LOADERS[name]()
+
+
+def load_backend(name: str, path: Path, config: VariantConfig, **options: Any) -> Backend:
+    """Build the named backend for the model at `path` (factory signature: path, config, **options)."""
+    return backend_class(name)(path, config, **options)
+
+
+def backend_limits(name: str, path: Path, config: VariantConfig) -> Limits:
+    """The named backend's limits for the model at `path`, without loading it."""
+    return backend_class(name).limits_for(path, config)

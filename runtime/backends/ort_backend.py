@@ -9,9 +9,11 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from ..config import COMPONENT_IO, VariantConfig
-from ..errors import BackendError, CheckpointError, OutOfMemoryError
-from ..manifest import read_manifest
+from ..components import RUNTIME, component
+from ..config import VariantConfig
+from ..errors import BackendError, CheckpointError, InvalidInputError, OutOfMemoryError
+from ..manifest import ExportManifest
+from .base import BackendBase, ComponentCall
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
        "tensor(int32)": np.int32, "tensor(double)": np.float64}
@@ -23,7 +25,7 @@ _OOM_MARKERS = ("failed to allocate memory", "available memory of", "out of memo
 class _Session:
     """One component: torch tensors in, torch tensors out (on the CPU)."""
 
-    def __init__(self, path: Path, component: str, providers: Sequence, options) -> None:
+    def __init__(self, path: Path, name: str, providers: Sequence, options) -> None:
         import onnxruntime as ort
 
         self.path = path
@@ -31,7 +33,8 @@ class _Session:
             self.session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise CheckpointError(f"{path}: ONNX Runtime cannot load it ({exc}); re-run `sd35trt export`") from exc
-        names_in, names_out = COMPONENT_IO[component]
+        spec = component(name)
+        names_in, names_out = spec.input_names, spec.output_names
         got_in = tuple(i.name for i in self.session.get_inputs())
         if got_in != names_in:
             raise CheckpointError(f"{path}: inputs {got_in}, expected {names_in}; re-run `sd35trt export`")
@@ -57,24 +60,7 @@ def _run_error(path: Path, feed: Mapping[str, np.ndarray], exc: Exception) -> Ba
                         f"`sd35trt export` (re-export) or the torch backend")
 
 
-class _Clip:
-    def __init__(self, s: _Session) -> None:
-        self.s = s
-
-    def __call__(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, pooled = self.s(ids)
-        return hidden, pooled  # [B, 77, C], [B, C]
-
-
-class _Single:
-    def __init__(self, s: _Session) -> None:
-        self.s = s
-
-    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
-        return self.s(*args)[0].float()
-
-
-class OrtBackend:
+class OrtBackend(BackendBase):
     """Loads `<dir>/manifest.json` and one session per component listed there."""
 
     name = "onnxruntime"
@@ -95,9 +81,10 @@ class OrtBackend:
         registered (with its own limit)."""
         import onnxruntime as ort
 
-        if dtype is not None and dtype != torch.float32:
-            raise CheckpointError(f"dtype={dtype} does not apply to ONNX Runtime; the precision is fixed at export")
-        manifest = read_manifest(Path(path))
+        if dtype is not None and dtype not in (torch.float32, "fp32"):
+            raise InvalidInputError(f"dtype={dtype!r} does not apply to ONNX Runtime: the precision is fixed at "
+                                    f"export (`sd35trt export --dtype`); drop dtype=")
+        manifest = path.manifest if isinstance(getattr(path, "manifest", None), ExportManifest) else ExportManifest.load(path)
         self.device = torch.device("cpu")  # tensors cross to numpy; IO binding on CUDA is future work
         options = ort.SessionOptions()
         if intra_op_threads:
@@ -105,16 +92,14 @@ class OrtBackend:
         for key, value in (session_config or {}).items():
             options.add_session_config_entry(str(key), str(value))
         providers = providers or ["CPUExecutionProvider"]
-        files = {c: Path(path) / e["file"] for c, e in manifest["components"].items()}
-        sess = {c: _Session(f, c, providers, options) for c, f in files.items() if c != "vae_encoder"
-                and (c != "t5" or load_t5)}
-        for required in ("clip_l", "clip_g", "transformer", "vae_decoder"):
-            if required not in sess:
-                raise CheckpointError(f"{path}/manifest.json lists no {required}; re-run `sd35trt export`")
-        self.clip_l, self.clip_g = _Clip(sess["clip_l"]), _Clip(sess["clip_g"])
-        self.t5 = _Single(sess["t5"]) if "t5" in sess else None
-        self.transformer = _Single(sess["transformer"])
-        self.vae_decoder = _Single(sess["vae_decoder"])
+        for c in RUNTIME:
+            entry = manifest.components.get(c.name)
+            if entry is None and not c.optional:
+                raise CheckpointError(f"{path}/manifest.json lists no {c.name}; re-run `sd35trt export`")
+            wanted = entry is not None and (c.name != "t5" or load_t5)
+            session = _Session(Path(path) / entry.file, c.name, providers, options) if wanted else None
+            setattr(self, c.name, ComponentCall(session, c.name, session) if session else None)
 
     def close(self) -> None:
-        self.clip_l = self.clip_g = self.t5 = self.transformer = self.vae_decoder = None
+        for c in RUNTIME:
+            setattr(self, c.name, None)

@@ -1,81 +1,58 @@
-"""The torch reference backend: our MMDiT and VAE decoder, transformers' CLIP and T5 encoders."""
+"""The torch reference backend: our MMDiT and VAE, transformers' CLIP and T5 encoders."""
 
 from __future__ import annotations
 
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Mapping
 
 import torch
+from torch import nn
 
 from ..checkpoint import Checkpoint
+from ..components import RUNTIME
 from ..config import VariantConfig
-from ..models.mmdit import MMDiT
-from ..models.vae import VaeDecoder
-from ..weights import load_module
+from ..models.loader import inner_model, load_modules
+from .base import BackendBase, ComponentCall
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-class _Clip:
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """`dtype` as a torch dtype: a torch.dtype, one of fp32|bf16|fp16, or None (the device's default)."""
+    from ..errors import InvalidInputError
 
-    @torch.inference_mode()
-    def __call__(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.model(input_ids, output_hidden_states=True)
-        return out.hidden_states[-2], out.text_embeds  # [B, 77, C], [B, C]
-
-
-class _T5:
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-
-    @torch.inference_mode()
-    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids)[0]  # [B, T, 4096]
+    if dtype is None:
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise InvalidInputError(f"dtype={dtype!r}: use one of {list(DTYPES)} (or the torch dtype)")
 
 
-class _Module:
+class ModuleRun:
     """Casts float inputs to the module's dtype, runs under `context` (e.g. an SDPA backend choice),
-    returns float32."""
+    returns the outputs as a tuple."""
 
-    def __init__(self, model: torch.nn.Module, dtype: torch.dtype, context=nullcontext) -> None:
+    def __init__(self, model: nn.Module, dtype: torch.dtype, context=nullcontext) -> None:
         self.model, self.dtype, self.context = model, dtype, context
 
     @torch.inference_mode()
-    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
-        cast = [a if a.dim() == 1 else a.to(self.dtype) for a in args]  # timestep stays fp32
+    def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        cast = [a if not a.is_floating_point() or a.dim() == 1 else a.to(self.dtype) for a in args]  # timestep stays fp32
         with self.context():
-            return self.model(*cast).float()
+            out = self.model(*cast)
+        return out if isinstance(out, tuple) else (out,)
 
 
-def _text_model(ckpt: Checkpoint, name: str, device: torch.device, dtype: torch.dtype):
-    """transformers' CLIPTextModelWithProjection / T5EncoderModel built from the checkpoint's
-    (config, state dict): made on the meta device, then loaded strictly."""
-    import transformers
-
-    found = ckpt.text_encoder(name, dtype)
-    if found is None:
-        return None
-    cfg, state = found
-    cls = transformers.T5EncoderModel if name == "t5" else transformers.CLIPTextModelWithProjection
-    with torch.device("meta"):
-        model = cls(cfg)
-    for module in model.modules():  # non-persistent buffers are not in any file: rebuild them
-        for key, buf in module.named_buffers(recurse=False):
-            if buf.is_meta and key == "position_ids":
-                module.register_buffer(key, torch.arange(buf.shape[-1]).expand(buf.shape), persistent=False)
-    model = load_module(model, state, ckpt.files[name], device, dtype)
-    if name == "t5":
-        model.set_input_embeddings(model.get_input_embeddings())  # re-tie shared / embed_tokens
-    return model
-
-
-class TorchBackend:
+class TorchBackend(BackendBase):
     """Loads an SD3.5 `Checkpoint` (diffusers folder or single file, or a path to one); T5 is
-    optional (zeros are used when absent)."""
+    optional (zeros are used when absent). `modules` holds the loaded torch modules by component."""
 
     name = "torch"
 
@@ -84,27 +61,29 @@ class TorchBackend:
         checkpoint: Checkpoint | str | Path,
         config: VariantConfig,
         device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         load_t5: bool = True,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = dtype or default_dtype(self.device)
+        self.dtype = resolve_dtype(dtype, self.device)
         ckpt = checkpoint
         if not isinstance(ckpt, Checkpoint):
             ckpt = Checkpoint.open(ckpt, family=config.family, t5=None if load_t5 else False)
-        self.clip_l = _Clip(_text_model(ckpt, "clip_l", self.device, self.dtype))
-        self.clip_g = _Clip(_text_model(ckpt, "clip_g", self.device, self.dtype))
-        t5 = _text_model(ckpt, "t5", self.device, self.dtype) if load_t5 else None
-        self.t5 = _T5(t5) if t5 is not None else None
-        with torch.device("meta"):
-            mmdit, vae = MMDiT(config.transformer), VaeDecoder(config.vae)
-        mmdit = load_module(mmdit, ckpt.transformer_state(), ckpt.files["transformer"], self.device, self.dtype)
-        vae = load_module(vae, ckpt.vae_decoder_state(), ckpt.files["vae"], self.device, self.dtype)
-        self.transformer = _Module(mmdit, self.dtype)
-        self.vae_decoder = _Module(vae, self.dtype)
+        names = [c.name for c in RUNTIME if c.name != "t5" or load_t5]
+        self.modules: dict[str, nn.Module] = load_modules(ckpt, names, self.device, self.dtype)
+        self.bind()
+
+    def bind(self, contexts: Mapping[str, object] | None = None) -> None:
+        """(Re)make the component callables from `modules`; `contexts` per component (optional)."""
+        for c in RUNTIME:
+            module = self.modules.get(c.name)
+            ctx = (contexts or {}).get(c.name, nullcontext)
+            call = None if module is None else ComponentCall(ModuleRun(module, self.dtype, ctx), c.name, inner_model(module))
+            setattr(self, c.name, call)
 
     def close(self) -> None:
-        for name in ("clip_l", "clip_g", "t5", "transformer", "vae_decoder"):
-            setattr(self, name, None)
+        self.modules = {}
+        for c in RUNTIME:
+            setattr(self, c.name, None)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -24,7 +24,7 @@ from ..config import VariantConfig
 from ..errors import CheckpointError, InvalidInputError
 from ..models.fp8 import FP8Linear, load_amax, to_fp8
 from ..models.mmdit import use_sigmoid_gelu
-from .torch_backend import TorchBackend, _Module
+from .torch_backend import TorchBackend
 
 
 def _attention_backend(device: torch.device):
@@ -64,21 +64,19 @@ class TorchFP8Backend(TorchBackend):
         if calibration is None:
             raise CheckpointError("backend 'torch-fp8' needs calibration=<dir with amax.safetensors> "
                                   "(written by `sd35trt export --precision fp8` under <out>/calibration)")
-        dtype = dtype or torch.bfloat16
-        if dtype != torch.bfloat16:
-            raise CheckpointError(f"torch-fp8 runs FP8 GEMMs with bf16 outputs; dtype={dtype} is not supported")
-        super().__init__(checkpoint, config, device, dtype, load_t5)
+        if dtype not in (None, torch.bfloat16, "bf16"):
+            raise InvalidInputError(f"torch-fp8 runs FP8 GEMMs with bf16 outputs; dtype={dtype!r} is not "
+                                    f"supported: drop it (bf16)")
+        super().__init__(checkpoint, config, device, torch.bfloat16, load_t5)
         amax = dict(calibration) if isinstance(calibration, Mapping) else load_amax(calibration)
-        mmdit = to_fp8(self.transformer.model, amax, fast_accum=fast_accum)  # bf16 weights dropped
+        mmdit = to_fp8(self.modules["transformer"], amax, fast_accum=fast_accum)  # bf16 weights dropped
         use_sigmoid_gelu(mmdit)
-        n_fp8 = sum(isinstance(m, FP8Linear) for m in mmdit.modules())
-        vae = self.vae_decoder.model
+        self.fp8_layers = sum(isinstance(m, FP8Linear) for m in mmdit.modules())
+        vae = self.modules["vae_decoder"]
         if self.device.type == "cuda":
             vae = vae.to(memory_format=torch.channels_last)
         if options is not None:
             mmdit = torch.compile(mmdit, fullgraph=True, options=options)
             vae = torch.compile(vae)
-        ctx = _attention_backend(self.device)
-        self.transformer = _Module(mmdit, dtype, ctx)
-        self.vae_decoder = _Module(vae, dtype)
-        self.fp8_layers = n_fp8
+        self.modules.update(transformer=mmdit, vae_decoder=vae)
+        self.bind({"transformer": _attention_backend(self.device)})

@@ -7,8 +7,8 @@ capability (`engine_manifest.preflight` runs the same checks as one function); e
 input shapes against the engine's profile first. All of those checks are pure and tested in CI.
 
 NEVER EXECUTED here: everything from `deserialize_cuda_engine` on (no enterprise TensorRT can be
-installed, and TensorRT-RTX refuses to run on our only GPU, an sm90 H100). It follows the
-documented API listed in `sd35trt.export.trt_build.FLAVORS`.
+installed, and TensorRT-RTX refuses to run on our only GPU, an sm90 H100/H200). It follows the
+documented API listed beside `FLAVORS` in `export/trt_build.py`.
 
 Execution: one execution context per component and per request slot (`slots=N` concurrent
 callers); the contexts of a slot share one device-memory block (components of a slot never run at
@@ -25,22 +25,19 @@ from __future__ import annotations
 import importlib
 import queue
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
-from ..config import CFG_DOUBLED, COMPONENT_IO, VariantConfig
-from ..engine_manifest import (EngineSetError, EngineShapes, check_device, check_engine_files, check_flavor,
-                               check_library, check_shapes, device_cc, read_engine_manifest, rebuild_command)
+from ..components import RUNTIME, component
+from ..config import VariantConfig
+from ..engine_manifest import (FLOAT_DTYPES, LIBRARIES, TRT_DTYPES, EngineManifest, EngineSetError, check_device,
+                               check_engine_files, check_flavor, check_library, check_shapes, device_cc,
+                               rebuild_command)
 from ..errors import InvalidInputError
-
-# Float dtype of the export (ONNX manifest "dtype") -> tensor dtype name; token ids and the
-# timestep keep theirs whatever the export precision (export/onnx_export.py: sample_inputs).
-FLOAT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-FIXED_DTYPES = {"input_ids": "int64", "timestep": "float32"}
-# TensorRT DataType member name -> the dtype names above (as trt_build.TensorSpec writes them)
-TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64", "INT32": "int32"}
+from .base import BackendBase, ComponentCall, Limits
 
 
 @dataclass(frozen=True)
@@ -53,37 +50,46 @@ class Binding:
     profile: tuple[tuple[int, ...], ...] | None  # inputs: (min, opt, max); outputs: None
 
 
-def binding_table(component: str, doc: Mapping[str, Any]) -> tuple[Binding, ...]:
-    """What the backend binds for `component` of an engine set: names from COMPONENT_IO, dtypes
-    from the export precision, profiles from the variant config and the set's shapes."""
-    config = VariantConfig.from_dict(doc["variant"])
-    profiles = EngineShapes.from_dict(doc["shapes"]).profiles(config)[component]
-    floats = FLOAT_DTYPES[doc["dtype"]]
-    names_in, names_out = COMPONENT_IO[component]
-    return tuple(Binding(n, True, FIXED_DTYPES.get(n, floats), tuple(profiles[n])) for n in names_in) + tuple(
-        Binding(n, False, floats, None) for n in names_out)
+def binding_table(name: str, m: EngineManifest) -> tuple[Binding, ...]:
+    """What the backend binds for component `name` of an engine set: names and the dtype rule from
+    the component table, the float dtype from the export precision, profiles from the variant
+    config and the set's shapes."""
+    spec, profiles = component(name), m.profiles()[name]
+    dtypes = spec.dtypes(FLOAT_DTYPES[m.dtype])
+    return tuple(Binding(n, True, dtypes[n], tuple(profiles[n])) for n in spec.input_names) + tuple(
+        Binding(n, False, dtypes[n], None) for n in spec.output_names)
 
 
-class TrtBackend:
-    """`Pipeline.from_pretrained(engine_dir, backend="tensorrt-rtx")` (or "tensorrt")."""
+def engine_limits(m: EngineManifest) -> Limits:
+    return Limits(max_batch=m.shapes.batches[2], min_size=m.shapes.sizes[0], max_size=m.shapes.sizes[2])
 
-    def __init__(self, path: Any, config: VariantConfig, flavor: str, device: str | torch.device | None = None,
+
+class TrtBackend(BackendBase):
+    """`Pipeline.from_pretrained(engine_dir)` (the set's flavor), or backend="tensorrt-rtx" / "tensorrt"."""
+
+    flavor = ""  # set by the two flavor classes below
+
+    @classmethod
+    def limits_for(cls, path: Any, config: VariantConfig) -> Limits:
+        return engine_limits(EngineManifest.load(Path(path)))
+
+    def __init__(self, path: Any, config: VariantConfig, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, load_t5: bool = True, slots: int = 1,
                  weight_streaming_budget: int | None = None) -> None:
-        from sd35trt.export.trt_build import FLAVORS
-
+        flavor = self.flavor
         self.name, self.path = flavor, Path(path)
         if dtype is not None:
             raise InvalidInputError(f"dtype={dtype} does not apply to {flavor}: engine precision is fixed at build")
         if not (type(slots) is int and slots >= 1):
             raise InvalidInputError(f"slots={slots!r} must be an int >= 1 (concurrent requests)")
-        self.doc = read_engine_manifest(self.path)
+        self.doc = EngineManifest.load(self.path)
+        self.limits = engine_limits(self.doc)
         check_flavor(self.doc, self.path, flavor)
+        lib = LIBRARIES[flavor]
         try:
-            trt = importlib.import_module(FLAVORS[flavor].module)
+            trt = importlib.import_module(lib.module)
         except ImportError as exc:
-            raise EngineSetError(f"backend {flavor!r} needs {FLAVORS[flavor].module} ({exc}); "
-                                 f"{FLAVORS[flavor].install}") from exc
+            raise EngineSetError(f"backend {flavor!r} needs {lib.module} ({exc}); {lib.install}") from exc
         check_library(self.doc, self.path, trt.__version__)  # these two need no GPU (run in CI)
         check_engine_files(self.doc, self.path)
         if not torch.cuda.is_available():
@@ -93,19 +99,19 @@ class TrtBackend:
         if self.device.type != "cuda":
             raise InvalidInputError(f"device={device!r}: {flavor} engines run on CUDA devices (cuda, cuda:N)")
         check_device(self.doc, self.path, device_cc(self.device))
-        comps = [c for c in self.doc["components"] if c != "t5" or load_t5]
+        comps = [c for c in self.doc.components if c != "t5" or load_t5]
         with torch.cuda.device(self.device):
             self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))  # outlives the engines
             self._engines = {c: self._deserialize(trt, self._runtime, c, weight_streaming_budget) for c in comps}
             self._slots: queue.Queue[_Slot] = queue.Queue()
             for _ in range(slots):
                 self._slots.put(_Slot(trt, self._engines, self.device))
-        self.clip_l, self.clip_g = _Clip(self, "clip_l"), _Clip(self, "clip_g")
-        self.t5 = _Single(self, "t5") if "t5" in self._engines else None
-        self.transformer, self.vae_decoder = _Single(self, "transformer"), _Single(self, "vae_decoder")
+        for c in RUNTIME:
+            run = partial(self.run, c.name)
+            setattr(self, c.name, ComponentCall(run, c.name) if c.name in self._engines else None)
 
     def _deserialize(self, trt: Any, runtime: Any, comp: str, budget: int | None) -> tuple[Any, tuple[Binding, ...]]:
-        path = self.path / self.doc["components"][comp]["file"]
+        path = self.path / self.doc.components[comp].file
         engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:
             raise EngineSetError(f"{path} could not be deserialized by {self.name} {trt.__version__}; "
@@ -113,7 +119,7 @@ class TrtBackend:
         table = binding_table(comp, self.doc)
         _check_engine_io(engine, trt, table, path, self.doc)
         if budget is not None:
-            if not self.doc["components"][comp]["flags"]["weight_streaming"]:
+            if not self.doc.components[comp].flags["weight_streaming"]:
                 raise InvalidInputError(f"weight_streaming_budget: {path} was built without weight streaming; "
                                         f"rebuild: {rebuild_command(self.doc, weight_streaming=True)}")
             engine.weight_streaming_budget_v2 = budget
@@ -121,10 +127,10 @@ class TrtBackend:
 
     def check_request(self, batch: int, height: int, width: int, max_sequence_length: int = 256) -> None:
         """Refuse, before any component runs, a request that one of the engines cannot take."""
-        config, cfg = VariantConfig.from_dict(self.doc["variant"]), self.doc["shapes"]["cfg"]
         for comp in self._engines:
-            b = batch * 2 if cfg and comp in CFG_DOUBLED else batch
-            check_shapes(self.doc, self.path, comp, config.io_shapes(b, height, width, max_sequence_length)[comp])
+            spec = component(comp)
+            b = batch * 2 if self.doc.shapes.cfg and spec.cfg_doubled else batch
+            check_shapes(self.doc, self.path, comp, spec.shapes(self.doc.variant, b, height, width, max_sequence_length))
 
     def run(self, component: str, *args: torch.Tensor) -> list[torch.Tensor]:
         _, table = self._engines[component]
@@ -140,7 +146,8 @@ class TrtBackend:
     def close(self) -> None:
         self._slots = queue.Queue()
         self._engines, self._runtime = {}, None
-        self.clip_l = self.clip_g = self.t5 = self.transformer = self.vae_decoder = None
+        for c in RUNTIME:
+            setattr(self, c.name, None)
 
 
 class _Slot:
@@ -156,7 +163,7 @@ class _Slot:
             ctx = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
             ctx.set_device_memory(self.memory.data_ptr(), engine.device_memory_size_v2)
             bufs = {}
-            for b in table:  # inputs first (COMPONENT_IO order), so output max shapes resolve
+            for b in table:  # inputs first (component-table order), so output max shapes resolve
                 if b.is_input:
                     ctx.set_input_shape(b.name, b.profile[2])
                 shape = tuple(ctx.get_tensor_shape(b.name))  # max input shape / its output shape
@@ -189,7 +196,7 @@ def _view(buf: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return buf.view(-1)[:n].view(shape)
 
 
-def _check_engine_io(engine: Any, trt: Any, table: tuple[Binding, ...], path: Path, doc: Mapping[str, Any]) -> None:
+def _check_engine_io(engine: Any, trt: Any, table: tuple[Binding, ...], path: Path, doc: EngineManifest) -> None:
     """The deserialized engine has exactly the tensors, dtypes and profiles the backend binds."""
     got = {}
     for i in range(engine.num_io_tensors):
@@ -203,18 +210,12 @@ def _check_engine_io(engine: Any, trt: Any, table: tuple[Binding, ...], path: Pa
                              f"{sorted(want.values(), key=str)}; rebuild: {rebuild_command(doc)}")
 
 
-class _Clip:
-    def __init__(self, backend: TrtBackend, comp: str) -> None:
-        self.backend, self.comp = backend, comp
-
-    def __call__(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, pooled = self.backend.run(self.comp, ids)
-        return hidden, pooled  # [B, 77, C], [B, C]
+class TensorRTBackend(TrtBackend):
+    flavor = "tensorrt"
 
 
-class _Single:
-    def __init__(self, backend: TrtBackend, comp: str) -> None:
-        self.backend, self.comp = backend, comp
+class TensorRTRtxBackend(TrtBackend):
+    flavor = "tensorrt-rtx"
 
-    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
-        return self.backend.run(self.comp, *args)[0].float()
+
+FLAVOR_BACKENDS = {b.flavor: b for b in (TensorRTBackend, TensorRTRtxBackend)}

@@ -1,8 +1,9 @@
-"""The SD3 VAE decoder (16 latent channels) in plain torch.
+"""The SD3 VAE (16 latent channels) in plain torch: decoder and encoder.
 
-Parameter names follow the `decoder.*` part of diffusers' AutoencoderKL, so the decoder weights of
-a `vae/` folder load strictly. Input: unscaled latents (`z / scaling_factor + shift_factor`);
-output: an image in [-1, 1].
+Parameter names follow the `decoder.*` / `encoder.*` parts of diffusers' AutoencoderKL, so the
+weights of a `vae/` folder load strictly. Decoder input: unscaled latents
+(`z / scaling_factor + shift_factor`), output an image in [-1, 1]; encoder input: an image in
+[-1, 1], output the latent mean (unscaled; the posterior's mode, as image-to-image uses it).
 """
 
 from __future__ import annotations
@@ -121,3 +122,63 @@ class VaeDecoder(nn.Module):
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         return self.decoder(latent)
+
+
+class Downsample(nn.Module):
+    """Stride-2 conv after a (0, 1, 0, 1) zero pad (diffusers' encoder downsampler, padding=0)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class DownBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, layers: int, groups: int, downsample: bool) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList(ResnetBlock(c_in if i == 0 else c_out, c_out, groups) for i in range(layers))
+        if downsample:
+            self.downsamplers = nn.ModuleList([Downsample(c_out)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x)
+        if hasattr(self, "downsamplers"):
+            x = self.downsamplers[0](x)
+        return x
+
+
+class Encoder(nn.Module):
+    def __init__(self, spec: VaeSpec) -> None:
+        super().__init__()
+        chans, g = list(spec.block_out_channels), spec.norm_num_groups
+        self.conv_in = nn.Conv2d(3, chans[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList(
+            DownBlock(chans[max(i - 1, 0)], c, spec.layers_per_block, g, i < len(chans) - 1)
+            for i, c in enumerate(chans)
+        )
+        self.mid_block = MidBlock(chans[-1], g)
+        self.conv_norm_out = _group_norm(g, chans[-1])
+        self.conv_out = nn.Conv2d(chans[-1], 2 * spec.latent_channels, 3, padding=1)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(image)
+        for block in self.down_blocks:
+            x = block(x)
+        x = self.mid_block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))  # [B, 32, H/8, W/8]: mean ++ log-variance
+
+
+class VaeEncoder(nn.Module):
+    """image [B, 3, H, W] in [-1, 1] -> latent mean [B, 16, H/8, W/8] (unscaled)."""
+
+    def __init__(self, spec: VaeSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.encoder = Encoder(spec)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        moments = self.encoder(image)
+        return moments[:, : moments.shape[1] // 2]

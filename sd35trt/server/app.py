@@ -151,7 +151,8 @@ def create_app(settings: ServeSettings, pipeline: Pipeline | None = None) -> Fas
         try:
             pipe, batcher = host.require_ready()
             seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-            sizes = (host.caps.min_size, host.caps.max_size) if host.caps else None
+            caps = pipe.backend.limits
+            sizes = (caps.min_size or 0, caps.max_size or limits.max_size) if caps.max_size else None
             job = to_job(body, limits, pipe.config, seed, sizes)
             out = await wait_for_result(batcher.submit(job), request, limits.timeout_s)
             return await run_in_threadpool(render, body, job, out, str(settings.model))

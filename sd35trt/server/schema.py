@@ -68,20 +68,15 @@ class FieldError(InvalidInputError):
 
 
 def parse_size(size: str, config: VariantConfig, max_size: int, min_size: int = 0) -> tuple[int, int]:
-    """'WxH' -> (height, width), within the model's range and the server's cap, multiples of 16."""
+    """'WxH' -> (height, width), checked by the variant config within the server's cap."""
     m = _SIZE.match(size)
     if not m:
         raise FieldError("size", f"{size!r} must be 'WIDTHxHEIGHT' in pixels, e.g. '1024x1024'")
     width, height = int(m.group(1)), int(m.group(2))
-    step = config.size_multiple
-    lo, hi = max(config.min_size, min_size), min(config.max_size, max_size)
-    for label, v in (("width", width), ("height", height)):
-        if v % step:
-            down = v - v % step
-            raise FieldError("size", f"{label} {v} in {size!r} is not a multiple of {step}; use {down or step} "
-                                     f"or {down + step}")
-        if not lo <= v <= hi:
-            raise FieldError("size", f"{label} {v} in {size!r} is outside [{lo}, {hi}]; pick a size in range")
+    try:
+        config.check_size(height, width, min_size=min_size, max_size=max_size)
+    except InvalidInputError as exc:
+        raise FieldError("size", f"{exc} (size {size!r})") from None
     return height, width
 
 

@@ -13,10 +13,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from sd35trt.runtime import Pipeline
-from sd35trt.runtime.batching import BatcherStats, MicroBatcher, check_batching
-from sd35trt.runtime.engine_manifest import EngineShapes, read_engine_manifest
-from sd35trt.runtime.errors import ClosedError, InvalidInputError
+from ..runtime import Pipeline
+from ..runtime.backends import Limits, backend_limits
+from ..runtime.batching import BatcherStats, MicroBatcher, check_batching
+from ..runtime.checkpoint import Checkpoint
+from ..runtime.errors import ClosedError, InvalidInputError
 
 from .schema import Limits
 
@@ -25,12 +26,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """`model`: a diffusers folder, single file or `sd35trt export` folder; with `engines=True`, an
-    engine set (`sd35trt build`), whose flavor is the default backend and whose profile caps the
-    batch and the sizes."""
+    """`model`: a diffusers folder, single file, `sd35trt export` folder or engine set (`sd35trt
+    build`); the backend defaults to what it holds (torch, onnxruntime, the set's flavor), and the
+    backend's limits (an engine set's profile) cap the batch and the sizes. `engines=True` insists
+    on an engine set."""
 
     model: Path
-    backend: str | None = None  # default: torch, or the engine set's flavor
+    backend: str | None = None  # default: what the model path holds (Checkpoint.default_backend)
     engines: bool = False
     backend_options: Mapping[str, Any] = field(default_factory=dict)
     max_batch: int = 4
@@ -48,20 +50,6 @@ class ServeSettings:
                                     f"a request's images run in one batch, so lower max_n or raise max_batch")
 
 
-@dataclass(frozen=True)
-class EngineCaps:
-    """What an engine set's profiles allow: images per call and the side range in pixels."""
-
-    max_batch: int
-    min_size: int
-    max_size: int
-
-    @classmethod
-    def of(cls, doc: Mapping[str, Any]) -> EngineCaps:
-        shapes = EngineShapes.from_dict(doc["shapes"])
-        return cls(shapes.batches[2], shapes.sizes[0], shapes.sizes[2])
-
-
 class NotReadyError(ClosedError):
     """The model is loading, failed to load, or the server is shutting down."""
 
@@ -74,7 +62,7 @@ class ModelHost:
         self.status, self.error = "loading", None
         self.pipe: Pipeline | None = None
         self.batcher: MicroBatcher | None = None
-        self.caps: EngineCaps | None = None
+        self.caps: Limits | None = None  # the backend's, asked before loading
         self._given = pipeline
         self._lock = threading.Lock()
         self._loader: threading.Thread | None = None
@@ -89,12 +77,13 @@ class ModelHost:
     def _load(self) -> None:
         s = self.settings
         try:
-            backend = s.backend
-            if s.engines:
-                doc = read_engine_manifest(Path(s.model))
-                self.caps = EngineCaps.of(doc)
-                backend = backend or doc["flavor"]
-            self._ready(Pipeline.from_pretrained(s.model, backend=backend or "torch", **dict(s.backend_options)))
+            ckpt = Checkpoint.open(s.model)
+            if s.engines and ckpt.default_backend not in ("tensorrt", "tensorrt-rtx"):
+                raise InvalidInputError(f"{s.model} is not an engine set (no engine manifest); serve it with "
+                                        f"--model, or build one with `sd35trt build`")
+            backend = s.backend or ckpt.default_backend
+            self.caps = backend_limits(backend, ckpt, ckpt.config)
+            self._ready(Pipeline.from_pretrained(s.model, backend=backend, **dict(s.backend_options)))
         except Exception as exc:  # any load failure is reported by /readyz, the process keeps serving
             log.error("model %s failed to load: %s", s.model, exc)
             with self._lock:
@@ -102,7 +91,8 @@ class ModelHost:
 
     def _ready(self, pipe: Pipeline) -> None:
         s = self.settings
-        max_batch = min(s.max_batch, self.caps.max_batch) if self.caps else s.max_batch
+        caps = self.caps or pipe.backend.limits
+        max_batch = min(s.max_batch, caps.max_batch) if caps.max_batch else s.max_batch
         batcher = MicroBatcher(pipe, max_batch=max_batch, window_ms=s.batch_window_ms, max_queue=s.max_queue,
                                workers=s.workers)
         with self._lock:

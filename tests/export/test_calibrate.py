@@ -16,7 +16,8 @@ SETTINGS = CalibSettings(num_prompts=2, steps=3, height=64, width=64, seed=7)
 
 def _calibrate(path: Path, settings: CalibSettings = SETTINGS) -> CalibState:
     pipe = Pipeline.from_pretrained(path, device="cpu", dtype=torch.float32)
-    return calibrate(pipe, settings, progress=False)
+    state, _ = calibrate(pipe.encode, pipe.backend.modules["transformer"], settings, progress=False)
+    return state
 
 
 def test_same_seed_same_scales_other_seed_other_scales(tiny_medium: Path) -> None:

@@ -12,10 +12,10 @@ import pytest
 from sd35trt.cli import main
 from sd35trt.export.engines import build_engines, default_out_dir, format_table
 from sd35trt.runtime.backends.trt_backend import binding_table
-from sd35trt.runtime.config import COMPONENTS
-from sd35trt.runtime.engine_manifest import rebuild_command
+from sd35trt.runtime.components import COMPONENTS
+from sd35trt.runtime.engine_manifest import EngineManifest, rebuild_command
 from sd35trt.runtime.errors import InvalidInputError
-from sd35trt.runtime.manifest import sha256_file
+from sd35trt.runtime.files import sha256_file
 
 trt = pytest.importorskip("tensorrt_rtx_bindings", reason="pip install 'sd35trt[trt-rtx]' (CPU AOT builds)")
 TARGETS = ("sm89", "sm120")
@@ -59,7 +59,7 @@ def test_built_networks_are_what_the_backend_binds(engines_fp8: dict, cc: str) -
     out, rows = engines_fp8[cc]
     doc = _doc(out)
     for r in rows:
-        table = binding_table(r.component, doc)  # what TrtBackend binds (COMPONENT_IO + dtype policy + config)
+        table = binding_table(r.component, EngineManifest.load(out))  # what TrtBackend binds (COMPONENT_IO + dtype policy + config)
         ins = [(b.name, b.dtype) for b in table if b.is_input]
         outs = [(b.name, b.dtype) for b in table if not b.is_input]
         assert [(t.name, t.dtype) for t in r.report.inputs] == ins, r.component
@@ -68,10 +68,11 @@ def test_built_networks_are_what_the_backend_binds(engines_fp8: dict, cc: str) -
         entry = doc["components"][r.component]  # the manifest the runtime reads says the same
         assert [(t["name"], t["dtype"]) for t in entry["inputs"]] == ins
         assert entry["built_profiles"] == entry["profiles"] == {b.name: [list(s) for s in b.profile] for b in table if b.is_input}
-    transformer = {b.name: b for b in binding_table("transformer", doc)}
+    manifest = EngineManifest.load(out)
+    transformer = {b.name: b for b in binding_table("transformer", manifest)}
     assert transformer["hidden_states"].profile == ((2, 16, 16, 16),) * 3  # 128² static, CFG batch 2
     assert transformer["encoder_hidden_states"].profile[0] == (2, 77 + 256, 96)  # 77 CLIP + 256 T5 tokens
-    assert transformer["timestep"].dtype == "float32" and binding_table("t5", doc)[0].dtype == "int64"
+    assert transformer["timestep"].dtype == "float32" and binding_table("t5", manifest)[0].dtype == "int64"
 
 
 def test_second_build_rebuilds_nothing(engines_fp8: dict, onnx_fp8: Path, capsys) -> None:

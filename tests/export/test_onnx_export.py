@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from sd35trt.export.calibrate import DEFAULT_EXCLUDE, CalibState, apply_calibration
-from sd35trt.export.onnx_export import ClipGraph, T5Graph
 from sd35trt.export.qdq import FP8, qdq_summary
 from sd35trt.runtime import Pipeline
-from sd35trt.runtime.config import COMPONENT_IO
+from sd35trt.runtime.components import component
 
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime (test extra) runs the exported graphs")
 
@@ -38,10 +37,7 @@ def _inputs(pipe: Pipeline, comp: str) -> tuple[torch.Tensor, ...]:
 
 
 def _torch_module(pipe: Pipeline, comp: str):
-    b = pipe.backend
-    return {"clip_l": lambda: ClipGraph(b.clip_l.model), "clip_g": lambda: ClipGraph(b.clip_g.model),
-            "t5": lambda: T5Graph(b.t5.model), "transformer": lambda: b.transformer.model,
-            "vae_decoder": lambda: b.vae_decoder.model}[comp]()
+    return pipe.backend.modules[comp]  # the module the torch backend runs (the table's signature)
 
 
 @pytest.mark.parametrize("comp", ["clip_l", "clip_g", "t5", "transformer", "vae_decoder"])
@@ -52,7 +48,7 @@ def test_fp32_graph_matches_torch(onnx_fp32: Path, tiny_medium: Path, comp: str)
         ref = _torch_module(pipe, comp)(*args)
     ref = ref if isinstance(ref, tuple) else (ref,)
     sess = ort.InferenceSession(str(onnx_fp32 / f"{comp}.onnx"), providers=["CPUExecutionProvider"])
-    names_in, names_out = COMPONENT_IO[comp]
+    names_in, names_out = component(comp).input_names, component(comp).output_names
     outs = sess.run(list(names_out), {n: a.numpy() for n, a in zip(names_in, args)})
     for o, r in zip(outs, ref):
         assert o.shape == tuple(r.shape)
@@ -69,7 +65,7 @@ def test_fp8_transformer_matches_modelopt_fake_quant(onnx_fp8: Path, tiny_medium
     with torch.no_grad():
         ref = fake(*args).numpy()
     sess = ort.InferenceSession(str(onnx_fp8 / "transformer.onnx"), providers=["CPUExecutionProvider"])
-    out = sess.run(["velocity"], {n: a.numpy() for n, a in zip(COMPONENT_IO["transformer"][0], args)})[0]
+    out = sess.run(["velocity"], {n: a.numpy() for n, a in zip(component("transformer").input_names, args)})[0]
     err = _rel_l2(out, ref)
     assert err <= 1e-2
     assert _rel_l2(ref, high) > 10 * err  # the graph really quantizes: FP8 differs from fp32 more
@@ -111,13 +107,13 @@ def test_fp8_weights_take_one_byte(onnx_fp8: Path, onnx_fp32: Path, tiny_medium:
 def test_16bit_text_encoders_export_and_build(tiny_medium: Path, tmp_path: Path, dtype: torch.dtype) -> None:
     """Real engines use fp16/bf16 outside the FP8 MMDiT: the text encoder graphs must export and
     pass TensorRT's strongly typed parser (one dtype per LayerNorm, no fp32 leaks)."""
-    from sd35trt.export.onnx_export import export_graph, sample_inputs
+    from sd35trt.export.onnx_export import export_graph
 
     pipe = Pipeline.from_pretrained(tiny_medium, device="cpu", dtype=dtype)
     want = {torch.float16: onnx.TensorProto.FLOAT16, torch.bfloat16: onnx.TensorProto.BFLOAT16}[dtype]
-    for comp, module in (("clip_l", ClipGraph(pipe.backend.clip_l.model)), ("t5", T5Graph(pipe.backend.t5.model))):
+    for comp, module in (("clip_l", pipe.backend.modules["clip_l"]), ("t5", pipe.backend.modules["t5"])):
         path = tmp_path / f"{comp}.onnx"
-        export_graph(module, comp, sample_inputs(pipe.config, comp, dtype), path, fp8=False)
+        export_graph(module, comp, component(comp).sample_inputs(pipe.config, dtype), path, fp8=False)
         graph = onnx.load(str(path))
         assert graph.graph.output[0].type.tensor_type.elem_type == want
         pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX (trt-rtx extra) parses the graph")

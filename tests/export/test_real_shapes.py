@@ -20,8 +20,9 @@ import pytest
 import torch
 
 from sd35trt.export.calibrate import DEFAULT_EXCLUDE, collect_amax, quantize_module
-from sd35trt.export.onnx_export import export_graph, sample_inputs
+from sd35trt.export.onnx_export import export_graph
 from sd35trt.export.qdq import qdq_summary
+from sd35trt.runtime.components import component
 from sd35trt.runtime.config import VARIANTS
 from sd35trt.bench import random_mmdit as bench_random_mmdit
 from sd35trt.runtime.models.mmdit import MMDiT
@@ -39,7 +40,7 @@ def medium_fp8_onnx(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """FP8-calibrated full-size Medium MMDiT exported to ONNX once for this module's tests."""
     t0 = time.perf_counter()
     model = random_mmdit("sd3.5-medium", torch.bfloat16)
-    args = sample_inputs(VARIANTS["sd3.5-medium"], "transformer", torch.bfloat16)  # 64x96 px, 16 T5 tokens
+    args = component("transformer").sample_inputs(VARIANTS["sd3.5-medium"], torch.bfloat16)  # 64x96 px, 16 T5 tokens
 
     def forward_loop(m):
         with torch.no_grad():
@@ -74,6 +75,7 @@ def test_full_size_medium_fp8_export(medium_fp8_onnx: dict, capsys) -> None:
 _BUILD = """
 import json, sys, time
 from sd35trt.export.trt_build import build_engine
+from sd35trt.runtime.components import component
 from sd35trt.runtime.config import VARIANTS
 profiles = VARIANTS["sd3.5-medium"].engine_profiles(sizes=(1024,) * 3, batches=(1, 1, 1))["transformer"]
 t0 = time.perf_counter()

@@ -169,11 +169,9 @@ def test_bad_arguments_are_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize("cc", ["sm89", "sm120"])
 def test_exported_fp8_transformer_builds(onnx_fp8: Path, tmp_path: Path, cc: str) -> None:
     """The tiny FP8 MMDiT from `sd35trt export` parses and builds with TensorRT-RTX on the CPU."""
-    import json
+    from sd35trt.runtime.manifest import ExportManifest
 
-    from sd35trt.runtime.config import VariantConfig
-
-    config = VariantConfig.from_dict(json.loads((onnx_fp8 / "manifest.json").read_text())["variant"])
+    config = ExportManifest.load(onnx_fp8).variant
     profiles = config.engine_profiles(sizes=(64, 128, 256), batches=(1, 1, 2))["transformer"]
     report = build_engine(onnx_fp8 / "transformer.onnx", tmp_path / "transformer.engine",
                           compute_capability=cc, profiles=profiles)

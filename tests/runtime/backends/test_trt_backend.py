@@ -16,8 +16,9 @@ import torch
 from sd35trt.cli import build_parser
 from sd35trt.runtime import Pipeline
 from sd35trt.runtime.backends import available
-from sd35trt.runtime.engine_manifest import (EngineSetError, EngineShapeError, check_device, check_engine_files,
-                                             check_library, check_shapes, preflight, rebuild_command)
+from sd35trt.runtime.engine_manifest import (EngineManifest, EngineSetError, EngineShapeError, check_device,
+                                             check_engine_files, check_library, check_shapes, preflight,
+                                             rebuild_command)
 
 trt = pytest.importorskip("tensorrt_rtx_bindings", reason="pip install 'sd35trt[trt-rtx]' (CPU AOT builds)")
 
@@ -41,7 +42,7 @@ def test_both_backends_are_registered() -> None:
 
 
 def test_an_intact_set_passes_preflight(engine_set: Path) -> None:
-    preflight(_doc(engine_set), engine_set, flavor="tensorrt-rtx", installed=trt.__version__, cc="sm89")
+    preflight(EngineManifest.load(engine_set), engine_set, flavor="tensorrt-rtx", installed=trt.__version__, cc="sm89")
 
 
 def test_corrupted_engine_is_refused_with_the_file_and_rebuild_command(engine_set: Path) -> None:
@@ -55,7 +56,7 @@ def test_corrupted_engine_is_refused_with_the_file_and_rebuild_command(engine_se
     assert f"--gpu sm89 --flavor tensorrt-rtx --static --batch 1" in str(err.value)
     engine.unlink()
     with pytest.raises(EngineSetError, match=rf"{engine} is missing; rebuild: sd35trt build"):
-        check_engine_files(_doc(engine_set), engine_set)
+        check_engine_files(EngineManifest.load(engine_set), engine_set)
 
 
 def test_manifest_from_another_library_version_is_refused(engine_set: Path) -> None:
@@ -72,9 +73,9 @@ def test_manifest_from_another_library_version_is_refused(engine_set: Path) -> N
 def test_engines_for_another_gpu_are_refused(engine_set: Path) -> None:
     doc = _doc(engine_set)
     with pytest.raises(EngineSetError, match=r"targets sm89, this GPU is sm120") as err:
-        check_device(doc, engine_set, "sm120")
+        check_device(EngineManifest.load(engine_set), engine_set, "sm120")
     assert f"--out {doc['build']['out'][:-4]}sm120 --gpu sm120" in str(err.value)  # .../sm89 -> .../sm120
-    check_library(doc, engine_set, trt.__version__)
+    check_library(EngineManifest.load(engine_set), engine_set, trt.__version__)
 
 
 def test_a_set_is_loaded_only_by_its_own_flavor(engine_set: Path) -> None:
@@ -89,7 +90,7 @@ def test_an_intact_set_gets_through_every_check_then_needs_a_gpu(engine_set: Pat
 
 
 def test_request_shapes_are_checked_against_the_profiles(engine_set: Path) -> None:
-    doc = _doc(engine_set)  # static 128x128, batch 1, CFG: the transformer takes batch 2 only
+    doc = EngineManifest.load(engine_set)  # static 128x128, batch 1, CFG: the transformer takes batch 2 only
     check_shapes(doc, engine_set, "transformer", {"hidden_states": (2, 16, 16, 16), "timestep": (2,)})
     with pytest.raises(EngineShapeError, match=r"hidden_states' has shape \[2, 16, 32, 16\]") as err:
         check_shapes(doc, engine_set, "transformer", {"hidden_states": (2, 16, 32, 16)})  # 256x128 px

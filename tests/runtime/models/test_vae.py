@@ -22,3 +22,20 @@ def test_decode_matches_diffusers(hw: tuple[int, int]) -> None:
     assert a.shape == b.shape == (2, 3, hw[0] * 8, hw[1] * 8)
     assert (a - b).abs().max().item() <= 1e-4
     assert a.std() > 0.05
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (48, 80)])
+def test_encode_matches_diffusers(hw: tuple[int, int]) -> None:
+    from sd35trt.runtime.models.vae import VaeEncoder
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(4)
+        ref = autoencoder().eval()
+    ours = VaeEncoder(TINY_VAE).eval()
+    ours.load_state_dict({k: v for k, v in ref.state_dict().items() if k.startswith("encoder.")})
+    image = torch.rand(2, 3, *hw, generator=torch.Generator().manual_seed(1)) * 2 - 1  # [B, 3, H, W]
+    with torch.no_grad():
+        a, b = ref.encode(image).latent_dist.mode(), ours(image)
+    assert a.shape == b.shape == (2, 16, hw[0] // 8, hw[1] // 8)
+    assert (a - b).abs().max().item() <= 1e-4
+    assert a.std() > 0.01
