@@ -7,15 +7,15 @@ STAMP := $(VENV)/.installed-test
 DEMO ?= build/demo
 PYTEST_ARGS ?=
 
-# `make engines GPU=sm89 MODEL=path [VARIANT=large-turbo] [PRECISION=fp8|fp16|bf16] [FLAVOR=tensorrt-rtx|tensorrt]`:
-# export (build/onnx/<model>-<precision>/, the non-FP8 part in DTYPE) then build
-# (engines/<variant>-<precision>-<gpu>/). VARIANT only overrides the family read from the checkpoint
-# (Large and Large Turbo share one architecture; Turbo engines need no CFG batch).
+# `make engines GPU=sm89 MODEL=path [FAMILY=large-turbo] [PRECISION=fp8|fp16|bf16] [DTYPE=fp16|bf16|fp32] [FLAVOR=tensorrt-rtx|tensorrt]`:
+# export (build/onnx/<model>-<precision>/, the non-FP8 part in DTYPE, default `sd35trt export`'s fp16)
+# then build (engines/<preset or custom-family>-<precision>-<gpu>/). FAMILY only overrides the family
+# read from the checkpoint (Large and Large Turbo share one architecture; Turbo engines need no CFG batch).
 GPU ?=
 MODEL ?=
-VARIANT ?=
+FAMILY ?=
 PRECISION ?= fp8
-DTYPE ?= fp16
+DTYPE ?=
 FLAVOR ?= tensorrt-rtx
 ENGINE_ARGS ?=
 ONNX_DIR ?= build/onnx/$(notdir $(abspath $(MODEL)))-$(PRECISION)
@@ -36,7 +36,7 @@ venv: $(STAMP)
 # then TensorRT-RTX engines of the same graphs for an RTX 40xx (sm89), built on this CPU (AOT; they run
 # only on such a GPU), with the build table.
 demo: $(STAMP)
-	test -f $(DEMO)/tiny-medium/model_index.json || $(VENV)/bin/sd35trt tiny-model $(DEMO)/tiny-medium --variant medium --seed 0
+	test -f $(DEMO)/tiny-medium/model_index.json || $(VENV)/bin/sd35trt tiny-model $(DEMO)/tiny-medium --family medium --seed 0
 	$(VENV)/bin/sd35trt export --model $(DEMO)/tiny-medium --out $(DEMO)/onnx-fp8 --precision fp8 --dtype fp32 \
 		--calib-size 4 --calib-steps 10
 	$(VENV)/bin/sd35trt generate --model $(DEMO)/onnx-fp8 --backend onnxruntime \
@@ -44,9 +44,9 @@ demo: $(STAMP)
 	$(VENV)/bin/sd35trt build --onnx $(DEMO)/onnx-fp8 --out $(DEMO)/engines-fp8-sm89 --gpu sm89 --flavor tensorrt-rtx --quiet
 
 engines: $(STAMP)
-	@test -n "$(GPU)" -a -n "$(MODEL)" || { echo "usage: make engines GPU=sm89 MODEL=path/to/sd3.5 [VARIANT=large|medium|large-turbo] [PRECISION=fp8|fp16|bf16] [FLAVOR=tensorrt-rtx|tensorrt]"; exit 2; }
-	$(VENV)/bin/sd35trt export --model $(MODEL) --out $(ONNX_DIR) --precision $(PRECISION) $(if $(filter fp8,$(PRECISION)),--dtype $(DTYPE))
-	$(VENV)/bin/sd35trt build --onnx $(ONNX_DIR) --gpu $(GPU) --flavor $(FLAVOR) $(if $(VARIANT),--variant $(VARIANT)) $(ENGINE_ARGS)
+	@test -n "$(GPU)" -a -n "$(MODEL)" || { echo "usage: make engines GPU=sm89 MODEL=path/to/sd3.5 [FAMILY=large|medium|large-turbo] [PRECISION=fp8|fp16|bf16] [DTYPE=fp16|bf16|fp32] [FLAVOR=tensorrt-rtx|tensorrt]"; exit 2; }
+	$(VENV)/bin/sd35trt export --model $(MODEL) --out $(ONNX_DIR) --precision $(PRECISION) $(if $(and $(DTYPE),$(filter fp8,$(PRECISION))),--dtype $(DTYPE))
+	$(VENV)/bin/sd35trt build --onnx $(ONNX_DIR) --gpu $(GPU) --flavor $(FLAVOR) $(if $(FAMILY),--family $(FAMILY)) $(ENGINE_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)

@@ -48,7 +48,7 @@ def variant_config(src: ExportManifest, family: str | None = None) -> VariantCon
     if family is None or family == config.family:
         return config
     if family not in FAMILY_SAMPLING:
-        raise InvalidInputError(f"variant={family!r} is unknown; use one of {sorted(FAMILY_SAMPLING)}")
+        raise InvalidInputError(f"family={family!r} is unknown; use one of {sorted(FAMILY_SAMPLING)}")
     named = [n for n, v in VARIANTS.items() if v.transformer == config.transformer and v.family == family]
     name = named[0] if named else f"custom-{family}"
     return replace(config.with_family(family), name=name)
@@ -97,7 +97,7 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path | None = None, *, gp
     lib = fl.library
     version = _library_version(lib.module, lib.install, flavor)
     flags = {"refit": refit, "weight_streaming": weight_streaming, "opt_level": opt_level}
-    build = BuildArgs(onnx=str(onnx_dir), out=str(out), gpu=gpu, flavor=flavor, variant=family, dynamic=dynamic,
+    build = BuildArgs(onnx=str(onnx_dir), out=str(out), gpu=gpu, flavor=flavor, family=family, dynamic=dynamic,
                       batch=list(batch), min_size=shapes.sizes[0] if dynamic else None,
                       max_size=shapes.sizes[2] if dynamic else None, opt_level=opt_level, refit=refit,
                       weight_streaming=weight_streaming, timing_cache=str(timing_cache) if timing_cache else None)

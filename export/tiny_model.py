@@ -20,7 +20,7 @@ from ..runtime.config import VARIANT_HINT_KEY, TransformerSpec, VaeSpec
 from ..runtime.errors import InvalidInputError
 from .tiny_tokenizers import build_clip_tokenizer, build_t5_tokenizer, tokenizer_vocab_size
 
-TINY_FAMILIES = {"medium": "medium", "large": "large", "turbo": "large-turbo"}
+TINY_FAMILIES = ("medium", "large", "large-turbo")
 CLIP_L_DIM, CLIP_G_DIM, T5_DIM = 32, 48, 96  # real: 768, 1280, 4096
 _TINY_LARGE = TransformerSpec(
     num_layers=3, num_attention_heads=2, attention_head_dim=16, caption_projection_dim=32,
@@ -117,16 +117,16 @@ def _build(tmp: Path, family: str, seed: int, corpus: list[str]) -> None:
     index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def write_tiny_model(out_dir: str | Path, variant: str = "medium", seed: int = 0, corpus: list[str] | None = None) -> Path:
-    """Write a tiny SD3.5 `variant` (medium|large|turbo) pipeline folder to `out_dir` atomically."""
-    if variant not in TINY_FAMILIES:
-        raise InvalidInputError(f"variant={variant!r} is not a tiny variant; choose one of {sorted(TINY_FAMILIES)}")
+def write_tiny_model(out_dir: str | Path, family: str = "medium", seed: int = 0, corpus: list[str] | None = None) -> Path:
+    """Write a tiny SD3.5 pipeline folder of `family` (medium|large|large-turbo) to `out_dir` atomically."""
+    if family not in TINY_FAMILIES:
+        raise InvalidInputError(f"family={family!r} has no tiny model; choose one of {list(TINY_FAMILIES)}")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty; remove it or pick another OUT_DIR")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=out_dir.parent) as tmp:
-        _build(Path(tmp), TINY_FAMILIES[variant], seed, corpus or read_corpus())
+        _build(Path(tmp), family, seed, corpus or read_corpus())
         if out_dir.exists():
             out_dir.rmdir()
         (Path(tmp) / "model").rename(out_dir)

@@ -18,8 +18,8 @@ from typing import Any, Mapping
 from .components import component as table_entry
 from .config import VariantConfig
 from .errors import CheckpointError, InvalidInputError
-from .files import MANIFEST, file_matches, read_json, write_json_atomic
-from .manifest import entry_from_dict
+from .files import MANIFEST, file_matches, write_json_atomic
+from .manifest import entry_from_dict, read_document
 
 FORMAT = "sd35trt-engines/1"
 
@@ -116,7 +116,7 @@ class BuildArgs:
     flavor: str
     dynamic: bool
     batch: list[int]
-    variant: str | None = None  # family override (large <-> large-turbo)
+    family: str | None = None  # family override (large <-> large-turbo)
     min_size: int | None = None
     max_size: int | None = None
     opt_level: int | None = None
@@ -172,17 +172,12 @@ class EngineManifest:
 
     @classmethod
     def load(cls, folder: str | Path) -> EngineManifest:
-        folder = Path(folder)
-        path = folder / MANIFEST
-        if not path.is_file():
-            raise EngineSetError(f"{path} is missing: {folder} is not an engine set; build one with "
-                                 f"`sd35trt build --onnx ONNX_DIR --out {folder} --gpu smXX`")
-        doc = read_json(path)
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            got = doc.get("format") if isinstance(doc, dict) else "not JSON"
-            raise EngineSetError(f"{path}: format {got!r}, the TensorRT backends read {FORMAT!r}; build an engine "
-                                 f"set with `sd35trt build --onnx {folder} --out ENGINE_DIR --gpu smXX`")
-        return cls.from_dict(doc, path)
+        doc = read_document(folder, FORMAT, EngineSetError,
+                            f": {folder} is not an engine set; build one with "
+                            f"`sd35trt build --onnx ONNX_DIR --out {folder} --gpu smXX`",
+                            f"the TensorRT backends read {FORMAT!r}; build an engine set with "
+                            f"`sd35trt build --onnx {folder} --out ENGINE_DIR --gpu smXX`")
+        return cls.from_dict(doc, Path(folder) / MANIFEST)
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any], path: Path = Path(MANIFEST)) -> EngineManifest:
@@ -223,8 +218,8 @@ def rebuild_command(m: EngineManifest | Mapping[str, Any], **changes: Any) -> st
     m = m if isinstance(m, EngineManifest) else EngineManifest.from_dict(m)
     b = replace(m.build, **changes)
     argv = ["sd35trt", "build", "--onnx", b.onnx, "--out", b.out, "--gpu", b.gpu, "--flavor", b.flavor]
-    if b.variant:
-        argv += ["--variant", b.variant]
+    if b.family:
+        argv += ["--family", b.family]
     argv.append("--dynamic" if b.dynamic else "--static")
     lo, hi = b.batch
     argv += ["--batch", str(lo) if lo == hi else f"{lo}-{hi}"]

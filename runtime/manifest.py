@@ -18,6 +18,19 @@ from .files import MANIFEST, file_matches, read_json, write_json_atomic
 FORMAT = "sd35trt-onnx/1"
 
 
+def read_document(folder: Path, fmt: str, error: type[Exception], missing: str, foreign: str) -> dict[str, Any]:
+    """The JSON of `folder/manifest.json` in format `fmt`; `error` with `missing` / `foreign` (the
+    fix) appended when it is absent or of another format."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise error(f"{path} is missing{missing}")
+    doc = read_json(path)
+    if not isinstance(doc, dict) or doc.get("format") != fmt:
+        got = doc.get("format") if isinstance(doc, dict) else "not JSON"
+        raise error(f"{path}: format {got!r}, {foreign}")
+    return doc
+
+
 def entry_from_dict(cls: type, d: Mapping[str, Any], path: Path, error: type[Exception], fix: str):
     """A manifest entry dataclass from its JSON object; a missing key names the file and the fix."""
     names = {f.name for f in fields(cls)}
@@ -59,16 +72,10 @@ class ExportManifest:
 
     @classmethod
     def load(cls, folder: str | Path) -> ExportManifest:
-        folder = Path(folder)
-        path = folder / MANIFEST
-        if not path.is_file():
-            raise CheckpointError(f"{path} is missing; export the model first: sd35trt export --model … --out {folder}")
-        doc = read_json(path)
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            got = doc.get("format") if isinstance(doc, dict) else "not JSON"
-            raise CheckpointError(f"{path}: format {got!r}, this reads {FORMAT!r}; re-export with "
-                                  f"`sd35trt export --model … --out {folder}`")
-        return cls.from_dict(doc, path)
+        doc = read_document(folder, FORMAT, CheckpointError,
+                            f"; export the model first: sd35trt export --model … --out {folder}",
+                            f"this reads {FORMAT!r}; re-export with `sd35trt export --model … --out {folder}`")
+        return cls.from_dict(doc, Path(folder) / MANIFEST)
 
     @classmethod
     def load_existing(cls, folder: Path) -> ExportManifest | None:

@@ -80,19 +80,19 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, backend: str | None = None, variant: str | None = None, **options: Any
+        cls, path: str | Path, backend: str | None = None, family: str | None = None, **options: Any
     ) -> Pipeline:
         """Load SD3.5 from a diffusers folder or a single-file checkpoint (`sd3.5_large.safetensors`
         with clip_l/clip_g[/t5xxl_*] .safetensors and tokenizer*/ folders beside it), an export
         folder or an engine set. `backend` defaults to what the path holds: torch for checkpoints,
-        onnxruntime for export folders, an engine set's flavor. `variant` (the family: large|medium|
-        large-turbo) overrides the one detected from the configs or shapes; `clip_l=`, `clip_g=`,
+        onnxruntime for export folders, an engine set's flavor. `family` (large|medium|large-turbo)
+        overrides the one detected from the configs or shapes; `clip_l=`, `clip_g=`,
         `t5=`, `tokenizers=` point a single file at its other parts; the remaining options (device,
         dtype, load_t5, ...) go to the backend."""
         files = {k: options.pop(k) for k in CHECKPOINT_OPTIONS if k in options}
         if options.get("load_t5") is False:
             files["t5"] = False
-        ckpt = Checkpoint.open(path, family=variant, **files)
+        ckpt = Checkpoint.open(path, family=family, **files)
         tokenizers = load_tokenizers(ckpt)  # before any weights: a missing tokenizer fails fast
         name = backend or ckpt.default_backend
         return cls(ckpt.config, load_backend(name, ckpt, ckpt.config, **options), tokenizers, ckpt.path)

@@ -1,3 +1,3 @@
-from sd35trt.cli import main
+from .cli import main
 import sys
 sys.exit(main())

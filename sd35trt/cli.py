@@ -9,27 +9,32 @@ import sys
 import time
 from pathlib import Path
 
-DTYPES = ("float32", "bfloat16", "float16")
+# One vocabulary across flags, arguments, manifests and errors:
+#   family    large | medium | large-turbo (what a checkpoint is; --family overrides the detected one)
+#   preset    sd3.5-large | sd3.5-large-turbo | sd3.5-medium (released shapes, random weights: bench)
+#   precision fp8 | bf16 | fp16 | fp32 (an export); dtype fp32 | fp16 | bf16 (everything not in FP8)
+FAMILIES = ("large", "medium", "large-turbo")
+DTYPES = ("fp32", "bf16", "fp16")
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
     import tempfile
 
-    from sd35trt.export.single_file import write_single_file
-    from sd35trt.export.tiny_model import read_corpus, write_tiny_model
+    from .export.single_file import write_single_file
+    from .export.tiny_model import read_corpus, write_tiny_model
 
     corpus = read_corpus(args.corpus) if args.corpus else None
     t0 = time.perf_counter()
     if args.layout == "diffusers":
-        out = write_tiny_model(args.out_dir, variant=args.variant, seed=args.seed, corpus=corpus)
+        out = write_tiny_model(args.out_dir, family=args.family, seed=args.seed, corpus=corpus)
     else:  # built as a diffusers folder in a temporary place, then converted
         if args.out_dir.exists() and any(args.out_dir.iterdir()):
             raise FileExistsError(f"{args.out_dir} exists and is not empty; remove it or pick another OUT_DIR")
         args.out_dir.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{args.out_dir.name}.", dir=args.out_dir.parent) as tmp:
-            folder = write_tiny_model(Path(tmp) / "diffusers", variant=args.variant, seed=args.seed, corpus=corpus)
+            folder = write_tiny_model(Path(tmp) / "diffusers", family=args.family, seed=args.seed, corpus=corpus)
             out = write_single_file(folder, args.out_dir).parent
-    print(f"wrote tiny SD3.5 {args.variant} checkpoint ({args.layout} layout, seed {args.seed}) to {out} "
+    print(f"wrote tiny SD3.5 {args.family} checkpoint ({args.layout} layout, seed {args.seed}) to {out} "
           f"in {time.perf_counter() - t0:.1f}s")
     return 0
 
@@ -37,14 +42,14 @@ def _tiny_model(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    from sd35trt.runtime import Pipeline
-    from sd35trt.runtime.image import save_png
+    from .runtime import Pipeline
+    from .runtime.image import save_png
 
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     options = {"device": args.device} if args.device else {}
     if args.dtype:
-        options["dtype"] = getattr(torch, args.dtype)
-    with Pipeline.from_pretrained(args.model, backend=args.backend, variant=args.variant, **options) as pipe:
+        options["dtype"] = args.dtype
+    with Pipeline.from_pretrained(args.model, backend=args.backend, family=args.family, **options) as pipe:
         out = pipe(
             args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
             guidance_scale=args.guidance, height=args.height, width=args.width,
@@ -61,12 +66,12 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from sd35trt.export.calibrate import CalibSettings
-    from sd35trt.export.exporter import ExportOptions, export_model, format_table
+    from .export.calibrate import CalibSettings
+    from .export.exporter import ExportOptions, export_model, format_table
 
     calib = CalibSettings(num_prompts=args.calib_size, steps=args.calib_steps, seed=args.calib_seed)
-    dtype = args.dtype or ("fp32" if args.precision in ("fp8", "fp32") else args.precision)
-    opts = ExportOptions(precision=args.precision, dtype=dtype, calib=calib, t5=not args.no_t5)
+    dtype = {"dtype": args.dtype} if args.dtype else {}
+    opts = ExportOptions(precision=args.precision, calib=calib, t5=not args.no_t5, **dtype)
     t0 = time.perf_counter()
     rows = export_model(args.model, args.out, opts, progress=not args.quiet)
     print(format_table(rows))
@@ -76,17 +81,17 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from sd35trt.bench import bench_transformer
+    from .bench import bench_transformer
 
     configs = args.configs.split(",")
     if set(configs) - {"e2e", "text"}:
-        bench_transformer(args.variant, args.size, args.batch, configs, args.attention, args.json, args.fidelity)
+        bench_transformer(args.preset, args.size, args.batch, configs, args.attention, args.json, args.fidelity)
     for part in [c for c in ("text", "e2e") if c in configs]:
-        from sd35trt.bench import Runner
-        from sd35trt.bench_e2e import bench_e2e, bench_text
+        from .bench import Runner
+        from .bench_e2e import bench_e2e, bench_text
 
         runner = Runner(args.json.with_name(f"{args.json.stem}_{part}.json"))
-        bench_text(runner) if part == "text" else bench_e2e(args.variant, args.size, args.steps, runner)
+        bench_text(runner) if part == "text" else bench_e2e(args.preset, args.size, args.steps, runner)
         print(runner.table(runner.rows[0]["name"]))
     return 0
 
@@ -101,15 +106,15 @@ def _batch_range(text: str) -> tuple[int, int]:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from sd35trt.export.engines import build_engines, default_out_dir, format_table
+    from .export.engines import build_engines, default_out_dir, format_table
 
     def progress(comp: str, action: str) -> None:
         if not args.quiet:
             print(f"{'building' if action == 'build' else 'up to date'}: {comp}", file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
-    out = args.out or default_out_dir(args.onnx, args.gpu, family=args.variant)
-    rows = build_engines(args.onnx, out, gpu=args.gpu, flavor=args.flavor, family=args.variant, dynamic=args.dynamic,
+    out = args.out or default_out_dir(args.onnx, args.gpu, family=args.family)
+    rows = build_engines(args.onnx, out, gpu=args.gpu, flavor=args.flavor, family=args.family, dynamic=args.dynamic,
                          batch=args.batch, min_size=args.min_size, max_size=args.max_size, opt_level=args.opt_level,
                          refit=args.refit, weight_streaming=args.weight_streaming, timing_cache=args.timing_cache,
                          on_component=progress)
@@ -121,7 +126,7 @@ def _build(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     try:
-        from sd35trt.server import Limits, ServeSettings, bind, create_app, run
+        from .server import Limits, ServeSettings, bind, create_app, run
     except ImportError as exc:
         print(f"sd35trt serve: error: {exc.name or exc} is missing; pip install 'sd35trt[serve]'", file=sys.stderr)
         return 2
@@ -152,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tiny-model", help="write a tiny deterministic SD3.5 checkpoint")
     t.add_argument("out_dir", type=Path)
-    t.add_argument("--variant", choices=("medium", "large", "turbo"), default="medium")
+    t.add_argument("--family", choices=FAMILIES, default="medium")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--corpus", type=Path, help="prompt file for tokenizer training (default calib_prompts/prompts.txt)")
     t.add_argument("--layout", choices=("diffusers", "single-file"), default="diffusers",
@@ -160,20 +165,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_tiny_model)
 
     e = sub.add_parser("export", help="FP8-calibrate the MMDiT and export every component to ONNX")
-    e.add_argument("--model", type=Path, required=True, help="SD3.5 diffusers folder")
+    e.add_argument("--model", type=Path, required=True, help="SD3.5 diffusers folder or single file")
     e.add_argument("--out", type=Path, required=True, help="output folder (ONNX + manifest.json)")
     e.add_argument("--precision", choices=("fp8", "bf16", "fp16", "fp32"), default="fp8")
-    e.add_argument("--dtype", choices=("fp32", "fp16", "bf16"),
-                   help="precision of everything not in FP8 (default fp32; fp16 for real-size engines)")
+    e.add_argument("--dtype", choices=DTYPES, help="precision of everything not in FP8 (default fp16)")
     e.add_argument("--calib-size", type=int, default=8, help="calibration prompts (first N of calib_prompts/)")
-    e.add_argument("--calib-steps", type=int, help="denoising steps per calibration prompt (default: variant's)")
+    e.add_argument("--calib-steps", type=int, help="denoising steps per calibration prompt (default: the family's)")
     e.add_argument("--calib-seed", type=int, default=0)
     e.add_argument("--no-t5", action="store_true", help="skip T5 (the runtime then uses zeros, as SD3 allows)")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=_export)
 
     b = sub.add_parser("bench", help="time the diffusers peer and our backends on one GPU, one run")
-    b.add_argument("--variant", choices=("sd3.5-large", "sd3.5-medium"), default="sd3.5-large")
+    b.add_argument("--preset", choices=("sd3.5-large", "sd3.5-medium"), default="sd3.5-large",
+                   help="released shapes with random weights")
     b.add_argument("--size", type=int, default=1024)
     b.add_argument("--batch", type=int, default=1, help="images per step (the transformer sees 2x: CFG)")
     b.add_argument("--steps", type=int, default=28, help="denoising steps of the end-to-end image (e2e)")
@@ -189,12 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="build TensorRT / TensorRT-RTX engines from an exported ONNX folder")
     b.add_argument("--onnx", type=Path, required=True, help="folder written by `sd35trt export`")
-    b.add_argument("--out", type=Path, help="engine folder (default engines/<variant>-<precision>-<gpu>)")
+    b.add_argument("--out", type=Path, help="engine folder (default engines/<preset or custom-family>-<precision>-<gpu>)")
     b.add_argument("--gpu", required=True, help="target compute capability: sm80, sm86, sm89, sm90, sm100, sm120, ...")
     b.add_argument("--flavor", choices=("tensorrt-rtx", "tensorrt"), default="tensorrt-rtx",
                    help="tensorrt-rtx builds on any machine (CPU AOT); tensorrt builds on the target GPU")
     shape = b.add_mutually_exclusive_group()
-    shape.add_argument("--static", dest="dynamic", action="store_false", help="the variant's default size (default)")
+    shape.add_argument("--static", dest="dynamic", action="store_false", help="the model's default size (default)")
     shape.add_argument("--dynamic", dest="dynamic", action="store_true",
                        help="sizes --min-size..--max-size (default half to 1.5x the default size: 512-1536)")
     b.add_argument("--batch", type=_batch_range, default=(1, 1), help="images per request: N or MIN-MAX (CFG doubles it)")
@@ -204,23 +209,24 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--refit", action="store_true", help="refittable engines (enterprise TensorRT)")
     b.add_argument("--weight-streaming", action="store_true", help="engines that can stream weights from host memory")
     b.add_argument("--timing-cache", type=Path, help="timing cache file to reuse and update (enterprise TensorRT)")
-    b.add_argument("--variant", choices=("large", "medium", "large-turbo"), help="override the exported family (Turbo: no CFG batch)")
+    b.add_argument("--family", choices=FAMILIES, help="override the exported family (Turbo: no CFG batch)")
     b.add_argument("--quiet", action="store_true", help="no progress lines")
     b.set_defaults(func=_build, dynamic=False)
 
     g = sub.add_parser("generate", help="generate one image to a PNG")
-    g.add_argument("--model", type=Path, required=True, help="SD3.5 diffusers folder")
+    g.add_argument("--model", type=Path, required=True, help="SD3.5 diffusers folder, single file, export folder or engine set")
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt")
-    g.add_argument("--steps", type=int, help="default: the variant's (Large 28, Medium 40, Turbo 4)")
-    g.add_argument("--guidance", type=float, help="default: the variant's (3.5, 4.5, 0.0)")
+    g.add_argument("--steps", type=int, help="default: the family's (Large 28, Medium 40, Turbo 4)")
+    g.add_argument("--guidance", type=float, help="default: the family's (3.5, 4.5, 0.0)")
     g.add_argument("--seed", type=int, help="default: random (printed and stored in the PNG)")
     g.add_argument("--height", type=int)
     g.add_argument("--width", type=int)
-    g.add_argument("--backend", default="torch")
-    g.add_argument("--variant", choices=("large", "medium", "large-turbo"), help="override the detected family")
+    g.add_argument("--backend", help="torch, torch-fp8, onnxruntime, tensorrt, tensorrt-rtx (default: what --model "
+                                     "holds: torch, onnxruntime for an export folder, an engine set's flavor)")
+    g.add_argument("--family", choices=FAMILIES, help="override the detected family")
     g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
-    g.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on cuda, float32 on cpu")
+    g.add_argument("--dtype", choices=DTYPES, help="torch backends (default: bf16 on cuda, fp32 on cpu)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--out", type=Path, required=True, help="PNG path")
     g.set_defaults(func=_generate)
@@ -229,8 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = v.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", type=Path, help="diffusers folder, single file or `sd35trt export` folder")
     src.add_argument("--engines", type=Path, help="engine set from `sd35trt build` (backend: its flavor)")
-    v.add_argument("--backend", help="torch, torch-fp8, onnxruntime, tensorrt, tensorrt-rtx (default: torch, "
-                                     "or the engine set's flavor)")
+    v.add_argument("--backend", help="torch, torch-fp8, onnxruntime, tensorrt, tensorrt-rtx (default: what the "
+                                     "model path holds: torch, onnxruntime, an engine set's flavor)")
     v.add_argument("--device", help="cpu, cuda, cuda:1 (torch backends)")
     v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     v.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed)")
@@ -250,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sd35trt.runtime.errors import Sd35Error
+    from .runtime.errors import Sd35Error
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

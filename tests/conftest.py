@@ -12,7 +12,8 @@ from sd35trt.export.tiny_model import write_tiny_model
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
-    return {v: write_tiny_model(root / v, variant=v, seed=0) for v in ("medium", "large", "turbo")}
+    families = {"medium": "medium", "large": "large", "turbo": "large-turbo"}
+    return {k: write_tiny_model(root / k, family=f, seed=0) for k, f in families.items()}
 
 
 @pytest.fixture(scope="session")

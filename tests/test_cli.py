@@ -37,10 +37,10 @@ def test_bad_size_exits_2_with_message(tiny_medium: Path, tmp_path: Path, capsys
 
 def test_console_script_tiny_model(tmp_path: Path) -> None:
     exe = Path(sys.executable).with_name("sd35trt")
-    res = subprocess.run([str(exe), "tiny-model", str(tmp_path / "t"), "--variant", "turbo", "--seed", "3"],
+    res = subprocess.run([str(exe), "tiny-model", str(tmp_path / "t"), "--family", "large-turbo", "--seed", "3"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    assert "wrote tiny SD3.5 turbo" in res.stdout
+    assert "wrote tiny SD3.5 large-turbo" in res.stdout
     assert (tmp_path / "t" / "model_index.json").is_file()
 
 

@@ -11,7 +11,7 @@ from sd35trt.cli import main
 
 def test_tiny_model_single_file_layout_generates(tmp_path: Path, capsys) -> None:
     out = tmp_path / "tiny"
-    assert main(["tiny-model", str(out), "--variant", "large", "--layout", "single-file"]) == 0
+    assert main(["tiny-model", str(out), "--family", "large", "--layout", "single-file"]) == 0
     assert "single-file layout" in capsys.readouterr().out
     assert (out / "sd3.5_large.safetensors").is_file() and (out / "t5xxl_fp16.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]  # the temporary folder is gone

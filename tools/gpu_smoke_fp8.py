@@ -18,7 +18,7 @@ from sd35trt.runtime.models.fp8 import HIGH_PRECISION, max_calibrate
 KW = dict(prompt="a red fox in fresh snow", negative_prompt="blurry", height=128, width=128,
           num_inference_steps=8, guidance_scale=4.5, output_type="latent", progress=False)
 corpus = read_corpus(Path(__file__).resolve().parents[1] / "calib_prompts" / "prompts.txt")
-path = write_tiny_model(Path(tempfile.mkdtemp()) / "tiny", variant="medium", seed=0, corpus=corpus)
+path = write_tiny_model(Path(tempfile.mkdtemp()) / "tiny", family="medium", seed=0, corpus=corpus)
 ref_pipe = Pipeline.from_pretrained(path, device="cuda", dtype=torch.bfloat16)
 model = ref_pipe.backend.transformer.model
 amax = max_calibrate(model, lambda m: ref_pipe(**KW, generator=torch.Generator().manual_seed(1)), HIGH_PRECISION)

@@ -22,11 +22,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from sd35trt.runtime import Pipeline, PipelineOutput
-from sd35trt.runtime.batching import Job, Ticket
-from sd35trt.runtime.errors import (ClosedError, InvalidInputError, NonFiniteLatentsError, QueueFullError,
+from ..runtime import Pipeline, PipelineOutput
+from ..runtime.batching import Job, Ticket
+from ..runtime.errors import (ClosedError, InvalidInputError, NonFiniteLatentsError, QueueFullError,
                                     is_out_of_memory)
-from sd35trt.runtime.image import png_bytes
+from ..runtime.image import png_bytes
 
 from .metrics import CONTENT_TYPE, Metrics, RequestMetrics
 from .schema import FieldError, GenerationRequest, describe_validation, to_job

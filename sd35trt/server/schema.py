@@ -13,9 +13,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from sd35trt.runtime.batching import Job
-from sd35trt.runtime.config import VariantConfig
-from sd35trt.runtime.errors import InvalidInputError
+from ..runtime.batching import Job
+from ..runtime.config import VariantConfig
+from ..runtime.errors import InvalidInputError
 
 FIELDS = ("prompt", "negative_prompt", "size", "steps", "guidance", "seed", "n", "response_format")
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")

@@ -21,9 +21,9 @@ def _digest(folder: Path) -> dict[str, str]:
 
 
 def test_same_seed_identical_files_other_seed_other_weights(tiny_models, tmp_path: Path) -> None:
-    again = write_tiny_model(tmp_path / "again", variant="medium", seed=0)
+    again = write_tiny_model(tmp_path / "again", family="medium", seed=0)
     assert _digest(again) == _digest(tiny_models["medium"])
-    other = _digest(write_tiny_model(tmp_path / "other", variant="medium", seed=1))
+    other = _digest(write_tiny_model(tmp_path / "other", family="medium", seed=1))
     same = _digest(tiny_models["medium"])
     assert other["transformer/diffusion_pytorch_model.safetensors"] != same["transformer/diffusion_pytorch_model.safetensors"]
     assert other["tokenizer/vocab.json"] == same["tokenizer/vocab.json"]  # tokenizers depend on the corpus only
@@ -59,7 +59,7 @@ def test_generation_is_fast_and_leaves_the_caller_rng_alone(tmp_path: Path) -> N
     before = torch.rand(1)
     torch.manual_seed(123)
     t0 = time.perf_counter()
-    write_tiny_model(tmp_path / "fast", variant="large", seed=5)
+    write_tiny_model(tmp_path / "fast", family="large", seed=5)
     assert time.perf_counter() - t0 < 20  # seconds on 2 cores (seen: ~2 s)
     assert torch.equal(torch.rand(1), before)
 
@@ -70,6 +70,6 @@ def test_refuses_non_empty_out_dir_and_bad_variant(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError, match="not empty"):
         write_tiny_model(tmp_path / "x")
     assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
-    with pytest.raises(InvalidInputError, match="variant='xl'"):
-        write_tiny_model(tmp_path / "y", variant="xl")
+    with pytest.raises(InvalidInputError, match="family='xl'"):
+        write_tiny_model(tmp_path / "y", family="xl")
     assert not (tmp_path / "y").exists()
