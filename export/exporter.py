@@ -124,14 +124,13 @@ def _modules(ckpt: Checkpoint, opts: ExportOptions, calib: CalibState | None, ca
              todo: list[str], progress: bool) -> tuple[dict[str, torch.nn.Module], CalibState | None]:
     """The torch modules to trace (the runtime's loader); for FP8 the MMDiT calibrated (or the saved
     calibration re-applied) with the runtime's own text encoders and loop."""
-    dtype = DTYPES[opts.dtype]
-    backend = TorchBackend(ckpt, ckpt.config, device="cpu", dtype=dtype, load_t5="t5" in todo or opts.precision == "fp8")
-    mods = dict(backend.modules)
-    if "vae_encoder" in todo:
-        mods.update(load_modules(ckpt, ["vae_encoder"], backend.device, dtype))
-    if opts.precision == "fp8":
+    dtype, cpu = DTYPES[opts.dtype], torch.device("cpu")
+    calibrating = opts.precision == "fp8" and calib is None  # the text encoders run the calibration prompts
+    text = ("clip_l", "clip_g", "t5") if calibrating else ()
+    mods = load_modules(ckpt, dict.fromkeys([*todo, *text]), cpu, dtype)  # the transformer is in todo when calibrating
+    if opts.precision == "fp8" and "transformer" in mods:
         if calib is None:
-            encode = PromptEncoder(ckpt.config, load_tokenizers(ckpt), backend)
+            encode = PromptEncoder(ckpt.config, load_tokenizers(ckpt), TorchBackend.from_modules(mods, cpu, dtype))
             calib, mods["transformer"] = calibrate(encode, mods["transformer"], opts.calib, progress=progress)
             calib.meta["fingerprint"] = calib_fp
             calib.save(out / "calibration")

@@ -73,6 +73,14 @@ class TorchBackend(BackendBase):
         self.modules: dict[str, nn.Module] = load_modules(ckpt, names, self.device, self.dtype)
         self.bind()
 
+    @classmethod
+    def from_modules(cls, modules: Mapping[str, nn.Module], device: torch.device, dtype: torch.dtype) -> TorchBackend:
+        """A backend over modules already loaded (`models.loader.load_modules`), e.g. for calibration."""
+        self = cls.__new__(cls)
+        self.device, self.dtype, self.modules = torch.device(device), dtype, dict(modules)
+        self.bind()
+        return self
+
     def bind(self, contexts: Mapping[str, object] | None = None) -> None:
         """(Re)make the component callables from `modules`; `contexts` per component (optional)."""
         for c in RUNTIME:
