@@ -23,15 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..runtime.checkpoint import (
-    CLIP_HINTS,
-    CONFIG_KEY,
-    MODEL_PREFIX,
-    T5_HINTS,
-    TOKENIZER_DIRS,
-    VAE_PREFIX,
-    FolderCheckpoint,
-)
+from ..runtime.architecture import CLIP_HINTS, T5_HINTS
+from ..runtime.checkpoint import CONFIG_KEY, MODEL_PREFIX, TOKENIZER_DIRS, VAE_PREFIX, FolderCheckpoint
 from ..runtime.errors import InvalidInputError
 from ..runtime.weights import MMDIT_SAI_NAMES, VAE_SAI_NAMES, load_state_dict, rename_state
 

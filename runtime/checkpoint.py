@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .architecture import CLIP_HINTS, T5_HINTS, text_config, transformer_spec, vae_spec  # noqa: F401 (re-exported)
+from .architecture import text_config, transformer_spec, vae_spec
 from .config import FAMILY_SAMPLING, VARIANTS, VariantConfig
 from .engine_manifest import FORMAT as ENGINES_FORMAT
 from .engine_manifest import EngineManifest

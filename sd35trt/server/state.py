@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..runtime import Pipeline
-from ..runtime.backends import Limits, backend_limits
+from ..runtime.backends import Limits as BackendLimits
+from ..runtime.backends import backend_limits
 from ..runtime.batching import BatcherStats, MicroBatcher, check_batching
 from ..runtime.checkpoint import Checkpoint
 from ..runtime.errors import ClosedError, InvalidInputError
@@ -62,7 +63,7 @@ class ModelHost:
         self.status, self.error = "loading", None
         self.pipe: Pipeline | None = None
         self.batcher: MicroBatcher | None = None
-        self.caps: Limits | None = None  # the backend's, asked before loading
+        self.caps: BackendLimits | None = None  # the backend's, asked before loading
         self._given = pipeline
         self._lock = threading.Lock()
         self._loader: threading.Thread | None = None
