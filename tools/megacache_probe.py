@@ -93,7 +93,10 @@ def main() -> None:
         import torch
 
         a, b = (torch.load(os.path.join(work, f"{m}.pt")) for m in ("cold", "mega"))
-        rows.append({"mega_equals_cold": bool(torch.equal(a, b)), "max_abs": float((a.float() - b.float()).abs().max())})
+        a64, b64 = a.double().flatten(), b.double().flatten()
+        rows.append({"mega_equals_cold": bool(torch.equal(a, b)), "max_abs": float((a64 - b64).abs().max()),
+                     "cosine": float(torch.nn.functional.cosine_similarity(a64, b64, dim=0)),
+                     "rel_l2": float((a64 - b64).norm() / b64.norm())})
         print(json.dumps(rows[-1]))
         with open(out_path, "w") as f:
             json.dump(rows, f, indent=1)
