@@ -54,13 +54,14 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
-# Wheels the GPU host lacks (it has no package index): diffusers for the benchmark's peer,
-# cudnn-frontend for the cuDNN FP8 attention row of tools/attention_probe.py.
-gpu-wheels:
-	mkdir -p .whl && grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
-	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-		--platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1 importlib_metadata==10.2.0 \
-		nvidia-cudnn-frontend==1.32.0
+# Packages the GPU host lacks (it has no package index): FlashAttention-4 and the CuTe DSL into
+# .fa4/<k>/, diffusers and torchao (the benchmark's peers) into .whl/<k>/.
+gpu-wheels:  # packages the device host lacks, packed for it (one part per device call: tools/gpu_run.sh)
+	for d in .fa4 .whl; do grep -qx "/$$d/" .git/info/exclude 2>/dev/null || echo "/$$d/" >> .git/info/exclude; done
+	../shared/device/pack .fa4 flash-attn-4==4.0.0b36 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1 \
+		nvidia-cutlass-dsl-libs-core==4.8.1 nvidia-cutlass-dsl-libs-cu13==4.8.1 quack-kernels==0.6.5 \
+		apache-tvm-ffi==0.1.15.post2 torch-c-dlpack-ext==0.1.5
+	../shared/device/pack .whl diffusers==0.42.1 importlib_metadata==10.2.0 lazy-importer==0.1.0 torchao==0.18.0
 
 clean:
 	rm -rf build $(VENV)

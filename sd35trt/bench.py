@@ -140,28 +140,44 @@ def free() -> None:
 
 
 def bench_attention(config: VariantConfig, size: int, batch: int, runner: Runner) -> None:
-    """The joint attention of one block at this shape, per SDPA backend (x num_layers = per step)."""
+    """The joint attention of one block at this shape, per core: SDPA backends (heads-first views of
+    [B, N, H, D] tensors, as the MMDiT calls them) and FA4 when it imports (x num_layers = per step)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from sd35trt.runtime.models.flash_attention import choose_attention, flash_attention
+    from sd35trt.runtime.models.mmdit import sdpa
 
     spec = config.transformer
     n = config.image_tokens(size, size) + config.text_tokens()
     g = torch.Generator(device="cuda").manual_seed(3)
-    q, k, v = (torch.randn(2 * batch, spec.num_attention_heads, n, spec.attention_head_dim, generator=g,
-                           device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
-                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+    q, k, v = (torch.randn(2 * batch, n, spec.num_attention_heads, spec.attention_head_dim, generator=g,
+                           device="cuda", dtype=torch.bfloat16) for _ in range(3))  # [B, N, H, D]
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = sdpa(q.float(), k.float(), v.float())  # fp32 math reference
+    cores = [(f"sdpa {name}", lambda: sdpa(q, k, v), backend) for name, backend in (
+        ("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+        ("efficient", SDPBackend.EFFICIENT_ATTENTION))]
+    choice = choose_attention("cuda", torch.bfloat16)
+    if choice.core is flash_attention:
+        cores.append(("flash-attn-4 (custom op)", lambda: flash_attention(q, k, v), None))
+    else:
+        print(f"flash-attn-4: not run ({choice.reason})")
+    flops = 4 * q.shape[0] * spec.num_attention_heads * n * n * spec.attention_head_dim
+    for name, fn, backend in cores:
         try:
-            with sdpa_kernel(backend):
-                runner.record(f"sdpa {name} x{spec.num_layers} layers", lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
-                              ref, per_layer=True)
-                runner.rows[-1]["step_ms"] = round(runner.rows[-1]["step_ms"] * spec.num_layers, 2)
+            with sdpa_kernel(backend) if backend is not None else nullcontext():
+                runner.record(f"{name} x{spec.num_layers} layers", fn, ref, per_layer=True)
         except RuntimeError as exc:  # backend not available for this shape/GPU
-            print(f"sdpa {name}: unavailable ({str(exc).splitlines()[0]})")
+            print(f"{name}: unavailable ({str(exc).splitlines()[0]})")
+            continue
+        row = runner.rows[-1]
+        row["layer_ms"], row["tflops"] = row["step_ms"], round(flops / row["step_ms"] / 1e9, 1)
+        row["step_ms"] = round(row["step_ms"] * spec.num_layers, 2)
+        runner.out.write_text(json.dumps(runner.rows, indent=1))
 
 
-FP8_FLAGS = {"fast": "fast-accumulation FP8 GEMMs", "fa8": "FP8 attention (FP8 q k^T and P v)",
-             "fa8qk": "FP8 q k^T, bf16 P v", "tune": "inductor coordinate-descent tuning of its Triton kernels",
+FP8_FLAGS = {"fast": "fast-accumulation FP8 GEMMs", "fa4": "FlashAttention-4 attention core (custom op)",
+             "tune": "inductor coordinate-descent tuning of its Triton kernels",
              "gelu": "GELU(tanh) as x*sigmoid(2z)", "mk": "inductor multi-kernel (persistent LayerNorm rows)"}
 
 
@@ -184,14 +200,23 @@ def inductor_options(mode: str, tune: bool = False, multi_kernel: bool = False) 
 
 
 def set_fp8_options(model: torch.nn.Module, flags: set[str]) -> None:
-    """Apply a config's flags to an FP8 model in place (GEMM accumulation, attention core)."""
-    from sd35trt.runtime.models.fp8_attention import use_fp8_attention
-    from sd35trt.runtime.models.mmdit import use_sigmoid_gelu
+    """Apply a config's flags to an FP8 model in place (GEMM accumulation, attention core, GELU).
+    `fa4` where FA4 does not run here raises, naming why (a bench row must be what it says)."""
+    from sd35trt.runtime.models.flash_attention import (choose_attention, flash_attention,
+                                                        set_attention_core)
+    from sd35trt.runtime.models.mmdit import sdpa, use_sigmoid_gelu
 
     for mod in model.modules():
         if hasattr(mod, "fast_accum"):
             mod.fast_accum = "fast" in flags
-    use_fp8_attention(model, enabled=bool({"fa8", "fa8qk"} & flags), pv_fp8="fa8" in flags)
+    core = sdpa
+    if "fa4" in flags:
+        device = next(iter(model.buffers())).device
+        choice = choose_attention(device, torch.bfloat16)
+        if choice.core is not flash_attention:
+            raise RuntimeError(f"bench flag +fa4: FlashAttention-4 does not run here ({choice.reason})")
+        core = choice.core
+    set_attention_core(model, core)
     use_sigmoid_gelu(model, "gelu" in flags)
 
 
@@ -212,7 +237,7 @@ def bench_transformer(variant: str, size: int, batch: int, configs: list[str], a
             bench_attention(config, size, batch, runner)
         if "vae" in configs:
             bench_vae(config, size, runner)
-        if {"peer-eager", "peer-compile"} & set(configs):  # the peer keeps diffusers' own choices
+        if {"peer-eager", "peer-compile", "peer-ao"} & set(configs):  # the peer keeps diffusers' own choices
             peer = diffusers_peer(model, config)  # shares the weight tensors: no extra memory
 
             def call(m):
@@ -226,6 +251,8 @@ def bench_transformer(variant: str, size: int, batch: int, configs: list[str], a
                 del compiled
             del peer
             free()
+            torch._dynamo.reset()
+    ao_peer = diffusers_peer(model, config) if "peer-ao" in configs else None  # keeps the bf16 weights alive
     with torch.no_grad(), attention_ctx(attention):
         if "bf16" in configs:
             y = runner.record(f"ours eager bf16 [{attention}]", lambda: model(*args), ref)
@@ -241,13 +268,42 @@ def bench_transformer(variant: str, size: int, batch: int, configs: list[str], a
             options = None if mode is None else inductor_options(mode, "tune" in flags, "mk" in flags)
             fn = m8 if options is None else torch.compile(m8, fullgraph=True, options=options)
             name = f"ours {'eager' if mode is None else 'compile ' + mode} fp8{''.join(' +' + f for f in sorted(flags))}"
-            runner.record(f"{name} [{attention}]", lambda: fn(*args), ref)
+            runner.record(f"{name} [{'fa4' if 'fa4' in flags else attention}]", lambda: fn(*args), ref)
             if "profile" in configs and mode is not None:
                 runner.rows[-1]["breakdown_ms"] = kernel_breakdown(lambda: fn(*args))
                 print("breakdown", runner.rows[-1]["breakdown_ms"], flush=True)
             del fn
+    if ao_peer is not None:  # last: its compile is the longest, and rows above are already written
+        del m8, model
+        free()
+        with torch.no_grad():
+            torchao_row(ao_peer, args, runner, ref)
     print(runner.table("diffusers eager bf16"))
     return runner
+
+
+def torchao_row(peer, args, runner: Runner, ref: torch.Tensor | None) -> None:
+    """diffusers' transformer with torchao float8 rowwise (dynamic activations, PerRow scales) and
+    torch.compile: torchao's own recipe, including the inductor settings it sets (coordinate-descent
+    tuning), which are restored afterwards."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    cfg = torch._inductor.config
+    keys = ("coordinate_descent_tuning", "coordinate_descent_check_all_directions", "force_fuse_int_mm_with_mul",
+            "fx_graph_cache")
+    saved = {k: getattr(cfg, k) for k in keys}
+    saved_unique = cfg.triton.unique_kernel_names
+    torch._dynamo.reset()
+    try:
+        quantize_(peer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+        compiled = torch.compile(peer)
+        runner.record("diffusers + torchao float8 rowwise, compile",
+                      lambda: compiled(hidden_states=args[0], timestep=args[1], encoder_hidden_states=args[2],
+                                       pooled_projections=args[3], return_dict=False)[0], ref)
+    finally:
+        for k, val in saved.items():
+            setattr(cfg, k, val)
+        cfg.triton.unique_kernel_names = saved_unique
 
 
 def bench_vae(config: VariantConfig, size: int, runner: Runner) -> None:

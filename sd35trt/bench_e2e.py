@@ -10,11 +10,13 @@ torch-fp8 backend's `compile=mode`, CUDA graphs by default) and the VAE decoder 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from sd35trt.bench import EXCLUDE, Runner, diffusers_peer, free, random_init, random_mmdit
-from sd35trt.runtime.config import VARIANTS
+from sd35trt.runtime.config import VARIANTS, VariantConfig
 from sd35trt.runtime.sampling import denoise
 from sd35trt.runtime.schedule import flow_match_schedule
 
@@ -41,55 +43,87 @@ def text_encoders() -> dict[str, torch.nn.Module]:
     return out
 
 
-def encode(enc: dict, ids: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """SD3 conditioning for [neg; pos]: context [2, 333, 4096], pooled [2, 2048]."""
-    lo, go = (enc[k](ids[k], output_hidden_states=True) for k in ("clip_l", "clip_g"))
-    clip = torch.cat([lo.hidden_states[-2], go.hidden_states[-2]], dim=-1)
-    clip = torch.nn.functional.pad(clip, (0, 4096 - clip.shape[-1]))
-    ctx = torch.cat([clip, enc["t5"](ids["t5"])[0]], dim=1)
-    return ctx, torch.cat([lo.text_embeds, go.text_embeds], dim=-1)
+class _Pretokenized:
+    """The bench's prompts are token ids already (random, seeded): hands PromptEncoder those ids,
+    refusing a length other than theirs (so the runtime's assembly sees what the pipeline sends)."""
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.ids = ids  # [2, L]: [negative; positive]
+
+    def __call__(self, texts: list[str], max_length: int) -> torch.Tensor:
+        if len(texts) != self.ids.shape[0] or max_length != self.ids.shape[1]:
+            raise ValueError(f"bench prompt ids are {tuple(self.ids.shape)}, asked for {len(texts)} x {max_length}")
+        return self.ids
 
 
-def run_e2e(enc, transformer, vae, ids, noise, steps: int) -> torch.Tensor:
-    ctx, pooled = encode(enc, ids)
-    schedule = flow_match_schedule(steps, 3.0)
-    x = denoise(transformer, noise, ctx, pooled, schedule, 3.5, progress=False)
-    return vae(x / 1.5305 + 0.0609)
+@dataclass
+class _Encoders:
+    """The three text encoders behind the runtime's own wrappers (what PromptEncoder calls)."""
+
+    device: torch.device
+    clip_l: object
+    clip_g: object
+    t5: object
 
 
-def prompt_ids(g: torch.Generator) -> dict[str, torch.Tensor]:
-    """Token ids of [negative; positive]: CLIP-L/G 77 tokens, T5 256, from `g`."""
-    return {k: torch.randint(0, 30000, (2, 77 if k != "t5" else 256), generator=g, device="cuda")
-            for k in ("clip_l", "clip_g", "t5")}
+def prompt_encoder(config: VariantConfig, enc: dict, ids: dict[str, torch.Tensor]) -> Callable[[], tuple]:
+    """runtime.text.PromptEncoder over these encoders and ids: () -> (context [2, 77+T, joint_dim],
+    pooled [2, 2048]) for [negative; positive], assembled exactly as the pipeline does."""
+    from sd35trt.runtime.backends.torch_backend import _T5, _Clip
+    from sd35trt.runtime.text import PromptEncoder
+
+    tokenizers = tuple(_Pretokenized(ids[k]) for k in ("clip_l", "clip_g", "t5"))
+    backend = _Encoders(ids["clip_l"].device, _Clip(enc["clip_l"]), _Clip(enc["clip_g"]), _T5(enc["t5"]))
+    encoder = PromptEncoder(config, tokenizers, backend)
+    t5_len = ids["t5"].shape[1]
+    return lambda: encoder(["", ""], ["", ""], ["", ""], t5_len)
 
 
-def bench_text(runner: Runner) -> None:
+def run_e2e(config: VariantConfig, encode, transformer, vae, noise, steps: int) -> torch.Tensor:
+    """Text encoders, `steps` Euler/CFG steps with the variant's shift and guidance, VAE decode."""
+    ctx, pooled = encode()
+    schedule = flow_match_schedule(steps, config.sampling.shift)
+    x = denoise(transformer, noise, ctx, pooled, schedule, config.sampling.guidance, progress=False)
+    return vae(x / config.vae.scaling_factor + config.vae.shift_factor)  # [1, 3, H, W]
+
+
+def prompt_ids(config: VariantConfig, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Token ids of [negative; positive]: CLIP-L/G `clip_tokens`, T5 `max_sequence_length`, from `g`."""
+    lengths = {"clip_l": config.clip_tokens, "clip_g": config.clip_tokens, "t5": config.max_sequence_length}
+    return {k: torch.randint(0, 30000, (2, n), generator=g, device="cuda") for k, n in lengths.items()}
+
+
+def bench_text(runner: Runner, variant: str = "sd3.5-large") -> None:
     """The three text encoders for one CFG prompt pair: transformers BF16 eager (peer) vs ours
     (T5-XXL's Linears weight-only FP8, as the torch-fp8 end-to-end path runs them)."""
     from sd35trt.runtime.models.fp8 import fp8_weights_only
 
-    enc, ids = text_encoders(), prompt_ids(torch.Generator(device="cuda").manual_seed(9))
+    config = VARIANTS[variant]
+    enc, ids = text_encoders(), prompt_ids(config, torch.Generator(device="cuda").manual_seed(9))
+    encode = prompt_encoder(config, enc, ids)
     with torch.no_grad():
         ref = runner.record("text encoders (CLIP-L, CLIP-G, T5-XXL) transformers eager bf16",
-                            lambda: encode(enc, ids)[0])
+                            lambda: encode()[0])
         fp8_weights_only(enc["t5"])
         free()
-        runner.record("text encoders, ours (T5-XXL weight-only FP8)", lambda: encode(enc, ids)[0], ref)
+        runner.record("text encoders, ours (T5-XXL weight-only FP8)", lambda: encode()[0], ref)
 
 
 def bench_e2e(variant: str, size: int, steps: int, runner: Runner, mode: str = "reduce-overhead") -> None:
     from diffusers import AutoencoderKL
 
     from sd35trt.runtime.backends.torch_fp8 import compile_options
+    from sd35trt.runtime.models.flash_attention import choose_attention, set_attention_core
     from sd35trt.runtime.models.fp8 import fp8_weights_only, max_calibrate, to_fp8
     from sd35trt.runtime.models.mmdit import use_sigmoid_gelu
     from sd35trt.runtime.models.vae import VaeDecoder
 
     config = VARIANTS[variant]
     g = torch.Generator(device="cuda").manual_seed(9)
-    ids = prompt_ids(g)
-    noise = torch.randn(config.latent_shape(1, size, size), generator=g, device="cuda")
+    ids = prompt_ids(config, g)
+    noise = torch.randn(config.latent_shape(1, size, size), generator=g, device="cuda")  # [1, 16, S/8, S/8]
     enc, model = text_encoders(), random_mmdit(config, torch.bfloat16, "cuda")
+    encode = prompt_encoder(config, enc, ids)
     with torch.device("meta"):
         ours_vae = VaeDecoder(config.vae)
     ours_vae = random_init(ours_vae, "cuda", 7)
@@ -104,26 +138,28 @@ def bench_e2e(variant: str, size: int, steps: int, runner: Runner, mode: str = "
                                  pooled_projections=a[3].bfloat16(), return_dict=False)[0].float())
     with torch.no_grad():
         ref = runner.record(f"e2e {steps}-step image, diffusers modules eager bf16",
-                            lambda: run_e2e(enc, tf(peer), lambda z: peer_vae.decode(z.bfloat16()).sample, ids, noise, steps),
-                            warmup=1, iters=3)
+                            lambda: run_e2e(config, encode, tf(peer), lambda z: peer_vae.decode(z.bfloat16()).sample,
+                                            noise, steps), warmup=1, iters=3)
         del peer, peer_vae
         free()
-        x = torch.randn(2, *noise.shape[1:], device="cuda", dtype=torch.bfloat16)
-        args = (x, torch.full((2,), 700.0, device="cuda"), encode(enc, ids)[0], encode(enc, ids)[1])
+        ctx, pooled = encode()
+        x = torch.randn(2, *noise.shape[1:], device="cuda", dtype=torch.bfloat16)  # [2, 16, S/8, S/8]
+        args = (x, torch.full((2,), 700.0, device="cuda"), ctx.bfloat16(), pooled.bfloat16())
         m8 = to_fp8(model, max_calibrate(model, lambda m: m(*args), EXCLUDE), fast_accum=True)
         use_sigmoid_gelu(m8)
+        attention = choose_attention("cuda", torch.bfloat16)  # the torch-fp8 backend's choice
+        set_attention_core(m8, attention.core)
         m8 = torch.compile(m8, fullgraph=True, options=compile_options(mode))
         fp8_weights_only(enc["t5"])
         vae = torch.compile(ours_vae.to(memory_format=torch.channels_last))
         free()
-        from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        def transformer(*a: torch.Tensor) -> torch.Tensor:  # cuDNN attention for the MMDiT only (T5 has a bias)
-            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
+        def transformer(*a: torch.Tensor) -> torch.Tensor:  # the attention context for the MMDiT only
+            with attention.context():
                 return m8(*(t.bfloat16() if t.dim() > 1 else t for t in a)).float()
 
         t0 = time.perf_counter()
-        runner.record(f"e2e {steps}-step image, ours fp8 compiled {mode}",
-                      lambda: run_e2e(enc, transformer, lambda z: vae(z.bfloat16()), ids, noise, steps), ref,
+        runner.record(f"e2e {steps}-step image, ours fp8 compiled {mode} [{attention.name}]",
+                      lambda: run_e2e(config, encode, transformer, lambda z: vae(z.bfloat16()), noise, steps), ref,
                       warmup=1, iters=3)
         print(f"ours first call incl. compile: {time.perf_counter() - t0:.0f}s")

@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, default=1, help="images per step (the transformer sees 2x: CFG)")
     b.add_argument("--steps", type=int, default=28, help="denoising steps of the end-to-end image (e2e)")
     b.add_argument("--configs", default="peer-eager,peer-compile,bf16,fp8,fp8-compile-default",
-                   help="comma list: attention, vae, peer-eager, peer-compile, bf16, fp8[-compile-<mode>][+fast][+gelu][+tune][+mk][+fa8|+fa8qk], profile, text, e2e")
+                   help="comma list: attention, vae, peer-eager, peer-compile, bf16, peer-ao, fp8[-compile-<mode>][+fast][+gelu][+tune][+mk][+fa4], profile, text, e2e")
     b.add_argument("--fidelity", action="store_true",
                    help="compare every FP8 row with BF16 (cosine, rel. L2) even without a peer/bf16 row; "
                         "e2e rows always compare the final image (cosine, PSNR)")

@@ -42,9 +42,10 @@ def test_fp8_config_grammar() -> None:
 
 
 def test_flags_switch_the_model_and_back() -> None:
+    import pytest
+
     from sd35trt.bench import set_fp8_options
     from sd35trt.runtime.models.fp8 import FP8Linear, max_calibrate, to_fp8
-    from sd35trt.runtime.models.fp8_attention import FP8Attention
     from sd35trt.runtime.models.mmdit import FeedForward, gelu_tanh, gelu_tanh_sigmoid, sdpa
 
     config = VariantConfig("tiny", "large", TINY_TRANSFORMERS["large"])
@@ -52,11 +53,41 @@ def test_flags_switch_the_model_and_back() -> None:
     args = (torch.randn(2, 16, 8, 8), torch.tensor([500.0, 500.0]), torch.randn(2, 101, 96), torch.randn(2, 80))
     m8 = to_fp8(model, max_calibrate(model, lambda m: m(*args), ("pos_embed",)))
     cores = lambda: [m.core for m in m8.modules() if hasattr(m, "core")]  # noqa: E731
-    set_fp8_options(m8, {"fast", "gelu", "fa8qk"})
+    set_fp8_options(m8, {"fast", "gelu"})
     assert all(m.fast_accum for m in m8.modules() if isinstance(m, FP8Linear))
-    assert all(isinstance(c, FP8Attention) and not c.pv_fp8 for c in cores())
+    assert all(c is sdpa for c in cores())
     assert all(m.act is gelu_tanh_sigmoid for m in m8.modules() if isinstance(m, FeedForward))
     set_fp8_options(m8, set())
     assert not any(m.fast_accum for m in m8.modules() if isinstance(m, FP8Linear))
-    assert all(c is sdpa for c in cores())
     assert all(m.act is gelu_tanh for m in m8.modules() if isinstance(m, FeedForward))
+    with pytest.raises(RuntimeError, match=r"\+fa4.*device cpu"):  # a row must be what its name says
+        set_fp8_options(m8, {"fa4"})
+
+
+def test_e2e_prompts_go_through_the_runtime_prompt_encoder() -> None:
+    """bench_e2e assembles SD3 conditioning with runtime.text.PromptEncoder: CLIP-L ++ CLIP-G hidden
+    states zero-padded to joint_dim, then T5 tokens; pooled = CLIP-L ++ CLIP-G pooled."""
+    import pytest
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from sd35trt.bench_e2e import _Pretokenized, prompt_encoder
+
+    torch.manual_seed(0)
+    clip = dict(vocab_size=99, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77)
+    enc = {"clip_l": CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, projection_dim=32, **clip)).eval(),
+           "clip_g": CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=48, projection_dim=48, **clip)).eval(),
+           "t5": T5EncoderModel(T5Config(vocab_size=99, d_model=96, d_ff=40, d_kv=8, num_layers=1, num_heads=2)).eval()}
+    config = VariantConfig("tiny", "large", TINY_TRANSFORMERS["large"], clip_l_dim=32, clip_g_dim=48,
+                           max_sequence_length=24)  # tiny: CLIP-L 32 + CLIP-G 48 wide, joint 96
+    g = torch.Generator().manual_seed(1)
+    ids = {"clip_l": torch.randint(0, 99, (2, 77), generator=g), "clip_g": torch.randint(0, 99, (2, 77), generator=g),
+           "t5": torch.randint(0, 99, (2, 24), generator=g)}
+    ctx, pooled = prompt_encoder(config, enc, ids)()
+    assert ctx.shape == (2, 77 + 24, config.joint_dim) and pooled.shape == (2, 80)
+    with torch.no_grad():
+        hl = enc["clip_l"](ids["clip_l"], output_hidden_states=True).hidden_states[-2]
+        t5 = enc["t5"](ids["t5"])[0]
+    assert torch.allclose(ctx[:, :77, :32], hl) and torch.equal(ctx[:, :77, 80:], torch.zeros(2, 77, 16))
+    assert torch.allclose(ctx[:, 77:], t5)
+    with pytest.raises(ValueError, match="asked for"):
+        _Pretokenized(ids["t5"])(["a", "b"], 256)

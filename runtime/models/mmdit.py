@@ -101,7 +101,7 @@ class Attention(nn.Module):
         super().__init__()
         self.heads = heads
         self.head_dim = head_dim = dim // heads
-        self.core = sdpa  # (q, k, v) [B, N, heads, head_dim] -> same; torch-fp8 may swap in FP8Attention
+        self.core = sdpa  # (q, k, v) [B, N, heads, head_dim] -> same; torch-fp8 may swap in FA4 (flash_attention.py)
         self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
         if qk_norm:
