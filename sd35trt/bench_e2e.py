@@ -10,7 +10,6 @@ torch-fp8 backend's `compile=mode`, CUDA graphs by default) and the VAE decoder 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -56,24 +55,16 @@ class _Pretokenized:
         return self.ids
 
 
-@dataclass
-class _Encoders:
-    """The three text encoders behind the runtime's own wrappers (what PromptEncoder calls)."""
-
-    device: torch.device
-    clip_l: object
-    clip_g: object
-    t5: object
-
-
 def prompt_encoder(config: VariantConfig, enc: dict, ids: dict[str, torch.Tensor]) -> Callable[[], tuple]:
     """runtime.text.PromptEncoder over these encoders and ids: () -> (context [2, 77+T, joint_dim],
     pooled [2, 2048]) for [negative; positive], assembled exactly as the pipeline does."""
-    from sd35trt.runtime.backends.torch_backend import _T5, _Clip
+    from sd35trt.runtime.backends.torch_backend import TorchBackend
+    from sd35trt.runtime.models.loader import ClipGraph, T5Graph
     from sd35trt.runtime.text import PromptEncoder
 
     tokenizers = tuple(_Pretokenized(ids[k]) for k in ("clip_l", "clip_g", "t5"))
-    backend = _Encoders(ids["clip_l"].device, _Clip(enc["clip_l"]), _Clip(enc["clip_g"]), _T5(enc["t5"]))
+    graphs = {"clip_l": ClipGraph(enc["clip_l"]), "clip_g": ClipGraph(enc["clip_g"]), "t5": T5Graph(enc["t5"])}
+    backend = TorchBackend.from_modules(graphs, ids["clip_l"].device, next(enc["clip_l"].parameters()).dtype)
     encoder = PromptEncoder(config, tokenizers, backend)
     t5_len = ids["t5"].shape[1]
     return lambda: encoder(["", ""], ["", ""], ["", ""], t5_len)

@@ -1,4 +1,9 @@
-"""The torch reference backend: our MMDiT and VAE, transformers' CLIP and T5 encoders."""
+"""The torch reference backend: our MMDiT and VAE, transformers' CLIP and T5 encoders.
+
+The MMDiT's attention core is chosen once at load (`models.flash_attention.choose_attention`):
+FlashAttention-4 on sm90/sm100 in bf16/fp16 where it is installed, cuDNN SDPA on other GPUs, SDPA
+on the CPU; `backend.attention` says which and why.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from torch import nn
 from ..checkpoint import Checkpoint
 from ..components import RUNTIME
 from ..config import VariantConfig
+from ..models.flash_attention import AttentionChoice, choose_attention, set_attention_core
 from ..models.loader import inner_model, load_modules
 from .base import BackendBase, ComponentCall
 
@@ -71,21 +77,27 @@ class TorchBackend(BackendBase):
             ckpt = Checkpoint.open(ckpt, family=config.family, t5=None if load_t5 else False)
         names = [c.name for c in RUNTIME if c.name != "t5" or load_t5]
         self.modules: dict[str, nn.Module] = load_modules(ckpt, names, self.device, self.dtype)
-        self.bind()
+        self._choose_attention()
 
     @classmethod
     def from_modules(cls, modules: Mapping[str, nn.Module], device: torch.device, dtype: torch.dtype) -> TorchBackend:
         """A backend over modules already loaded (`models.loader.load_modules`), e.g. for calibration."""
         self = cls.__new__(cls)
         self.device, self.dtype, self.modules = torch.device(device), dtype, dict(modules)
-        self.bind()
+        self._choose_attention()
         return self
 
-    def bind(self, contexts: Mapping[str, object] | None = None) -> None:
-        """(Re)make the component callables from `modules`; `contexts` per component (optional)."""
+    def _choose_attention(self) -> None:
+        self.attention: AttentionChoice = choose_attention(self.device, self.dtype)
+        if "transformer" in self.modules:
+            set_attention_core(self.modules["transformer"], self.attention.core)
+        self.bind()
+
+    def bind(self) -> None:
+        """(Re)make the component callables from `modules` (the transformer under the attention's context)."""
         for c in RUNTIME:
             module = self.modules.get(c.name)
-            ctx = (contexts or {}).get(c.name, nullcontext)
+            ctx = self.attention.context if c.name == "transformer" else nullcontext
             call = None if module is None else ComponentCall(ModuleRun(module, self.dtype, ctx), c.name, inner_model(module))
             setattr(self, c.name, call)
 

@@ -3,9 +3,9 @@
 For GPUs without TensorRT, and the runtime's reference for FP8 fidelity. The calibration is the
 one `sd35trt export --precision fp8` saved (ModelOpt max calibration); q/k/v are fused, weights
 kept only in FP8, activations quantized with the static calibrated scales, everything else bf16.
-Attention is chosen once at load (`models.flash_attention.choose_attention`): FlashAttention-4 on
-sm90/sm100 when `flash_attn.cute` imports (`sd35trt[hopper]`), cuDNN SDPA on other GPUs, SDPA off
-CUDA; `self.attention` says which and why (BENCHMARKS.md has the measurements). GELU(tanh)
+Attention is the torch backend's choice at load (FlashAttention-4 on sm90/sm100 when
+`flash_attn.cute` imports, `sd35trt[hopper]`; cuDNN SDPA on other GPUs; SDPA off CUDA);
+`self.attention` says which and why (BENCHMARKS.md has the measurements). GELU(tanh)
 runs as the identical x*sigmoid(2z) form (cheaper compiled). `compile=True` runs the MMDiT and the
 VAE decoder under torch.compile (inductor fuses the activation quantization into the producers; its
 on-disk cache makes later starts warm; coordinate-descent tuning gained < 1 ms and tripled the warm
@@ -22,7 +22,6 @@ import torch
 from ..checkpoint import Checkpoint
 from ..config import VariantConfig
 from ..errors import CheckpointError, InvalidInputError
-from ..models.flash_attention import AttentionChoice, choose_attention, set_attention_core
 from ..models.fp8 import FP8Linear, load_amax, to_fp8
 from ..models.mmdit import use_sigmoid_gelu
 from .torch_backend import TorchBackend
@@ -64,8 +63,6 @@ class TorchFP8Backend(TorchBackend):
         amax = dict(calibration) if isinstance(calibration, Mapping) else load_amax(calibration)
         mmdit = to_fp8(self.modules["transformer"], amax, fast_accum=fast_accum)  # bf16 weights dropped
         use_sigmoid_gelu(mmdit)
-        self.attention: AttentionChoice = choose_attention(self.device, self.dtype)
-        set_attention_core(mmdit, self.attention.core)
         self.fp8_layers = sum(isinstance(m, FP8Linear) for m in mmdit.modules())
         vae = self.modules["vae_decoder"]
         if self.device.type == "cuda":
@@ -74,4 +71,4 @@ class TorchFP8Backend(TorchBackend):
             mmdit = torch.compile(mmdit, fullgraph=True, options=options)
             vae = torch.compile(vae)
         self.modules.update(transformer=mmdit, vae_decoder=vae)
-        self.bind({"transformer": self.attention.context})
+        self.bind()  # the attention core the torch backend chose stays on the FP8 model's attentions
