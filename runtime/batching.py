@@ -4,11 +4,11 @@
         ticket = batcher.submit(Job("a red fox", seed=7))        # from any thread
         image = ticket.result(timeout=60).images[0]              # or: await batcher.generate(job)
 
-Requests are grouped by everything that shapes the computation (height, width, steps, guidance,
-T5 length, output type); prompts, negative prompts and seeds differ freely inside a batch. Image i
-of a job draws its noise from `torch.Generator().manual_seed(seed + i)` (`seed_generators`), one
-generator per image as diffusers does for a generator list, so every image equals what
-`pipe(**job.call_kwargs())` gives alone.
+Requests are grouped by everything that shapes the computation (height, width, sampler, steps,
+guidance, T5 length, output type); prompts, negative prompts and seeds differ freely inside a batch.
+Image i of a job draws its noise (a stochastic sampler's too) from
+`torch.Generator().manual_seed(seed + i)` (`seed_generators`), one generator per image as diffusers
+does for a generator list, so every image equals what `pipe(**job.call_kwargs())` gives alone.
 
 Threads: `workers` threads (default 1) take batches off one queue and call the pipeline. A waiting
 job counts against `max_queue` (QueueFullError beyond it). Cancelling a waiting job removes it; a
@@ -45,13 +45,15 @@ class Job:
     guidance: float | None = None
     max_sequence_length: int = 256
     output_type: str = "pil"
+    sampler: str = "euler"
 
     def call_kwargs(self) -> dict[str, Any]:
         """The arguments of the unbatched call that gives this job's images."""
         return dict(prompt=self.prompt, negative_prompt=self.negative_prompt, height=self.height,
                     width=self.width, num_inference_steps=self.steps, guidance_scale=self.guidance,
                     num_images_per_prompt=self.n, generator=seed_generators(self.seed, self.n),
-                    max_sequence_length=self.max_sequence_length, output_type=self.output_type)
+                    max_sequence_length=self.max_sequence_length, output_type=self.output_type,
+                    sampler=self.sampler)
 
 
 @dataclass(eq=False)  # identity: two tickets of equal jobs are distinct
@@ -126,7 +128,8 @@ class MicroBatcher:
         if req.batch > self.max_batch:
             raise InvalidInputError(f"n={job.n} images exceed max_batch={self.max_batch}; ask for at most "
                                     f"{self.max_batch} images per request")
-        key = (req.height, req.width, len(req.schedule), req.guidance, req.max_sequence_length, req.output_type)
+        key = (req.height, req.width, req.sampler.name, len(req.schedule), req.guidance, req.max_sequence_length,
+               req.output_type)
         ticket = Ticket(job, key, _batcher=self)
         with self._cond:
             if self._closing:

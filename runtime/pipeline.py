@@ -52,7 +52,8 @@ def sample(encode: PromptEncoder, transformer: Transformer, device: torch.device
            generator: Any = None, latents: torch.Tensor | None = None, on_step: StepHook | None = None,
            progress: bool = False, backend_name: str = "") -> torch.Tensor:
     """The final latents [B, 16, H/8, W/8] of a request: prompts encoded (negatives first under CFG),
-    noise drawn (or `latents`), the flow-matching loop run. The FP8 calibration drives it too."""
+    noise drawn (or `latents`), the request's sampler run (its noise, if any, from `generator`). The
+    FP8 calibration drives it too."""
     p, p2, p3 = req.prompts, req.prompts_2, req.prompts_3
     if req.negatives is not None:
         n, n2, n3 = req.negatives
@@ -61,7 +62,7 @@ def sample(encode: PromptEncoder, transformer: Transformer, device: torch.device
     shape = encode.config.latent_shape(req.batch, req.height, req.width)  # [B, 16, H/8, W/8]
     x = latents if latents is not None else initial_noise(shape, generator, device)
     return denoise(transformer, x.to(device), context, pooled, req.schedule, req.guidance, on_step, progress,
-                   backend_name)
+                   backend_name, req.sampler, generator)
 
 
 class Pipeline:
@@ -184,13 +185,14 @@ class Pipeline:
         output_type: str = "pil",
         callback_on_step_end: StepCallback | None = None,
         progress: bool = True,
+        sampler: str = "euler",
     ) -> PipelineOutput:
         req = self.check_request(  # raises before any heavy work
             prompt, prompt_2=prompt_2, prompt_3=prompt_3, negative_prompt=negative_prompt,
             negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3, height=height, width=width,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sigmas=sigmas,
             num_images_per_prompt=num_images_per_prompt, generator=generator, latents=latents,
-            max_sequence_length=max_sequence_length, output_type=output_type)
+            max_sequence_length=max_sequence_length, output_type=output_type, sampler=sampler)
         self._enter()
         try:
             return self._generate(req, generator, latents, callback_on_step_end, progress)
@@ -202,8 +204,8 @@ class Pipeline:
         b = self.backend
         x = sample(self.encode, b.transformer, b.device, req, generator, latents, self._hook(callback_on_step_end),
                    progress, b.name)
-        info = {"steps": len(req.schedule), "guidance": req.guidance, "height": req.height,
-                "width": req.width, "backend": self.backend.name, "variant": self.config.name}
+        info = {"steps": len(req.schedule), "sampler": req.sampler.name, "guidance": req.guidance,
+                "height": req.height, "width": req.width, "backend": self.backend.name, "variant": self.config.name}
         return PipelineOutput(self._decode(x, req), info)
 
     def _hook(self, callback: StepCallback | None):

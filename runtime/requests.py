@@ -14,7 +14,8 @@ import torch
 
 from .config import VariantConfig
 from .errors import InvalidInputError
-from .schedule import Schedule, flow_match_schedule
+from .samplers import Sampler, get_sampler
+from .schedule import Schedule
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 MAX_T5_TOKENS = 512
@@ -28,7 +29,8 @@ class Request:
     negatives: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]] | None  # None: no CFG
     height: int
     width: int
-    schedule: Schedule
+    sampler: Sampler
+    schedule: Schedule  # the sampler's own (DPM-Solver has its own grid)
     guidance: float
     max_sequence_length: int
     output_type: str
@@ -84,8 +86,10 @@ def normalize_request(
     latents: torch.Tensor | None = None,
     max_sequence_length: int = 256,
     output_type: str = "pil",
+    sampler: str = "euler",
 ) -> Request:
     """A `Pipeline` call's arguments (same names and defaults) as a Request, or InvalidInputError."""
+    chosen = get_sampler(sampler)
     prompts = _prompt_list("prompt", prompt, None)
     if prompts is None:
         raise InvalidInputError("prompt=None; pass a prompt string or a list of strings")
@@ -104,7 +108,7 @@ def normalize_request(
     steps = num_inference_steps
     if sigmas is None:
         steps = config.sampling.steps if steps is None else _int("num_inference_steps", steps, 1)
-    schedule = flow_match_schedule(steps, config.sampling.shift, sigmas)
+    schedule = chosen.schedule(steps, config.sampling.shift, sigmas)
     per = _int("num_images_per_prompt", num_images_per_prompt, 1)
     max_seq = _int("max_sequence_length", max_sequence_length, 1, MAX_T5_TOKENS)
     if output_type not in OUTPUT_TYPES:
@@ -117,8 +121,8 @@ def normalize_request(
         negatives = (_repeat(neg, per), _repeat(neg2, per), _repeat(neg3, per))
     req = Request(
         prompts=_repeat(prompts, per), prompts_2=_repeat(p2, per), prompts_3=_repeat(p3, per),
-        negatives=negatives, height=height, width=width, schedule=schedule, guidance=float(guidance),
-        max_sequence_length=max_seq, output_type=output_type,
+        negatives=negatives, height=height, width=width, sampler=chosen, schedule=schedule,
+        guidance=float(guidance), max_sequence_length=max_seq, output_type=output_type,
     )
     _check_generator(generator, req.batch)
     _check_latents(latents, config.latent_shape(req.batch, height, width))

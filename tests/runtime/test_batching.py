@@ -80,12 +80,30 @@ def test_different_shapes_do_not_share_a_batch(pipe: Pipeline) -> None:
     assert [o.images.shape[2] for o in outs] == [64, 96, 64, 96]
 
 
+def test_jobs_batch_by_sampler_and_batched_sde_jobs_equal_their_twins(pipe: Pipeline, capsys) -> None:
+    jobs = [Job("a castle", "fog", seed=3, sampler="dpmpp_2m_sde", **SHAPE),
+            Job("a bowl of ramen", None, seed=9, n=2, sampler="dpmpp_2m_sde", **SHAPE),
+            Job("a castle", "fog", seed=3, sampler="heun", **SHAPE)]
+    with MicroBatcher(pipe, max_batch=3, window_ms=500) as batcher:
+        outs = [t.result(60) for t in _submit_together(batcher, jobs)]  # the SDE jobs fill a batch
+        stats = batcher.stats()
+    assert stats.batches == 2 and stats.batch_sizes == {3: 1, 1: 1}  # the heun job ran on its own
+    assert [o.info["sampler"] for o in outs] == ["dpmpp_2m_sde", "dpmpp_2m_sde", "heun"]
+    diffs = [float(np.abs(o.images - _twin(pipe, j)).max()) for o, j in zip(outs, jobs)]
+    with capsys.disabled():
+        print(f"\n[sde batch of 3 + heun job vs unbatched twins, max abs diff per job: {diffs}]")
+    assert max(diffs) <= 1e-6
+    assert np.abs(outs[0].images - outs[2].images).max() > 0.01  # same seed, other sampler
+
+
 def test_bad_jobs_are_refused_at_submit(pipe: Pipeline) -> None:
     with MicroBatcher(pipe, max_batch=2) as batcher:
         with pytest.raises(InvalidInputError, match="height=65"):
             batcher.submit(Job("x", height=65, width=64))
         with pytest.raises(InvalidInputError, match="n=3 images exceed max_batch=2"):
             batcher.submit(Job("x", n=3, **SHAPE))
+        with pytest.raises(InvalidInputError, match="sampler='dpm'"):
+            batcher.submit(Job("x", sampler="dpm", **SHAPE))
         assert batcher.stats().batches == 0
     with pytest.raises(InvalidInputError, match="max_batch=0"):
         MicroBatcher(pipe, max_batch=0)

@@ -56,6 +56,11 @@ BAD = [
     (dict(latents=torch.full((1, 16, 8, 8), float("nan"))), "NaN"),
     (dict(sigmas=[1.0, float("inf")]), "inf"),
     (dict(sigmas=[1.0, 0.5], num_inference_steps=3), "num_inference_steps=3"),
+    (dict(sampler="ddim"), "sampler='ddim' is not one of ('euler', 'dpmpp_2m', 'dpmpp_2m_sde', 'heun')"),
+    (dict(sampler="Euler"), "sampler='Euler'"),
+    (dict(sampler=None), "sampler=None"),
+    (dict(sampler="heun", sigmas=[1.0, 0.5]), "cannot be used with sampler='heun'"),
+    (dict(sampler="dpmpp_2m_sde", sigmas=[1.0, 0.5]), "use sampler in ['euler']"),
 ]
 
 

@@ -3,6 +3,7 @@
 import pytest
 
 from sd35trt.runtime import InvalidInputError, flow_match_schedule
+from sd35trt.runtime.schedule import dpm_flow_schedule
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers (test extra) is the reference scheduler")
 
@@ -60,3 +61,21 @@ def test_bad_sigmas_rejected() -> None:
         flow_match_schedule(None, sigmas=[1.0, float("nan")])
     with pytest.raises(InvalidInputError, match="len"):
         flow_match_schedule(3, sigmas=[1.0, 0.5])
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_dpm_flow_schedule_equals_diffusers(shift: float) -> None:
+    for steps in range(1, 51):
+        sched = diffusers.DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=shift,
+                                                      prediction_type="flow_prediction")
+        sched.set_timesteps(steps)
+        ours = dpm_flow_schedule(steps, shift)
+        assert list(ours.sigmas) == sched.sigmas.tolist(), steps
+        assert list(ours.timesteps) == [float(t) for t in sched.timesteps.tolist()], steps  # int64 there
+        assert ours.sigmas[0] < 1.0 and ours.sigmas[-1] == 0.0 and len(ours) == steps
+
+
+@pytest.mark.parametrize("bad", [0, 1.5, None])
+def test_dpm_flow_schedule_refuses_bad_steps(bad) -> None:
+    with pytest.raises(InvalidInputError, match=f"num_inference_steps={bad!r}"):
+        dpm_flow_schedule(bad)

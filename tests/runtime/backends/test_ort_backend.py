@@ -28,6 +28,15 @@ def test_fp32_graphs_reproduce_the_torch_image(onnx_fp32: Path, tiny_medium: Pat
     assert np.abs(ours - ref).max() <= 1e-3
 
 
+def test_each_sampler_on_the_graphs_reproduces_the_torch_image(onnx_fp32: Path, tiny_medium: Path) -> None:
+    kw = dict(KW, height=64, width=64, num_inference_steps=4, output_type="np", progress=False)
+    with (Pipeline.from_pretrained(onnx_fp32, backend="onnxruntime") as ort,
+          Pipeline.from_pretrained(tiny_medium, backend="torch", device="cpu", dtype=torch.float32) as ref):
+        for sampler in ("dpmpp_2m", "dpmpp_2m_sde", "heun"):
+            a, b = (p(**kw, generator=torch.Generator().manual_seed(5), sampler=sampler).images for p in (ort, ref))
+            assert np.abs(a - b).max() <= 1e-3, sampler
+
+
 def test_fp8_pipeline_close_to_fp32_pipeline(onnx_fp8: Path, onnx_fp32: Path, capsys) -> None:
     a = _run(Pipeline.from_pretrained(onnx_fp8, backend="onnxruntime"), "latent").flatten().double()
     b = _run(Pipeline.from_pretrained(onnx_fp32, backend="onnxruntime"), "latent").flatten().double()
