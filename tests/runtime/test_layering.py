@@ -77,3 +77,14 @@ def test_runtime_has_no_import_circle() -> None:
     for node in sorted(graph):
         if node not in state:
             visit(node, [node])
+
+
+def test_manifests_are_parsed_only_by_their_readers() -> None:
+    """`VariantConfig.from_dict` (the variant inside a manifest) is called only by the two manifest
+    readers, so each artifact format is read in one place."""
+    callers = set()
+    for folder in ("runtime", "export", "sd35trt"):
+        for f in sorted((ROOT / folder).rglob("*.py")):
+            if "VariantConfig.from_dict(" in f.read_text():
+                callers.add(str(f.relative_to(ROOT)))
+    assert callers == {"runtime/manifest.py", "runtime/engine_manifest.py"}
