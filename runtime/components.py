@@ -53,6 +53,7 @@ class Component:
     cfg_doubled: bool  # batch doubles under CFG ([negatives; prompts] or [x; x])
     optional: bool = False  # the pipeline runs without it (T5: zeros)
     runtime: bool = True  # loaded by the backends (False: exported for later use only)
+    engine: bool = True  # in TensorRT engine sets (`sd35trt build`, the TensorRT backends)
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -127,14 +128,18 @@ TABLE: tuple[Component, ...] = (
     Component("vae_decoder", inputs=(Tensor("latent", _LATENT),), outputs=(Tensor("image", _IMAGE),),
               input_shapes=lambda c, r: {"latent": c.latent_shape(r.batch, r.height, r.width)},
               cfg_doubled=False),
-    Component("vae_encoder", inputs=(Tensor("image", _IMAGE, kind="image"),), outputs=(Tensor("latent", _LATENT),),
+    # moments = mean ++ log-variance of the posterior [B, 32, H/8, W/8] (unscaled); the runtime samples it.
+    # Not in engine sets yet: image modes run on torch and ONNX Runtime.
+    Component("vae_encoder", inputs=(Tensor("image", _IMAGE, kind="image"),), outputs=(Tensor("moments", _LATENT),),
               input_shapes=lambda c, r: {"image": (r.batch, 3, r.height, r.width)},
-              cfg_doubled=False, optional=True, runtime=False),
+              cfg_doubled=False, optional=True, engine=False),
 )
 BY_NAME: dict[str, Component] = {c.name: c for c in TABLE}
-# The components the backends load and engine sets hold, in build order.
+# The components the backends load (optional ones where present).
 RUNTIME: tuple[Component, ...] = tuple(c for c in TABLE if c.runtime)
-COMPONENTS: tuple[str, ...] = tuple(c.name for c in RUNTIME)
+# The components engine sets hold, in build order (`COMPONENTS`: their names).
+ENGINES: tuple[Component, ...] = tuple(c for c in RUNTIME if c.engine)
+COMPONENTS: tuple[str, ...] = tuple(c.name for c in ENGINES)
 
 
 def component(name: str) -> Component:
@@ -145,15 +150,15 @@ def component(name: str) -> Component:
 
 def request_shapes(config: VariantConfig, batch: int, height: int, width: int, t5_tokens: int | None = None,
                    cfg: bool = False) -> dict[str, dict[str, Shape]]:
-    """Input shapes of every runtime component for `batch` images (CFG doubles where it applies)."""
+    """Input shapes of every engine-set component for `batch` images (CFG doubles where it applies)."""
     return {c.name: c.shapes(config, batch * 2 if cfg and c.cfg_doubled else batch, height, width, t5_tokens)
-            for c in RUNTIME}
+            for c in ENGINES}
 
 
 def engine_profiles(config: VariantConfig, sizes: tuple[int, int, int], batches: tuple[int, int, int],
                     cfg: bool) -> dict[str, dict[str, tuple[Shape, Shape, Shape]]]:
-    """(min, opt, max) shapes per runtime component input for square sizes and image batches."""
+    """(min, opt, max) shapes per engine-set component input for square sizes and image batches."""
     for s in sizes:
         config.check_size(s, s)
     points = [request_shapes(config, b, s, s, cfg=cfg) for b, s in zip(batches, sizes)]
-    return {c.name: {n: tuple(p[c.name][n] for p in points) for n in c.input_names} for c in RUNTIME}
+    return {c.name: {n: tuple(p[c.name][n] for p in points) for n in c.input_names} for c in ENGINES}

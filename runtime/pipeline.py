@@ -22,10 +22,12 @@ import torch
 from .backends import Backend, load_backend
 from .checkpoint import Checkpoint
 from .config import VariantConfig
-from .errors import ClosedError, GenerationCancelled, NonFiniteImageError
+from .edits import start as start_from_image
+from .errors import ClosedError, GenerationCancelled, InvalidInputError, NonFiniteImageError
+from .guidance import guided
 from .image import to_pil
 from .requests import Request, normalize_request
-from .sampling import StepHook, Transformer, denoise, initial_noise
+from .sampling import StepHook, Transformer, chain, initial_noise, run
 from .text import PromptEncoder, load_tokenizers
 
 # Options of `from_pretrained` that locate a single file's parts (the rest go to the backend).
@@ -50,19 +52,27 @@ def seed_generators(seed: int, n: int = 1) -> list[torch.Generator]:
 
 def sample(encode: PromptEncoder, transformer: Transformer, device: torch.device, req: Request,
            generator: Any = None, latents: torch.Tensor | None = None, on_step: StepHook | None = None,
-           progress: bool = False, backend_name: str = "") -> torch.Tensor:
+           progress: bool = False, backend_name: str = "", vae_encoder: Any = None) -> torch.Tensor:
     """The final latents [B, 16, H/8, W/8] of a request: prompts encoded (negatives first under CFG),
-    noise drawn (or `latents`), the request's sampler run (its noise, if any, from `generator`). The
-    FP8 calibration drives it too."""
+    the start made (noise drawn, or `latents`; image modes: the image encoded by `vae_encoder` and
+    noised, runtime/edits.py), the request's sampler run with its guidance (its noise, if any, from
+    `generator`). The FP8 calibration drives it too."""
     p, p2, p3 = req.prompts, req.prompts_2, req.prompts_3
     if req.negatives is not None:
         n, n2, n3 = req.negatives
         p, p2, p3 = n + p, n2 + p2, n3 + p3
     context, pooled = encode(p, p2, p3, req.max_sequence_length)  # [B or 2B, 77+T, 4096], [B or 2B, 2048]
     shape = encode.config.latent_shape(req.batch, req.height, req.width)  # [B, 16, H/8, W/8]
-    x = latents if latents is not None else initial_noise(shape, generator, device)
-    return denoise(transformer, x.to(device), context, pooled, req.schedule, req.guidance, on_step, progress,
-                   backend_name, req.sampler, generator)
+    blend = None
+    if req.image is not None:
+        start = start_from_image(vae_encoder, encode.config.vae, req.image, req.mask, req.strength,
+                                 req.sampler.calls(req.schedule), shape, generator, latents, device)
+        x, blend = start.latents, start.on_step
+    else:
+        x = latents if latents is not None else initial_noise(shape, generator, device)
+    predict = guided(transformer, context, pooled, req.guidance, req.slg, len(req.schedule))
+    return run(predict, x.to(device), req.schedule, chain(blend, on_step), progress, backend_name, req.sampler,
+               generator)
 
 
 class Pipeline:
@@ -122,7 +132,16 @@ class Pipeline:
         returns the request with every default resolved."""
         kwargs.pop("callback_on_step_end", None), kwargs.pop("progress", None)
         req = normalize_request(self.config, prompt, **kwargs)
-        self.backend.check_request(req.batch, req.height, req.width, req.max_sequence_length)
+        b = self.backend
+        if req.image is not None and getattr(b, "vae_encoder", None) is None:
+            raise InvalidInputError(f"image= ({req.mode}) needs the VAE encoder, which backend {b.name!r} has not "
+                                    f"loaded for {self.path}; export it (`sd35trt export` writes vae_encoder.onnx) "
+                                    f"or use backend='torch'")
+        if req.slg is not None and not getattr(b, "skip_layers", False):
+            raise InvalidInputError(f"skip_guidance_layers={list(req.slg.layers)} needs a transformer that can skip "
+                                    f"blocks; backend {b.name!r} cannot yet (its exported graph has no skip input): "
+                                    f"use backend='torch' or drop skip_guidance_layers")
+        b.check_request(req.batch, req.height, req.width, req.max_sequence_length)
         return req
 
     async def generate_async(self, *args: Any, **kwargs: Any) -> PipelineOutput:
@@ -186,13 +205,28 @@ class Pipeline:
         callback_on_step_end: StepCallback | None = None,
         progress: bool = True,
         sampler: str = "euler",
+        image: Any = None,
+        mask_image: Any = None,
+        strength: float = 0.6,
+        padding_mask_crop: int | None = None,
+        skip_guidance_layers: Sequence[int] | None = None,
+        skip_layer_guidance_scale: float = 2.8,
+        skip_layer_guidance_start: float = 0.01,
+        skip_layer_guidance_stop: float = 0.2,
     ) -> PipelineOutput:
+        """diffusers' arguments: text-to-image; `image` -> image-to-image (StableDiffusion3Img2ImgPipeline,
+        `strength` trims the schedule); `image` + `mask_image` -> inpainting (StableDiffusion3InpaintPipeline);
+        `skip_guidance_layers` -> skip-layer guidance (StableDiffusion3Pipeline). `latents` with an image:
+        the starting latents as they are (image-to-image) or the noise (inpainting), as diffusers."""
         req = self.check_request(  # raises before any heavy work
             prompt, prompt_2=prompt_2, prompt_3=prompt_3, negative_prompt=negative_prompt,
             negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3, height=height, width=width,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sigmas=sigmas,
             num_images_per_prompt=num_images_per_prompt, generator=generator, latents=latents,
-            max_sequence_length=max_sequence_length, output_type=output_type, sampler=sampler)
+            max_sequence_length=max_sequence_length, output_type=output_type, sampler=sampler, image=image,
+            mask_image=mask_image, strength=strength, padding_mask_crop=padding_mask_crop,
+            skip_guidance_layers=skip_guidance_layers, skip_layer_guidance_scale=skip_layer_guidance_scale,
+            skip_layer_guidance_start=skip_layer_guidance_start, skip_layer_guidance_stop=skip_layer_guidance_stop)
         self._enter()
         try:
             return self._generate(req, generator, latents, callback_on_step_end, progress)
@@ -203,8 +237,8 @@ class Pipeline:
                   callback_on_step_end: StepCallback | None, progress: bool) -> PipelineOutput:
         b = self.backend
         x = sample(self.encode, b.transformer, b.device, req, generator, latents, self._hook(callback_on_step_end),
-                   progress, b.name)
-        info = {"steps": len(req.schedule), "sampler": req.sampler.name, "guidance": req.guidance,
+                   progress, b.name, getattr(b, "vae_encoder", None))
+        info = {"mode": req.mode, "steps": len(req.schedule), "sampler": req.sampler.name, "guidance": req.guidance,
                 "height": req.height, "width": req.width, "backend": self.backend.name, "variant": self.config.name}
         return PipelineOutput(self._decode(x, req), info)
 

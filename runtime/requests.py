@@ -7,15 +7,17 @@ default resolved, or raises InvalidInputError naming the value and the fix.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 
 from .config import VariantConfig
 from .errors import InvalidInputError
+from .guidance import SkipLayerGuidance
+from .images_in import preprocess, source_sizes
 from .samplers import Sampler, get_sampler
-from .schedule import Schedule
+from .schedule import Schedule, trim
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 MAX_T5_TOKENS = 512
@@ -34,10 +36,18 @@ class Request:
     guidance: float
     max_sequence_length: int
     output_type: str
+    image: torch.Tensor | None = field(default=None, compare=False)  # [K, 3, H, W] in [-1, 1]; K divides batch
+    mask: torch.Tensor | None = field(default=None, compare=False)  # [M, 1, H, W] in {0, 1} (1: repaint)
+    strength: float = 1.0  # image modes: the schedule above is already trimmed to it
+    slg: SkipLayerGuidance | None = None
 
     @property
     def batch(self) -> int:
         return len(self.prompts)
+
+    @property
+    def mode(self) -> str:
+        return "text-to-image" if self.image is None else "image-to-image" if self.mask is None else "inpainting"
 
 
 def _prompt_list(name: str, value: Any, n: int | None) -> list[str] | None:
@@ -87,6 +97,14 @@ def normalize_request(
     max_sequence_length: int = 256,
     output_type: str = "pil",
     sampler: str = "euler",
+    image: Any = None,
+    mask_image: Any = None,
+    strength: float = 0.6,
+    padding_mask_crop: int | None = None,
+    skip_guidance_layers: Sequence[int] | None = None,
+    skip_layer_guidance_scale: float = 2.8,
+    skip_layer_guidance_start: float = 0.01,
+    skip_layer_guidance_stop: float = 0.2,
 ) -> Request:
     """A `Pipeline` call's arguments (same names and defaults) as a Request, or InvalidInputError."""
     chosen = get_sampler(sampler)
@@ -119,14 +137,87 @@ def normalize_request(
         neg2 = _prompt_list("negative_prompt_2", negative_prompt_2, n) or neg
         neg3 = _prompt_list("negative_prompt_3", negative_prompt_3, n) or neg
         negatives = (_repeat(neg, per), _repeat(neg2, per), _repeat(neg3, per))
+    slg = _skip_layers(config, skip_guidance_layers, skip_layer_guidance_scale, skip_layer_guidance_start,
+                       skip_layer_guidance_stop, negatives is not None)
+    batch = len(prompts) * per
+    edit = _edit(image, mask_image, strength, padding_mask_crop, schedule, batch, height, width)
     req = Request(
         prompts=_repeat(prompts, per), prompts_2=_repeat(p2, per), prompts_3=_repeat(p3, per),
-        negatives=negatives, height=height, width=width, sampler=chosen, schedule=schedule,
-        guidance=float(guidance), max_sequence_length=max_seq, output_type=output_type,
+        negatives=negatives, height=height, width=width, sampler=chosen, schedule=edit.pop("schedule", schedule),
+        guidance=float(guidance), max_sequence_length=max_seq, output_type=output_type, slg=slg, **edit,
     )
     _check_generator(generator, req.batch)
     _check_latents(latents, config.latent_shape(req.batch, height, width))
     return req
+
+
+def _number(name: str, value: Any) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise InvalidInputError(f"{name}={value!r} must be a finite number")
+    return float(value)
+
+
+def _skip_layers(config: VariantConfig, layers: Any, scale: Any, start: Any, stop: Any,
+                 cfg: bool) -> SkipLayerGuidance | None:
+    if layers is None:
+        return None
+    n = config.transformer.num_layers
+    if isinstance(layers, int) or not isinstance(layers, (list, tuple)) or not layers or not all(
+            isinstance(k, int) and not isinstance(k, bool) and 0 <= k < n for k in layers):
+        raise InvalidInputError(f"skip_guidance_layers={layers!r} must be a non-empty list of block indices in "
+                                f"[0, {n - 1}] ({config.name} has {n} blocks; SD3.5 Medium uses [7, 8, 9])")
+    if not cfg:
+        raise InvalidInputError(f"skip_guidance_layers={list(layers)!r} needs classifier-free guidance; pass "
+                                f"guidance_scale > 1 or drop skip_guidance_layers")
+    scale, start, stop = (_number(f"skip_layer_guidance_{k}", v) for k, v in
+                          (("scale", scale), ("start", start), ("stop", stop)))
+    if not 0.0 <= start < stop <= 1.0:
+        raise InvalidInputError(f"skip_layer_guidance_start={start} / skip_layer_guidance_stop={stop} must satisfy "
+                                f"0 <= start < stop <= 1 (fractions of the steps; default 0.01 / 0.2)")
+    return SkipLayerGuidance(tuple(layers), scale, start, stop)
+
+
+def _edit(image: Any, mask_image: Any, strength: Any, padding_mask_crop: Any, schedule: Schedule, batch: int,
+          height: int, width: int) -> dict[str, Any]:
+    """The image-mode fields of a Request (empty for text-to-image), the schedule trimmed to `strength`."""
+    if image is None:
+        if mask_image is not None:
+            raise InvalidInputError("mask_image was given without image; pass the image to inpaint as image=")
+        return {}
+    if padding_mask_crop is not None:
+        raise InvalidInputError(f"padding_mask_crop={padding_mask_crop!r} is not supported yet; drop it (the "
+                                f"whole image is inpainted at height x width)")
+    strength = _number("strength", strength)
+    if not 0.0 < strength <= 1.0:
+        raise InvalidInputError(f"strength={strength} must be in (0, 1] (1: the image is fully re-noised)")
+    trimmed = trim(schedule, strength)
+    if len(trimmed) == 0:
+        raise InvalidInputError(f"strength={strength} leaves 0 of {len(schedule)} steps; pass strength >= "
+                                f"{1 / len(schedule):.3g} or more num_inference_steps")
+    pixels = preprocess("image", image, height, width)  # [K, 3, H, W]
+    out: dict[str, Any] = {"schedule": trimmed, "image": pixels, "strength": strength}
+    _check_count("image", pixels.shape[0], batch)
+    if mask_image is not None:
+        mask = preprocess("mask_image", mask_image, height, width, mask=True)  # [M, 1, H, W]
+        sizes, mask_sizes = source_sizes("image", image), source_sizes("mask_image", mask_image, mask=True)
+        if set(mask_sizes) != set(sizes) or len(set(sizes)) > 1:
+            raise InvalidInputError(f"mask_image is {sorted(set(mask_sizes))} (height, width) but image is "
+                                    f"{sorted(set(sizes))}; pass a mask of the image's size")
+        _check_count("mask_image", mask.shape[0], batch)
+        if mask.shape[0] != pixels.shape[0] and min(mask.shape[0], pixels.shape[0]) != 1:
+            raise InvalidInputError(f"{mask.shape[0]} masks for {pixels.shape[0]} images; pass one mask or one per image")
+        empty = [i for i in range(mask.shape[0]) if not bool(mask[i].any())]
+        if empty:
+            raise InvalidInputError(f"mask_image {empty} has no pixel >= 0.5 (nothing to repaint); white (1) marks "
+                                    f"what to repaint, black (0) what to keep")
+        out["mask"] = mask
+    return out
+
+
+def _check_count(name: str, k: int, batch: int) -> None:
+    if batch % k:
+        raise InvalidInputError(f"{name} holds {k} images for a batch of {batch} (prompts x num_images_per_prompt); "
+                                f"pass 1 or {batch}, or a number that divides {batch}")
 
 
 def _check_generator(generator: Any, batch: int) -> None:

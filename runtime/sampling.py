@@ -1,7 +1,8 @@
-"""Initial noise and the denoising loop with classifier-free guidance, for any sampler.
+"""Initial noise and the denoising loop, for any sampler and any guidance.
 
-The loop is one transformer call per entry of `sampler.calls(schedule)`, then the sampler's pure
-step function (runtime/samplers.py; Euler: x <- x + (sigma_next - sigma) * v).
+The loop (`run`) is one `predict` per entry of `sampler.calls(schedule)` (CFG, CFG + skip-layer
+guidance: runtime/guidance.py), then the sampler's pure step function (runtime/samplers.py; Euler:
+x <- x + (sigma_next - sigma) * v), then the step hook (the inpainting blend, the user's callback).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import NonFiniteLatentsError
+from .guidance import Predict, guided
 from .samplers import EULER, Sampler, standard_normal
 from .schedule import Schedule
 
@@ -46,21 +48,31 @@ def denoise(
     sampler: Sampler = EULER,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """`sampler`'s steps along `schedule`; CFG when guidance > 1 (context = [neg; pos]). A stochastic
-    sampler draws its noise from `generator` (image i from generator i of a list). `on_step` runs
-    after every transformer call (Heun: two per step but the last), as diffusers' callback does."""
-    cfg = guidance > 1.0
+    """`sampler`'s steps along `schedule` with plain CFG when guidance > 1 (context = [neg; pos])."""
+    predict = guided(transformer, context, pooled, guidance, steps=len(schedule))
+    return run(predict, latents, schedule, on_step, progress, backend_name, sampler, generator)
+
+
+def run(
+    predict: Predict,
+    latents: torch.Tensor,
+    schedule: Schedule,
+    on_step: StepHook | None = None,
+    progress: bool = True,
+    backend_name: str = "",
+    sampler: Sampler = EULER,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+) -> torch.Tensor:
+    """The loop: `predict` (the guidance: runtime/guidance.py) then `sampler`'s step, per call of
+    `sampler.calls(schedule)`. A stochastic sampler draws its noise from `generator` (image i from
+    generator i of a list). `on_step` runs after every call (Heun: two per step but the last), as
+    diffusers' callback does; image modes compose their blend into it."""
     x = latents.float()  # [B, 16, h, w], fp32 throughout
     calls = sampler.calls(schedule)
     finite = torch.ones(len(calls), dtype=torch.bool, device=x.device)  # checked once, no sync per step
     history = None  # what the sampler carries from one call to the next
     for i, c in enumerate(tqdm(calls, disable=not progress, desc=f"denoise ({sampler.name})")):
-        x_in = torch.cat([x, x]) if cfg else x  # [2B or B, 16, h, w]
-        timestep = torch.full((x_in.shape[0],), c.timestep, dtype=torch.float32, device=x.device)
-        v = transformer(x_in, timestep, context, pooled).float()
-        if cfg:
-            v_uncond, v_cond = v.chunk(2)
-            v = v_uncond + guidance * (v_cond - v_uncond)
+        v = predict(x, i, c.timestep)  # [B, 16, h, w] fp32
         x, history = sampler.step(x, c.sigma, c.sigma_next, v, history, generator)
         if on_step is not None:
             x = on_step(i, c.timestep, x)
@@ -69,3 +81,17 @@ def denoise(
         first = int((~finite).nonzero()[0])
         raise NonFiniteLatentsError(first, calls[first].sigma, backend_name)
     return x
+
+
+def chain(*hooks: StepHook | None) -> StepHook | None:
+    """One step hook running `hooks` in order (None entries dropped; None if none is left)."""
+    live = [h for h in hooks if h is not None]
+    if not live:
+        return None
+
+    def on_step(i: int, t: float, x: torch.Tensor) -> torch.Tensor:
+        for h in live:
+            x = h(i, t, x)
+        return x
+
+    return on_step

@@ -96,3 +96,18 @@ def dpm_flow_schedule(steps: int | None, shift: float = 3.0, num_train_timesteps
         sigmas=tuple(float(s) for s in sigmas.astype(np.float32)) + (0.0,),
         timesteps=tuple(float(t) for t in times),
     )
+
+
+def strength_start(steps: int, strength: float) -> int:
+    """The first step image-to-image runs for `strength` (diffusers' get_timesteps, its float
+    arithmetic included: 10 steps at strength 0.3 start at step 6, not 7)."""
+    init = min(steps * strength, steps)
+    return int(max(steps - init, 0))
+
+
+def trim(schedule: Schedule, strength: float) -> Schedule:
+    """`schedule` from the step `strength` starts at (image-to-image / inpainting): the first
+    `strength_start` steps dropped, for any sampler's schedule (a sampler of two calls per step
+    derives them from the kept steps). Pure; may return zero steps (the request check refuses)."""
+    start = strength_start(len(schedule), strength)
+    return Schedule(sigmas=schedule.sigmas[start:], timesteps=schedule.timesteps[start:])

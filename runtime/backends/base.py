@@ -7,6 +7,10 @@ Shapes (B = model batch; with CFG the transformer sees 2x the image batch):
   transformer(latent [B, 16, h, w], timestep [B] in [0, 1000], context [B, 77+T, 4096],
               pooled [B, 2048])    -> velocity [B, 16, h, w] float32
   vae_decoder(latent [B, 16, h, w], already unscaled) -> image [B, 3, 8h, 8w] in [-1, 1]
+  vae_encoder(image [B, 3, 8h, 8w] in [-1, 1]) -> moments [B, 32, h, w] (mean ++ log-variance,
+              unscaled)            (None: not exported / not in the engine set)
+A backend whose `skip_layers` is True takes `transformer(..., skip_layers=(7, 8, 9))` (skip-layer
+guidance); the others refuse SLG requests before any component runs.
 Inputs arrive on `backend.device`; outputs may be any float dtype on that device. Input and output
 names and order are the component table's (`runtime/components.py`). `limits` says what one call
 can take beyond the model's own range; `check_request` refuses, before any component runs, a
@@ -37,7 +41,9 @@ class Backend(Protocol):
     t5: Callable[[torch.Tensor], torch.Tensor] | None
     transformer: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     vae_decoder: Callable[[torch.Tensor], torch.Tensor]
+    vae_encoder: Callable[[torch.Tensor], torch.Tensor] | None
     limits: Limits
+    skip_layers: bool
 
     def check_request(self, batch: int, height: int, width: int, max_sequence_length: int) -> None: ...
 
@@ -57,6 +63,8 @@ class BackendBase:
     """Defaults for backends without limits of their own (torch, ONNX Runtime)."""
 
     limits = Limits()
+    skip_layers = False  # the transformer callable takes skip_layers= (torch backends)
+    vae_encoder = None
 
     @classmethod
     def limits_for(cls, path: Any, config: VariantConfig) -> Limits:
@@ -75,8 +83,8 @@ class ComponentCall:
         self.run, self.name, self.n_outputs = run, name, len(component(name).outputs)
         self.model = model  # what runs it, for inspection (torch backends: the nn.Module)
 
-    def __call__(self, *args: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        outs = self.run(*args)
+    def __call__(self, *args: torch.Tensor, **options: object) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        outs = self.run(*args, **options)  # options: the transformer's skip_layers on torch
         return outs[0].float() if self.n_outputs == 1 else tuple(outs)
 
 

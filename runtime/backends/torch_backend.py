@@ -49,10 +49,10 @@ class ModuleRun:
         self.model, self.dtype, self.context = model, dtype, context
 
     @torch.inference_mode()
-    def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def __call__(self, *args: torch.Tensor, **options: object) -> tuple[torch.Tensor, ...]:
         cast = [a if not a.is_floating_point() or a.dim() == 1 else a.to(self.dtype) for a in args]  # timestep stays fp32
         with self.context():
-            out = self.model(*cast)
+            out = self.model(*cast, **options)
         return out if isinstance(out, tuple) else (out,)
 
 
@@ -61,6 +61,7 @@ class TorchBackend(BackendBase):
     optional (zeros are used when absent). `modules` holds the loaded torch modules by component."""
 
     name = "torch"
+    skip_layers = True  # our MMDiT skips blocks on request (skip-layer guidance)
 
     def __init__(
         self,

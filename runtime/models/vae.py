@@ -3,7 +3,8 @@
 Parameter names follow the `decoder.*` / `encoder.*` parts of diffusers' AutoencoderKL, so the
 weights of a `vae/` folder load strictly. Decoder input: unscaled latents
 (`z / scaling_factor + shift_factor`), output an image in [-1, 1]; encoder input: an image in
-[-1, 1], output the latent mean (unscaled; the posterior's mode, as image-to-image uses it).
+[-1, 1], output the posterior's moments, mean ++ log-variance (unscaled); the runtime samples it
+(`runtime/edits.py`, as diffusers' DiagonalGaussianDistribution.sample).
 """
 
 from __future__ import annotations
@@ -172,7 +173,7 @@ class Encoder(nn.Module):
 
 
 class VaeEncoder(nn.Module):
-    """image [B, 3, H, W] in [-1, 1] -> latent mean [B, 16, H/8, W/8] (unscaled)."""
+    """image [B, 3, H, W] in [-1, 1] -> moments [B, 32, H/8, W/8]: mean ++ log-variance (unscaled)."""
 
     def __init__(self, spec: VaeSpec) -> None:
         super().__init__()
@@ -180,5 +181,4 @@ class VaeEncoder(nn.Module):
         self.encoder = Encoder(spec)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        moments = self.encoder(image)
-        return moments[:, : moments.shape[1] // 2]
+        return self.encoder(image)  # [B, 32, H/8, W/8]

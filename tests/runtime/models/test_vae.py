@@ -35,7 +35,7 @@ def test_encode_matches_diffusers(hw: tuple[int, int]) -> None:
     ours.load_state_dict({k: v for k, v in ref.state_dict().items() if k.startswith("encoder.")})
     image = torch.rand(2, 3, *hw, generator=torch.Generator().manual_seed(1)) * 2 - 1  # [B, 3, H, W]
     with torch.no_grad():
-        a, b = ref.encode(image).latent_dist.mode(), ours(image)
-    assert a.shape == b.shape == (2, 16, hw[0] // 8, hw[1] // 8)
+        a, b = ref.encode(image).latent_dist.parameters, ours(image)  # moments: mean ++ logvar
+    assert a.shape == b.shape == (2, 32, hw[0] // 8, hw[1] // 8)
     assert (a - b).abs().max().item() <= 1e-4
     assert a.std() > 0.01
