@@ -64,3 +64,59 @@ def test_a_failing_run_is_a_backend_error_naming_the_graph(onnx_fp32: Path) -> N
         pipe.backend.vae_decoder(wrong)
     image = pipe.backend.vae_decoder(torch.zeros(1, 16, 8, 8))  # the session still works
     assert image.shape == (1, 3, 64, 64)
+
+
+def _flip(path: Path, offset: int | None = None) -> None:
+    data = bytearray(path.read_bytes())
+    at = len(data) // 2 if offset is None else offset
+    data[at] ^= 0x5A
+    data[at + 1] ^= 0xA5
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_inside_a_graph_are_refused_naming_the_file(onnx_fp32: Path, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    bad = Path(shutil.copytree(onnx_fp32, tmp_path / "flipped"))
+    _flip(bad / "vae_decoder.onnx")  # two bytes inside the weights: the graph still parses
+    ort.InferenceSession(str(bad / "vae_decoder.onnx"), providers=["CPUExecutionProvider"])  # ORT alone takes it
+    with pytest.raises(CheckpointError) as err:
+        Pipeline.from_pretrained(bad, backend="onnxruntime")
+    msg = str(err.value)
+    assert f"{bad / 'vae_decoder.onnx'} does not match {bad / 'manifest.json'}" in msg
+    source = json.loads((bad / "manifest.json").read_text())["source"]
+    assert f"re-export it: sd35trt export --model {source} --out {bad} --precision fp32" in msg  # the folder in use
+    pipe = Pipeline.from_pretrained(bad, backend="onnxruntime", verify=False)  # what the check prevents: other pixels
+    assert np.abs(_run(pipe) - _run(Pipeline.from_pretrained(onnx_fp32, backend="onnxruntime"))).max() > 0
+
+
+def test_external_data_is_hashed_too(onnx_fp32: Path, tmp_path: Path) -> None:
+    import onnx
+
+    from sd35trt.runtime.files import sha256_file
+
+    folder = Path(shutil.copytree(onnx_fp32, tmp_path / "external"))
+    graph = folder / "vae_decoder.onnx"  # re-saved with its weights beside it, as exports beyond 1 GiB are
+    onnx.save(onnx.load(str(graph)), str(graph), save_as_external_data=True, location="vae_decoder.onnx.data",
+              all_tensors_to_one_file=True)
+    doc = json.loads((folder / "manifest.json").read_text())
+    entry = doc["components"]["vae_decoder"]
+    entry.update(sha256=sha256_file(graph), data="vae_decoder.onnx.data")
+    (folder / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="records no content hash"):  # an entry without the data's hash
+        Pipeline.from_pretrained(folder, backend="onnxruntime")
+    entry["data_sha256"] = sha256_file(folder / "vae_decoder.onnx.data")
+    (folder / "manifest.json").write_text(json.dumps(doc))
+    assert _run(Pipeline.from_pretrained(folder, backend="onnxruntime")).shape == (1, 64, 96, 3)
+    _flip(folder / "vae_decoder.onnx.data")
+    with pytest.raises(CheckpointError, match=r"vae_decoder\.onnx\.data does not match"):
+        Pipeline.from_pretrained(folder, backend="onnxruntime")
+
+
+def test_a_partial_export_is_refused_with_the_command_that_finishes_it(onnx_fp32: Path, tmp_path: Path) -> None:
+    folder = Path(shutil.copytree(onnx_fp32, tmp_path / "partial"))
+    doc = json.loads((folder / "manifest.json").read_text())
+    del doc["components"]["transformer"]  # as an export killed before the transformer was committed
+    (folder / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match=rf"lists no transformer .*sd35trt export --model .* --out {folder}"):
+        Pipeline.from_pretrained(folder, backend="onnxruntime")
