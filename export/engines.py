@@ -23,7 +23,7 @@ from ..runtime.config import FAMILY_SAMPLING, VARIANTS, VariantConfig
 from ..runtime.engine_manifest import FP8_GPUS, BuildArgs, EngineEntry, EngineManifest, EngineShapes
 from ..runtime.errors import InvalidInputError
 from ..runtime.files import MANIFEST, remove_temporaries, sha256_file
-from ..runtime.manifest import ExportEntry, ExportManifest
+from ..runtime.manifest import ExportEntry, ExportManifest, HashCache
 from .artifacts import copy_tokenizers
 from .trt_build import BuildReport, EngineBuildError, build_engine, check_build_options
 
@@ -153,7 +153,9 @@ def _json(doc: Any) -> Any:
 def _onnx_digest(onnx_dir: Path, src: ExportManifest, comp: str) -> str:
     """Content hash of a component's graph and its external data; refuses a graph that no longer
     matches the export manifest (edited or truncated after export)."""
-    return src.components[comp].content_digest(onnx_dir, f"re-export it: {src.export_command(onnx_dir)}")
+    entry, cache = src.components[comp], HashCache(onnx_dir)
+    known = {n: d for n, _ in entry.hashed_files() if (d := cache.get(n)) is not None}
+    return entry.content_digest(onnx_dir, f"re-export it: {src.export_command(onnx_dir)}", known)
 
 
 def _entry(report: BuildReport, want: dict[str, Any], src: ExportEntry, module: str) -> EngineEntry:

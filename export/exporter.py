@@ -27,7 +27,7 @@ from ..runtime.components import TABLE, component
 from ..runtime.config import VariantConfig
 from ..runtime.errors import CheckpointError, InvalidInputError
 from ..runtime.files import MANIFEST, remove_temporaries, sha256_file
-from ..runtime.manifest import ExportEntry, ExportManifest
+from ..runtime.manifest import ExportEntry, ExportManifest, HashCache
 from ..runtime.models.loader import load_modules
 from ..runtime.text import PromptEncoder, load_tokenizers
 from .artifacts import copy_tokenizers
@@ -132,15 +132,18 @@ def export_model(model: str | Path, out: str | Path, opts: ExportOptions, progre
     out.mkdir(parents=True, exist_ok=True)
     remove_leftovers(out)
     old = ExportManifest.load_existing(out)
+    hashes = HashCache(out)  # hashes taken while writing: a re-run and the first load need not hash again
     calib_fp, calib = _reusable_calibration(ckpt, out, opts) if opts.precision == "fp8" else ("", None)
     plan = _plan(ckpt, opts, calib)
-    todo = [c for c, fp in plan.items() if not (old and c in old.components and old.components[c].is_fresh(out, fp))]
+    todo = [c for c, fp in plan.items()
+            if not (old and c in old.components and old.components[c].is_fresh(out, fp, hashes))]
     entries = {c: old.components[c] for c in plan if c not in todo}
     rows = [Row(c, e.file, e.bytes, e.precision, e.qdq_pairs, "cached", 0.0) for c, e in entries.items()]
     copy_tokenizers(ckpt, out)
 
     def commit() -> None:  # the manifest lists exactly the finished, current components
         ExportManifest(ckpt.config, opts.precision, opts.dtype, str(ckpt.path), dict(entries)).save(out)
+        hashes.save()
 
     commit()
     if todo:  # load the checkpoint only when something must be (re)built
@@ -149,6 +152,8 @@ def export_model(model: str | Path, out: str | Path, opts: ExportOptions, progre
         for comp in tqdm(todo, desc="export", disable=not progress):
             t0 = time.perf_counter()
             entries[comp] = e = _export_one(mods[comp], comp, ckpt.config, DTYPES[opts.dtype], out, opts, plan[comp])
+            for name, digest in e.hashed_files():
+                hashes.put(name, digest)
             commit()
             rows.append(Row(comp, e.file, e.bytes, e.precision, e.qdq_pairs, "exported", time.perf_counter() - t0))
     return sorted(rows, key=lambda r: list(plan).index(r.component))

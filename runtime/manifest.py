@@ -4,6 +4,13 @@ The manifest is rewritten atomically after every finished component, so an inter
 keeps what it finished; a component is trusted only when its entry exists and its graph and
 external-data files have the recorded sha256, so a file that changed after export (a partial
 write, a flipped byte, a copy from elsewhere) is never used or kept.
+
+`HashCache` (`.sd35trt-hashes.json` beside the graphs) remembers, per file, a sha256 computed in
+full together with the file's stat stamp (size, mtime, ctime, inode, device). While the stamp is
+unchanged the file has not been written, renamed or replaced since it was hashed (any write moves
+its ctime, which no user call can set back), so loads after the first skip the hashing; a copied
+folder (new inodes) or a touched file is hashed again. Decay of the storage itself after a file was
+hashed is outside what a stamp sees: `verify="full"` hashes every time.
 """
 
 from __future__ import annotations
@@ -19,6 +26,54 @@ from .errors import CheckpointError
 from .files import MANIFEST, file_matches, read_json, sha256_file, write_json_atomic
 
 FORMAT = "sd35trt-onnx/1"
+HASH_CACHE = ".sd35trt-hashes.json"
+
+
+def stamp(path: Path) -> list[int]:
+    """What changes whenever a file's content may have: size, mtime, ctime (ns), inode, device."""
+    st = Path(path).stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def hash_stamped(path: Path) -> tuple[str, list[int] | None]:
+    """(sha256, the stamp it belongs to), the stamp None when the file changed while being hashed."""
+    before = stamp(path)
+    digest = sha256_file(path)
+    return digest, before if stamp(path) == before else None
+
+
+class HashCache:
+    """Full sha256s of a folder's files, trusted while each file's stamp is unchanged (see above).
+    Saving is best effort: a read-only folder just gets hashed on every load."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        doc = read_json(self.folder / HASH_CACHE)
+        self.entries: dict[str, Any] = doc if isinstance(doc, dict) else {}
+        self._changed = False
+
+    def get(self, name: str) -> str | None:
+        """The file's sha256 if it was hashed in full since it last changed, else None."""
+        e = self.entries.get(name)
+        path = self.folder / name
+        if not isinstance(e, dict) or not path.is_file():
+            return None
+        return e.get("sha256") if e.get("stamp") == stamp(path) else None
+
+    def put(self, name: str, sha256: str, file_stamp: list[int] | None = None) -> None:
+        """Record a full hash of `name` (taken with `file_stamp`, default: the file as it is now)."""
+        stamped = file_stamp if file_stamp is not None else stamp(self.folder / name)
+        self.entries[name] = {"sha256": sha256, "stamp": stamped}
+        self._changed = True
+
+    def save(self) -> None:
+        if not self._changed:
+            return
+        try:
+            write_json_atomic(self.folder / HASH_CACHE, self.entries)
+            self._changed = False
+        except OSError:
+            pass
 
 
 def read_document(folder: Path, fmt: str, error: type[Exception], missing: str, foreign: str) -> dict[str, Any]:
@@ -62,10 +117,14 @@ class ExportEntry:
         """(file name, recorded sha256) of the graph and, when it has one, its external data."""
         return [(self.file, self.sha256)] + ([(self.data, self.data_sha256)] if self.data else [])
 
-    def is_fresh(self, folder: Path, fingerprint: str) -> bool:
-        """Made from the same inputs, and its files are still the ones written."""
-        return self.fingerprint == fingerprint and all(
-            digest is not None and file_matches(Path(folder) / name, digest) for name, digest in self.hashed_files())
+    def is_fresh(self, folder: Path, fingerprint: str, hashes: HashCache | None = None) -> bool:
+        """Made from the same inputs, and its files are still the ones written (`hashes`: full
+        hashes known for files unchanged since)."""
+        def same(name: str, digest: str | None) -> bool:
+            known = hashes.get(name) if hashes is not None else None
+            return digest is not None and (known == digest if known else file_matches(Path(folder) / name, digest))
+
+        return self.fingerprint == fingerprint and all(same(n, d) for n, d in self.hashed_files())
 
     def content_digest(self, folder: Path, fix: str, digests: Mapping[str, str] | None = None) -> str:
         """The content hash of graph + external data (the graph's sha256 when it has none), after

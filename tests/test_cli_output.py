@@ -22,6 +22,7 @@ from PIL import Image
 
 from sd35trt.cli import main
 from sd35trt.runtime.image import read_metadata
+from sd35trt.runtime.manifest import HASH_CACHE
 
 pytest.importorskip("modelopt", reason="nvidia-modelopt (export extra) calibrates FP8")
 # Lines other libraries print: Python warnings, transformers' "[transformers]" notices, polygraphy's
@@ -87,7 +88,7 @@ def test_a_killed_export_keeps_its_finished_components_and_leaves_no_temp_folder
     assert {c for c, s in killed.rows.items() if s == "cached"} == set(killed.finished)  # not redone
     assert {c for c, s in killed.rows.items() if s == "exported"} == set(killed.rows) - set(killed.finished)
     assert killed.mtimes == {c: (killed.out / f"{c}.onnx").stat().st_mtime_ns for c in killed.finished}
-    assert not [p.name for p in killed.out.rglob(".*")]  # the temp folders and files are gone
+    assert [p.name for p in killed.out.rglob(".*")] == [HASH_CACHE]  # the temp folders and files are gone
 
 
 def test_demo_commands_print_no_third_party_warnings(killed: Killed, tmp_path: Path) -> None:

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..runtime import Pipeline
-from ..runtime.backends import Limits, backend_limits
+from ..runtime.backends import Limits as BackendLimits
+from ..runtime.backends import backend_limits
 from ..runtime.batching import BatcherStats, MicroBatcher, check_batching
 from ..runtime.checkpoint import Checkpoint
 from ..runtime.errors import ClosedError, InvalidInputError
@@ -67,7 +68,7 @@ class ModelHost:
         self.status, self.error = "loading", None
         self.pipe: Pipeline | None = None
         self.batcher: MicroBatcher | None = None
-        self.caps: Limits | None = None  # the backend's, asked before loading
+        self.caps: BackendLimits | None = None  # the backend's, asked before loading
         self.config = pipeline.config if pipeline is not None else None  # known once the model path is read
         self.created = int(time.time())
         # Called (on the loading thread) when the model fails to load; `sd35trt serve` stops the
