@@ -52,6 +52,8 @@ def _generate(args: argparse.Namespace) -> int:
     backend = check.check_backend(info, args.backend)
     options = check.backend_options(args, backend)
     check.check_size(info, args.height, args.width)
+    if args.quality is not None and args.out.suffix.lower() == ".png":
+        raise UsageError(f"--quality applies to JPEG and WebP; {args.out} is a PNG (lossless): drop --quality")
     check.require_cuda(options, backend)
     quiet_onnxruntime(backend == "onnxruntime" and not args.verbose)
 
@@ -184,6 +186,10 @@ def _backend_flags(p: argparse.ArgumentParser) -> None:
                                          "`sd35trt export --precision fp8` output (or that output folder)")
     p.add_argument("--compile", choices=check.COMPILE_MODES,
                    help="torch-fp8: torch.compile the MMDiT and VAE (default mode, or reduce-overhead: CUDA graphs)")
+    p.add_argument("--slots", type=check.int_at_least(1),
+                   help="tensorrt/tensorrt-rtx: requests run at the same time, each with its own contexts")
+    p.add_argument("--weight-streaming-budget", type=check.int_at_least(0), metavar="BYTES",
+                   help="tensorrt/tensorrt-rtx: GPU memory for weights of engines built with --weight-streaming")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     _backend_flags(g)
     g.add_argument("--family", choices=FAMILIES, help="override the detected family")
     g.add_argument("--dtype", choices=DTYPES, help="torch backends (default: bf16 on cuda, fp32 on cpu)")
-    g.add_argument("--quality", type=check.int_at_least(0), help="JPEG/WebP quality 0-100 (default 95)")
+    g.add_argument("--quality", type=check.percent, help="JPEG/WebP quality 0-100 (default 95)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--out", type=check.image_path, required=True,
                    help="image path: .png, .jpg/.jpeg or .webp (the format; metadata in PNG text chunks or EXIF)")

@@ -65,6 +65,13 @@ def int_at_least(lo: int):
     return parse
 
 
+def percent(text: str) -> int:
+    value = int_at_least(0)(text)
+    if value > 100:
+        raise argparse.ArgumentTypeError(f"{value} must be in [0, 100]")
+    return value
+
+
 def seed(text: str) -> int:
     value = int_at_least(0)(text)
     if value >= 2**63:
@@ -265,6 +272,13 @@ def backend_options(args: argparse.Namespace, backend: str) -> dict[str, Any]:
     calib = calibration_dir(getattr(args, "calibration", None), backend)
     if calib is not None:
         opts["calibration"] = calib
+    for flag, key in (("--slots", "slots"), ("--weight-streaming-budget", "weight_streaming_budget")):
+        value = getattr(args, key, None)
+        if value is not None:
+            if backend not in ENGINE_BACKENDS:
+                raise UsageError(f"{flag} applies to the engine backends (tensorrt, tensorrt-rtx), not {backend}; "
+                                 f"drop it")
+            opts[key] = value
     threads = getattr(args, "intra_op_threads", None)
     if threads:
         if backend != "onnxruntime":

@@ -14,6 +14,7 @@ import sys
 
 from . import cli_checks as check
 from .cli_checks import UsageError
+from .quiet import quiet_onnxruntime
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -35,6 +36,7 @@ def serve(args: argparse.Namespace) -> int:
                              workers=args.workers, limits=limits, model_id=args.model_id,
                              model_aliases=tuple(args.model_alias))
     check.require_cuda(options, backend)
+    quiet_onnxruntime(backend == "onnxruntime" and not args.verbose)
 
     from .runtime.backends import backend_limits
     from .runtime.checkpoint import Checkpoint
