@@ -4,12 +4,13 @@ Before any work: the flavor/target/options (`trt_build.check_build_options`), th
 (FP8 only where the GPU has FP8) and the requested shapes are checked. Profiles come from the
 variant config (`EngineShapes`). A component is rebuilt only when it is stale: its ONNX content,
 flavor, library version, target, profiles or build flags changed, or its engine file no longer
-has the recorded sha256. Engines are written atomically and the manifest last.
+has the recorded sha256. Engines are written atomically and the manifest is rewritten after each
+one (a per-component commit): an interrupted build keeps the engines it finished, and the next run
+removes the temp files it left. A set missing a component is refused by the runtime.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 from dataclasses import asdict, dataclass, replace
@@ -20,9 +21,9 @@ from ..runtime.checkpoint import Checkpoint
 from ..runtime.components import COMPONENTS
 from ..runtime.config import FAMILY_SAMPLING, VARIANTS, VariantConfig
 from ..runtime.engine_manifest import FP8_GPUS, BuildArgs, EngineEntry, EngineManifest, EngineShapes
-from ..runtime.errors import CheckpointError, InvalidInputError
-from ..runtime.files import MANIFEST, sha256_file
-from ..runtime.manifest import ExportEntry, ExportManifest
+from ..runtime.errors import InvalidInputError
+from ..runtime.files import MANIFEST, remove_temporaries, sha256_file
+from ..runtime.manifest import ExportEntry, ExportManifest, HashCache
 from .artifacts import copy_tokenizers
 from .trt_build import BuildReport, EngineBuildError, build_engine, check_build_options
 
@@ -102,16 +103,26 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path | None = None, *, gp
                       max_size=shapes.sizes[2] if dynamic else None, opt_level=opt_level, refit=refit,
                       weight_streaming=weight_streaming, timing_cache=str(timing_cache) if timing_cache else None)
     profiles = shapes.profiles(config)
+    remove_temporaries(out)
     old = EngineManifest.load_existing(out)
-    rows, entries = [], {}
+    copy_tokenizers(Checkpoint.open(onnx_dir), out)
+
+    def commit() -> None:  # the manifest lists exactly the finished, current engines
+        EngineManifest(config, src.precision, src.dtype, flavor, lib.module, version, gpu, shapes, build,
+                       dict(entries)).save(out)
+
+    wants = {comp: _json({"onnx_sha256": _onnx_digest(onnx_dir, src, comp), "flavor": flavor,
+                          "library_version": version, "target": gpu, "profiles": profiles[comp], "flags": flags})
+             for comp in comps}
+    entries = {c: old.components[c] for c in comps
+               if old is not None and c in old.components and old.components[c].is_fresh(out, wants[c])}
+    commit()  # stale entries leave the manifest before their engines are replaced
+    rows = []
     for comp in comps:
-        want = _json({"onnx_sha256": _onnx_digest(onnx_dir, comp, src.components[comp]), "flavor": flavor,
-                      "library_version": version, "target": gpu, "profiles": profiles[comp], "flags": flags})
-        kept = old.components.get(comp) if old else None
-        if kept is not None and kept.is_fresh(out, want):
+        if comp in entries:
             if on_component:
                 on_component(comp, "keep")
-            entries[comp] = e = kept
+            e = entries[comp]
             rows.append(EngineRow(comp, e.file, e.bytes, e.precision, e.target, e.parse_seconds + e.build_seconds,
                                   e.peak_rss_mib, "unchanged"))
             continue
@@ -120,11 +131,10 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path | None = None, *, gp
         report = build_engine(onnx_dir / src.components[comp].file, out / f"{comp}.engine", flavor=flavor,
                               compute_capability=gpu, profiles=profiles[comp], opt_level=opt_level, refit=refit,
                               weight_streaming=weight_streaming, timing_cache=timing_cache)
-        entries[comp] = e = _entry(report, want, src.components[comp], lib.module)
+        entries[comp] = e = _entry(report, wants[comp], src.components[comp], lib.module)
+        commit()
         rows.append(EngineRow(comp, e.file, e.bytes, e.precision, gpu, e.parse_seconds + e.build_seconds,
                               e.peak_rss_mib, "built", report))
-    copy_tokenizers(Checkpoint.open(onnx_dir), out)
-    EngineManifest(config, src.precision, src.dtype, flavor, lib.module, version, gpu, shapes, build, entries).save(out)
     return rows
 
 
@@ -140,20 +150,12 @@ def _json(doc: Any) -> Any:
     return json.loads(json.dumps(doc))
 
 
-def _onnx_digest(onnx_dir: Path, comp: str, entry: ExportEntry) -> str:
+def _onnx_digest(onnx_dir: Path, src: ExportManifest, comp: str) -> str:
     """Content hash of a component's graph and its external data; refuses a graph that no longer
     matches the export manifest (edited or truncated after export)."""
-    graph = onnx_dir / entry.file
-    digest = sha256_file(graph) if graph.is_file() else "missing"
-    if digest != entry.sha256:
-        raise CheckpointError(f"{graph} does not match {onnx_dir / MANIFEST} (sha256 differs or the file is "
-                              f"missing); re-run `sd35trt export --out {onnx_dir}` to redo it")
-    if not entry.data:
-        return digest
-    data = onnx_dir / entry.data
-    if not data.is_file():
-        raise CheckpointError(f"{data} (external weights of {graph.name}) is missing; re-run `sd35trt export`")
-    return hashlib.sha256(f"{digest}:{sha256_file(data)}".encode()).hexdigest()
+    entry, cache = src.components[comp], HashCache(onnx_dir)
+    known = {n: d for n, _ in entry.hashed_files() if (d := cache.get(n)) is not None}
+    return entry.content_digest(onnx_dir, f"re-export it: {src.export_command(onnx_dir)}", known)
 
 
 def _entry(report: BuildReport, want: dict[str, Any], src: ExportEntry, module: str) -> EngineEntry:

@@ -2,14 +2,17 @@
 
 Idempotent: each component's fingerprint hashes its source weights, the export options and (for
 the FP8 transformer) the calibration; a component whose manifest entry has the same fingerprint
-and whose file still has the recorded sha256 is not exported again. Files are written atomically
-and the manifest last, so an interrupted export leaves nothing a later run trusts.
+and whose files still have the recorded sha256 is not exported again. Files are written
+atomically and the manifest is rewritten after each finished component (a per-component commit),
+so an interrupted or killed export keeps what it finished, and the next run removes the temp
+files and folders it left and does only the rest.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,12 +22,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..runtime.backends.torch_backend import TorchBackend
-from ..runtime.checkpoint import Checkpoint
+from ..runtime.checkpoint import Checkpoint, ExportedFolder
 from ..runtime.components import TABLE, component
 from ..runtime.config import VariantConfig
 from ..runtime.errors import CheckpointError, InvalidInputError
-from ..runtime.files import sha256_file
-from ..runtime.manifest import ExportEntry, ExportManifest
+from ..runtime.files import MANIFEST, remove_temporaries, sha256_file
+from ..runtime.manifest import ExportEntry, ExportManifest, HashCache
 from ..runtime.models.loader import load_modules
 from ..runtime.text import PromptEncoder, load_tokenizers
 from .artifacts import copy_tokenizers
@@ -98,25 +101,61 @@ def _plan(ckpt: Checkpoint, opts: ExportOptions, calib: CalibState | None) -> di
     return plan
 
 
+def _open_source(model: str | Path, out: Path, opts: ExportOptions) -> Checkpoint:
+    """The checkpoint to export (configs and headers only); refuses an export folder or engine set
+    as the source and a checkpoint folder as the output, naming the fix."""
+    ckpt = Checkpoint.open(model, t5=None if opts.t5 else False)
+    if isinstance(ckpt, ExportedFolder):
+        source = getattr(ckpt.manifest, "source", "") or "the original checkpoint"
+        raise CheckpointError(f"model={str(model)!r} holds exported graphs or engines ({MANIFEST}), not "
+                              f"weights; export from the checkpoint: model={source!r}")
+    if out.resolve() == Path(ckpt.path).resolve() or ((out / "model_index.json").is_file() and not (out / MANIFEST).is_file()):
+        raise InvalidInputError(f"out={str(out)!r} is a checkpoint folder; write the export to a folder of its "
+                                f"own, e.g. out={str(out.parent / (out.name + '-onnx'))!r}")
+    return ckpt
+
+
+def remove_leftovers(out: Path) -> list[Path]:
+    """Temp files and folders of an export that was killed (they never hold finished work): the
+    `.*.tmp` of this version, and the `.<component>.onnx.<random>/` folders earlier ones left."""
+    removed = remove_temporaries(out) + remove_temporaries(out / "calibration")
+    for p in out.glob(".*.onnx.*"):
+        if p.is_dir() and p.name[1:].partition(".onnx.")[0] in {c.name for c in TABLE}:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 def export_model(model: str | Path, out: str | Path, opts: ExportOptions, progress: bool = True) -> list[Row]:
     out = Path(out)
-    ckpt = Checkpoint.open(model, t5=None if opts.t5 else False)  # configs and headers only
+    ckpt = _open_source(model, out, opts)
     out.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out)
     old = ExportManifest.load_existing(out)
+    hashes = HashCache(out)  # hashes taken while writing: a re-run and the first load need not hash again
     calib_fp, calib = _reusable_calibration(ckpt, out, opts) if opts.precision == "fp8" else ("", None)
     plan = _plan(ckpt, opts, calib)
-    todo = [c for c, fp in plan.items() if not (old and c in old.components and old.components[c].is_fresh(out, fp))]
+    todo = [c for c, fp in plan.items()
+            if not (old and c in old.components and old.components[c].is_fresh(out, fp, hashes))]
     entries = {c: old.components[c] for c in plan if c not in todo}
     rows = [Row(c, e.file, e.bytes, e.precision, e.qdq_pairs, "cached", 0.0) for c, e in entries.items()]
+    copy_tokenizers(ckpt, out)
+
+    def commit() -> None:  # the manifest lists exactly the finished, current components
+        ExportManifest(ckpt.config, opts.precision, opts.dtype, str(ckpt.path), dict(entries)).save(out)
+        hashes.save()
+
+    commit()
     if todo:  # load the checkpoint only when something must be (re)built
         mods, calib = _modules(ckpt, opts, calib, calib_fp, out, todo, progress)
         plan = _plan(ckpt, opts, calib)
         for comp in tqdm(todo, desc="export", disable=not progress):
             t0 = time.perf_counter()
             entries[comp] = e = _export_one(mods[comp], comp, ckpt.config, DTYPES[opts.dtype], out, opts, plan[comp])
+            for name, digest in e.hashed_files():
+                hashes.put(name, digest)
+            commit()
             rows.append(Row(comp, e.file, e.bytes, e.precision, e.qdq_pairs, "exported", time.perf_counter() - t0))
-    copy_tokenizers(ckpt, out)
-    ExportManifest(ckpt.config, opts.precision, opts.dtype, str(ckpt.path), entries).save(out)
     return sorted(rows, key=lambda r: list(plan).index(r.component))
 
 
@@ -143,7 +182,8 @@ def _export_one(module, comp: str, config: VariantConfig, dtype, out: Path, opts
     fp8 = opts.precision == "fp8" and comp == "transformer"
     path = out / f"{comp}.onnx"
     stats = export_graph(module, comp, component(comp).sample_inputs(config, dtype), path, fp8)
-    return ExportEntry(file=path.name, data=stats.data, sha256=sha256_file(path), bytes=stats.bytes,
+    return ExportEntry(file=path.name, data=stats.data, data_sha256=stats.data_sha256, sha256=sha256_file(path),
+                       bytes=stats.bytes,
                        precision="fp8" if fp8 else opts.dtype, qdq_pairs=stats.qdq_pairs, fp8_weights=stats.fp8_weights,
                        quantized_linears=list(stats.quantized_linears), fingerprint=fp)
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..runtime.components import component
+from ..runtime.files import TEMP_SUFFIX, sha256_file
 from ..runtime.models.loader import TextGraph
 from .qdq import fold, qdq_summary, quantize_weights, to_standard_qdq
 
@@ -40,6 +41,7 @@ def _eager_attention(model: nn.Module) -> nn.Module:
 class GraphStats:
     bytes: int
     data: str | None  # external-data file name, when the weights were too large to inline
+    data_sha256: str | None  # its content hash (the graph's own is taken by the caller)
     qdq_pairs: int  # DequantizeLinear nodes: activation Q->DQ pairs and FP8-weight DQs
     fp8_weights: int
     quantized_linears: tuple[str, ...]
@@ -52,7 +54,8 @@ def export_graph(module: nn.Module, name: str, args: tuple, out_path: Path, fp8:
     spec = component(name)
     if isinstance(module, TextGraph):
         _eager_attention(module.model)
-    with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.", dir=out_path.parent) as tmp:
+    # A killed run leaves this folder behind; the next `export` removes it (files.remove_temporaries).
+    with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.", suffix=TEMP_SUFFIX, dir=out_path.parent) as tmp:
         raw = Path(tmp) / "raw.onnx"
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
             warnings.simplefilter("ignore")
@@ -78,8 +81,10 @@ def export_graph(module: nn.Module, name: str, args: tuple, out_path: Path, fp8:
         data_name = out_path.name + ".data"
         onnx.save(model, str(final), save_as_external_data=large, location=data_name, all_tensors_to_one_file=True)
         onnx.shape_inference.infer_shapes_path(str(final), str(final))  # by path: works beyond 2 GiB
+        data_sha256 = sha256_file(Path(tmp) / data_name) if large else None  # before it moves into place
         if large:
             os.replace(Path(tmp) / data_name, out_path.parent / data_name)
         os.replace(final, out_path)
     size = out_path.stat().st_size + (os.path.getsize(out_path.parent / data_name) if large else 0)
-    return GraphStats(size, data_name if large else None, summary["dequantize"], weights, tuple(summary["quantized_linears"]), tuple(summary["plain_matmuls"]))
+    return GraphStats(size, data_name if large else None, data_sha256, summary["dequantize"], weights,
+                      tuple(summary["quantized_linears"]), tuple(summary["plain_matmuls"]))

@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from .components import component as table_entry
 from .config import VariantConfig
 from .errors import CheckpointError, InvalidInputError
 from .files import MANIFEST, file_matches, write_json_atomic
@@ -211,11 +210,14 @@ class EngineManifest:
         return self.shapes.profiles(self.variant)
 
 
-def rebuild_command(m: EngineManifest | Mapping[str, Any], **changes: Any) -> str:
+def rebuild_command(m: EngineManifest | Mapping[str, Any], folder: str | Path | None = None, **changes: Any) -> str:
     """The `sd35trt build` command that made this set (its manifest, or the manifest's JSON), with
     `changes` (gpu=, flavor=, dynamic=, batch=(lo, hi), min_size=, max_size=, out=,
-    weight_streaming=) applied."""
+    weight_streaming=) applied. `folder`: where the set is now (it may have been moved or copied
+    since it was built); the command writes there unless `out=` says otherwise."""
     m = m if isinstance(m, EngineManifest) else EngineManifest.from_dict(m)
+    if folder is not None:
+        changes.setdefault("out", str(folder))
     b = replace(m.build, **changes)
     argv = ["sd35trt", "build", "--onnx", b.onnx, "--out", b.out, "--gpu", b.gpu, "--flavor", b.flavor]
     if b.family:
@@ -245,7 +247,7 @@ def check_flavor(m: EngineManifest, folder: Path, flavor: str) -> None:
     if m.flavor != flavor:
         raise EngineSetError(
             f"{Path(folder) / MANIFEST}: engines were built with {m.flavor!r}, not {flavor!r}; load them "
-            f"with backend={m.flavor!r}, or rebuild: {rebuild_command(m, flavor=flavor)}")
+            f"with backend={m.flavor!r}, or rebuild: {rebuild_command(m, folder, flavor=flavor)}")
 
 
 def check_library(m: EngineManifest, folder: Path, installed: str) -> None:
@@ -255,27 +257,34 @@ def check_library(m: EngineManifest, folder: Path, installed: str) -> None:
             raise EngineSetError(
                 f"{Path(folder) / e.file} was built with {e.flavor} {e.library_version}, but {installed} is "
                 f"installed: engines only load in the version that built them. Rebuild the set with the "
-                f"installed version: {rebuild_command(m)} (or install {e.flavor} {e.library_version})")
+                f"installed version: {rebuild_command(m, folder)} (or install {e.flavor} {e.library_version})")
 
 
 def check_device(m: EngineManifest, folder: Path, cc: str) -> None:
     for e in m.components.values():
         if e.target != cc:
             raise EngineSetError(f"{Path(folder) / e.file} targets {e.target}, this GPU is {cc}; rebuild for it: "
-                                 f"{rebuild_command(m, gpu=cc, out=_sibling_out(m, cc))}")
+                                 f"{rebuild_command(m, folder, gpu=cc, out=_sibling_out(m, folder, cc))}")
 
 
 def check_engine_files(m: EngineManifest, folder: Path) -> None:
-    """Every engine exists and has the sha256 the build recorded (catches truncation, corruption
-    and engines copied in from another set)."""
+    """Every runtime component is in the set (a build that was interrupted lists only what it
+    finished), and every engine exists and has the sha256 the build recorded (catches truncation,
+    corruption and engines copied in from another set)."""
+    from .components import RUNTIME  # here, not at the top: reading a manifest needs no torch
+
+    missing = [c.name for c in RUNTIME if not c.optional and c.name not in m.components]
+    if missing:
+        raise EngineSetError(f"{Path(folder) / MANIFEST} lists no {', '.join(missing)} engine (a build that did "
+                             f"not finish?); run the build again to finish it: {rebuild_command(m, folder)}")
     for e in m.components.values():
         path = Path(folder) / e.file
         if not path.is_file():
-            raise EngineSetError(f"{path} is missing; rebuild: {rebuild_command(m)}")
+            raise EngineSetError(f"{path} is missing; rebuild: {rebuild_command(m, folder)}")
         if not file_matches(path, e.sha256):
             raise EngineSetError(
                 f"{path} does not match its manifest (sha256 differs: corrupted, truncated or replaced); "
-                f"rebuild it: {rebuild_command(m)}")
+                f"rebuild it: {rebuild_command(m, folder)}")
 
 
 def preflight(m: EngineManifest, folder: Path, *, flavor: str, installed: str, cc: str) -> None:
@@ -288,6 +297,8 @@ def preflight(m: EngineManifest, folder: Path, *, flavor: str, installed: str, c
 
 def check_shapes(m: EngineManifest, folder: Path, component: str, shapes: Mapping[str, Shape]) -> None:
     """Refuse a request whose input shapes fall outside `component`'s profile, saying what to rebuild."""
+    from .components import component as table_entry
+
     entry, spec = m.components[component], table_entry(component)
     for t in spec.inputs:
         if t.name not in shapes:
@@ -303,12 +314,14 @@ def check_shapes(m: EngineManifest, folder: Path, component: str, shapes: Mappin
         raise EngineShapeError(
             f"{component} input {t.name!r} has shape {list(shape)}, outside {Path(folder) / entry.file}'s "
             f"profile {list(lo)}..{list(hi)}.{note} Rebuild engines that cover it: "
-            f"{rebuild_command(m, **_covering(m, component, t.axes, shape))}")
+            f"{rebuild_command(m, folder, **_covering(m, component, t.axes, shape))}")
 
 
 def _covering(m: EngineManifest, component: str, axes: Mapping[int, str], shape: Shape) -> dict[str, Any]:
     """Build options widened to include a request of `shape` (batch from dim 0, pixels from latents)."""
     shapes = m.shapes
+    from .components import component as table_entry
+
     per_image = 2 if shapes.cfg and table_entry(component).cfg_doubled else 1
     batch = max(1, shape[0] // per_image) if shape else 1
     lo, hi = shapes.sizes[0], shapes.sizes[2]
@@ -319,7 +332,7 @@ def _covering(m: EngineManifest, component: str, axes: Mapping[int, str], shape:
     return {"dynamic": True, "min_size": lo, "max_size": hi, "batch": (min(b_lo, batch), max(b_hi, batch))}
 
 
-def _sibling_out(m: EngineManifest, cc: str) -> str:
+def _sibling_out(m: EngineManifest, folder: str | Path, cc: str) -> str:
     """engines/<variant>-<precision>-sm89 -> engines/<variant>-<precision>-sm120 (else the same)."""
-    out, old = m.build.out, m.build.gpu
+    out, old = str(folder), m.build.gpu
     return out[: -len(old)] + cc if out.endswith(old) else out

@@ -7,16 +7,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
+
+
+TEMP_SUFFIX = ".tmp"  # every temp file or folder beside an artifact is named .<artifact>.<random>.tmp
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     """Call `write(file)` on a temp file beside `path`, then move it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -28,6 +32,17 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def remove_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the hidden `.*.tmp` files and folders a killed writer left in `folder` (a process
+    that is still writing there would lose its temp files: one writer per folder at a time)."""
+    removed = []
+    folder = Path(folder)
+    for p in folder.glob(f".*{TEMP_SUFFIX}") if folder.is_dir() else ():
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
 
 
 MANIFEST = "manifest.json"  # the one manifest file name of export folders and engine sets

@@ -1,21 +1,79 @@
 """manifest.json of an exported ONNX folder (`sd35trt export`): read, written and checked here only.
 
-The manifest is written last and atomically; a component is trusted only when its entry exists
-and the file's sha256 matches, so an interrupted export never leaves a file a later run (or the
-runtime) trusts.
+The manifest is rewritten atomically after every finished component, so an interrupted export
+keeps what it finished; a component is trusted only when its entry exists and its graph and
+external-data files have the recorded sha256, so a file that changed after export (a partial
+write, a flipped byte, a copy from elsewhere) is never used or kept.
+
+`HashCache` (`.sd35trt-hashes.json` beside the graphs) remembers, per file, a sha256 computed in
+full together with the file's stat stamp (size, mtime, ctime, inode, device). While the stamp is
+unchanged the file has not been written, renamed or replaced since it was hashed (any write moves
+its ctime, which no user call can set back), so loads after the first skip the hashing; a copied
+folder (new inodes) or a touched file is hashed again. Decay of the storage itself after a file was
+hashed is outside what a stamp sees: `verify="full"` hashes every time.
 """
 
 from __future__ import annotations
 
+import hashlib
+import shlex
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
 from .config import VariantConfig
 from .errors import CheckpointError
-from .files import MANIFEST, file_matches, read_json, write_json_atomic
+from .files import MANIFEST, file_matches, read_json, sha256_file, write_json_atomic
 
 FORMAT = "sd35trt-onnx/1"
+HASH_CACHE = ".sd35trt-hashes.json"
+
+
+def stamp(path: Path) -> list[int]:
+    """What changes whenever a file's content may have: size, mtime, ctime (ns), inode, device."""
+    st = Path(path).stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def hash_stamped(path: Path) -> tuple[str, list[int] | None]:
+    """(sha256, the stamp it belongs to), the stamp None when the file changed while being hashed."""
+    before = stamp(path)
+    digest = sha256_file(path)
+    return digest, before if stamp(path) == before else None
+
+
+class HashCache:
+    """Full sha256s of a folder's files, trusted while each file's stamp is unchanged (see above).
+    Saving is best effort: a read-only folder just gets hashed on every load."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        doc = read_json(self.folder / HASH_CACHE)
+        self.entries: dict[str, Any] = doc if isinstance(doc, dict) else {}
+        self._changed = False
+
+    def get(self, name: str) -> str | None:
+        """The file's sha256 if it was hashed in full since it last changed, else None."""
+        e = self.entries.get(name)
+        path = self.folder / name
+        if not isinstance(e, dict) or not path.is_file():
+            return None
+        return e.get("sha256") if e.get("stamp") == stamp(path) else None
+
+    def put(self, name: str, sha256: str, file_stamp: list[int] | None = None) -> None:
+        """Record a full hash of `name` (taken with `file_stamp`, default: the file as it is now)."""
+        stamped = file_stamp if file_stamp is not None else stamp(self.folder / name)
+        self.entries[name] = {"sha256": sha256, "stamp": stamped}
+        self._changed = True
+
+    def save(self) -> None:
+        if not self._changed:
+            return
+        try:
+            write_json_atomic(self.folder / HASH_CACHE, self.entries)
+            self._changed = False
+        except OSError:
+            pass
 
 
 def read_document(folder: Path, fmt: str, error: type[Exception], missing: str, foreign: str) -> dict[str, Any]:
@@ -50,15 +108,44 @@ class ExportEntry:
     precision: str  # "fp8" (Q/DQ MMDiT) or the export dtype
     fingerprint: str  # hash of the sources, options and calibration it was made from
     data: str | None = None  # external-data file beside `file`, when the weights exceed 1 GiB
+    data_sha256: str | None = None  # of `data`
     qdq_pairs: int = 0
     fp8_weights: int = 0
     quantized_linears: list[str] = field(default_factory=list)
 
-    def is_fresh(self, folder: Path, fingerprint: str) -> bool:
-        """Made from the same inputs, and its files are still the ones written."""
-        files = [self.file] + ([self.data] if self.data else [])
-        return (self.fingerprint == fingerprint and all((folder / f).is_file() for f in files)
-                and file_matches(folder / self.file, self.sha256))
+    def hashed_files(self) -> list[tuple[str, str | None]]:
+        """(file name, recorded sha256) of the graph and, when it has one, its external data."""
+        return [(self.file, self.sha256)] + ([(self.data, self.data_sha256)] if self.data else [])
+
+    def is_fresh(self, folder: Path, fingerprint: str, hashes: HashCache | None = None) -> bool:
+        """Made from the same inputs, and its files are still the ones written (`hashes`: full
+        hashes known for files unchanged since)."""
+        def same(name: str, digest: str | None) -> bool:
+            known = hashes.get(name) if hashes is not None else None
+            return digest is not None and (known == digest if known else file_matches(Path(folder) / name, digest))
+
+        return self.fingerprint == fingerprint and all(same(n, d) for n, d in self.hashed_files())
+
+    def content_digest(self, folder: Path, fix: str, digests: Mapping[str, str] | None = None) -> str:
+        """The content hash of graph + external data (the graph's sha256 when it has none), after
+        checking both against the manifest; CheckpointError naming the file and `fix` otherwise.
+        `digests` (file name -> sha256) are hashes already computed, e.g. on other threads."""
+        got = {}
+        for name, want in self.hashed_files():
+            path = Path(folder) / name
+            if not path.is_file():
+                raise CheckpointError(f"{path} is missing; {fix}")
+            if want is None:
+                raise CheckpointError(f"{path}: the manifest records no content hash for it (an export made "
+                                      f"before external data was hashed); {fix}")
+            got[name] = digests[name] if digests and name in digests else sha256_file(path)
+            if got[name] != want:
+                raise CheckpointError(f"{path} does not match {Path(folder) / MANIFEST} (sha256 {got[name][:12]}…, "
+                                      f"recorded {want[:12]}…): it changed after export (corrupted, truncated "
+                                      f"or replaced); {fix}")
+        if not self.data:
+            return got[self.file]
+        return hashlib.sha256(f"{got[self.file]}:{got[self.data]}".encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -102,3 +189,14 @@ class ExportManifest:
 
     def save(self, folder: Path) -> None:
         write_json_atomic(Path(folder) / MANIFEST, self.to_dict())
+
+    def export_command(self, folder: str | Path) -> str:
+        """The `sd35trt export` command that (re)makes this export in `folder` (the folder in use,
+        wherever it was first written)."""
+        argv = ["sd35trt", "export", "--model", self.source or "MODEL", "--out", str(folder),
+                "--precision", self.precision]
+        if self.precision == "fp8":
+            argv += ["--dtype", self.dtype]
+        if "t5" not in self.components:
+            argv.append("--no-t5")
+        return shlex.join(argv)

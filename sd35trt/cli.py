@@ -9,12 +9,19 @@ import sys
 import time
 from pathlib import Path
 
+from . import cli_checks as check
+from .cli_checks import UsageError, flagged
+from .quiet import library_stdout, quiet_onnxruntime, third_party_quiet
+
 # One vocabulary across flags, arguments, manifests and errors:
 #   family    large | medium | large-turbo (what a checkpoint is; --family overrides the detected one)
 #   preset    sd3.5-large | sd3.5-large-turbo | sd3.5-medium (released shapes, random weights: bench)
 #   precision fp8 | bf16 | fp16 | fp32 (an export); dtype fp32 | fp16 | bf16 (everything not in FP8)
 FAMILIES = ("large", "medium", "large-turbo")
 DTYPES = ("fp32", "bf16", "fp16")
+MODEL_HELP = ("an SD3.5 diffusers folder, a single-file checkpoint (sd3.5_*.safetensors), an `sd35trt export` "
+              "folder or an engine set (`sd35trt build`)")
+INTERRUPTED = 130  # exit status after Ctrl-C (128 + SIGINT), as shells report it
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
@@ -40,16 +47,30 @@ def _tiny_model(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    # Everything that needs no torch first: a bad flag answers at once.
+    info = check.inspect_model(args.model, family=args.family)
+    backend = check.check_backend(info, args.backend)
+    options = check.backend_options(args, backend)
+    check.check_size(info, args.height, args.width)
+    if args.quality is not None and args.out.suffix.lower() == ".png":
+        raise UsageError(f"--quality applies to JPEG and WebP; {args.out} is a PNG (lossless): drop --quality")
+    check.require_cuda(options, backend)
+    quiet_onnxruntime(backend == "onnxruntime" and not args.verbose)
+
     import torch
 
     from .runtime import Pipeline
-    from .runtime.image import save_png
+    from .runtime.backends import backend_limits
+    from .runtime.checkpoint import Checkpoint
+    from .runtime.image import save_image
+    from .runtime.requests import normalize_request
 
+    ckpt = Checkpoint.open(args.model, family=args.family)  # configs and headers only
+    normalize_request(ckpt.config, args.prompt, negative_prompt=args.negative_prompt, height=args.height,
+                      width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance)
+    backend_limits(backend, ckpt, ckpt.config)  # an engine set's manifest is read before any engine
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
-    options = {"device": args.device} if args.device else {}
-    if args.dtype:
-        options["dtype"] = args.dtype
-    with Pipeline.from_pretrained(args.model, backend=args.backend, family=args.family, **options) as pipe:
+    with Pipeline.from_pretrained(args.model, backend=backend, family=args.family, **options) as pipe:
         out = pipe(
             args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
             guidance_scale=args.guidance, height=args.height, width=args.width,
@@ -59,13 +80,21 @@ def _generate(args: argparse.Namespace) -> int:
             "steps": out.info["steps"], "guidance": out.info["guidance"], "model": str(args.model),
             "variant": out.info["variant"], "backend": out.info["backend"],
             "size": f"{out.info['width']}x{out.info['height']}"}
-    path = save_png(out.images[0], args.out, meta)
+    path = save_image(out.images[0], args.out, meta, quality=args.quality)
     print(f"wrote {path} ({out.info['width']}x{out.info['height']}, seed {seed}, "
           f"{out.info['steps']} steps, guidance {out.info['guidance']}, backend {out.info['backend']})")
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
+    info = check.inspect_model(args.model)
+    if info.kind in ("export", "engines"):
+        raise UsageError(f"--model {args.model} holds exported graphs or engines, not weights; export from the "
+                         f"checkpoint it was made from: --model {info.source}")
+    if args.out.resolve() == args.model.resolve():
+        raise UsageError(f"--out {args.out} is the checkpoint itself; write the export to a folder of its own")
+    quiet_onnxruntime(not args.verbose)
+
     from .export.calibrate import CalibSettings
     from .export.exporter import ExportOptions, export_model, format_table
 
@@ -73,7 +102,8 @@ def _export(args: argparse.Namespace) -> int:
     dtype = {"dtype": args.dtype} if args.dtype else {}
     opts = ExportOptions(precision=args.precision, calib=calib, t5=not args.no_t5, **dtype)
     t0 = time.perf_counter()
-    rows = export_model(args.model, args.out, opts, progress=not args.quiet)
+    with library_stdout(not args.verbose):  # ModelOpt's and polygraphy's prints
+        rows = export_model(args.model, args.out, opts, progress=not args.quiet)
     print(format_table(rows))
     print(f"export to {args.out}: {time.perf_counter() - t0:.1f}s "
           f"({sum(r.status == 'exported' for r in rows)} exported, {sum(r.status == 'cached' for r in rows)} unchanged)")
@@ -106,6 +136,11 @@ def _batch_range(text: str) -> tuple[int, int]:
 
 
 def _build(args: argparse.Namespace) -> int:
+    info = check.inspect_model(args.onnx, flag="--onnx")
+    if info.kind != "export":
+        raise UsageError(f"--onnx {args.onnx} is not an `sd35trt export` folder; export first: sd35trt export "
+                         f"--model {info.source if info.kind == 'engines' else args.onnx} --out ONNX_DIR")
+
     from .export.engines import build_engines, default_out_dir, format_table
 
     def progress(comp: str, action: str) -> None:
@@ -125,53 +160,61 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    try:
-        from .server import Limits, ServeSettings, bind, create_app, run
-    except ImportError as exc:
-        print(f"sd35trt serve: error: {exc.name or exc} is missing; pip install 'sd35trt[serve]'", file=sys.stderr)
-        return 2
-    options: dict = {"device": args.device} if args.device else {}
-    if args.intra_op_threads:
-        options["intra_op_threads"] = args.intra_op_threads
-    limits = Limits(max_size=args.max_size, max_steps=args.max_steps, max_n=args.max_n,
-                    max_prompt_chars=args.max_prompt_chars, timeout_s=args.timeout_s)
-    settings = ServeSettings(model=args.engines or args.model, backend=args.backend, engines=args.engines is not None,
-                             backend_options=options, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
-                             max_queue=args.max_queue, workers=args.workers, limits=limits)
-    try:
-        sock = bind(args.host, args.port)
-    except OSError as exc:
-        print(f"sd35trt serve: error: cannot listen on {args.host}:{args.port} ({exc}); pick another --port",
-              file=sys.stderr)
-        return 2
-    print(f"sd35trt serve: http://{args.host}:{sock.getsockname()[1]} (model {settings.model}; "
-          f"GET /readyz turns 200 once it is loaded)", flush=True)
-    run(create_app(settings), sock, log_level="info" if args.verbose else "warning")
-    return 0
+    from .cli_serve import serve
+
+    return serve(args)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad flags: one line naming the flag, exit status 2 (argparse's), no usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    # SUPPRESS: `sd35trt -v generate` and `sd35trt generate -v` both work (the subcommand keeps the top's value)
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="library logs, third-party warnings and tracebacks (hidden by default)")
+
+
+def _backend_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=check.BACKENDS, help="default: what the model path holds (torch for a "
+                   "checkpoint, onnxruntime for an export folder, an engine set's flavor)")
+    p.add_argument("--device", type=check.device, help="cpu, cuda, cuda:N (torch backends; default cuda if available)")
+    p.add_argument("--calibration", help="torch-fp8: the FP8 scales, the calibration/ folder of an "
+                                         "`sd35trt export --precision fp8` output (or that output folder)")
+    p.add_argument("--compile", choices=check.COMPILE_MODES,
+                   help="torch-fp8: torch.compile the MMDiT and VAE (default mode, or reduce-overhead: CUDA graphs)")
+    p.add_argument("--slots", type=check.int_at_least(1),
+                   help="tensorrt/tensorrt-rtx: requests run at the same time, each with its own contexts")
+    p.add_argument("--weight-streaming-budget", type=check.int_at_least(0), metavar="BYTES",
+                   help="tensorrt/tensorrt-rtx: GPU memory for weights of engines built with --weight-streaming")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sd35trt", description=__doc__)
-    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    p = _Parser(prog="sd35trt", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="library logs, third-party warnings and tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
+    pos, seed = check.int_at_least(1), check.seed
 
     t = sub.add_parser("tiny-model", help="write a tiny deterministic SD3.5 checkpoint")
     t.add_argument("out_dir", type=Path)
     t.add_argument("--family", choices=FAMILIES, default="medium")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=seed, default=0)
     t.add_argument("--corpus", type=Path, help="prompt file for tokenizer training (default calib_prompts/prompts.txt)")
     t.add_argument("--layout", choices=("diffusers", "single-file"), default="diffusers",
                    help="diffusers folder, or sd3.5_*.safetensors + clip_l/clip_g/t5xxl_fp16 + tokenizer*/")
     t.set_defaults(func=_tiny_model)
 
     e = sub.add_parser("export", help="FP8-calibrate the MMDiT and export every component to ONNX")
-    e.add_argument("--model", type=Path, required=True, help="SD3.5 diffusers folder or single file")
+    e.add_argument("--model", type=Path, required=True, help="SD3.5 diffusers folder or single-file checkpoint")
     e.add_argument("--out", type=Path, required=True, help="output folder (ONNX + manifest.json)")
     e.add_argument("--precision", choices=("fp8", "bf16", "fp16", "fp32"), default="fp8")
     e.add_argument("--dtype", choices=DTYPES, help="precision of everything not in FP8 (default fp16)")
-    e.add_argument("--calib-size", type=int, default=8, help="calibration prompts (first N of calib_prompts/)")
-    e.add_argument("--calib-steps", type=int, help="denoising steps per calibration prompt (default: the family's)")
-    e.add_argument("--calib-seed", type=int, default=0)
+    e.add_argument("--calib-size", type=pos, default=8, help="calibration prompts (first N of calib_prompts/)")
+    e.add_argument("--calib-steps", type=pos, help="denoising steps per calibration prompt (default: the family's)")
+    e.add_argument("--calib-seed", type=seed, default=0)
     e.add_argument("--no-t5", action="store_true", help="skip T5 (the runtime then uses zeros, as SD3 allows)")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=_export)
@@ -195,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="build TensorRT / TensorRT-RTX engines from an exported ONNX folder")
     b.add_argument("--onnx", type=Path, required=True, help="folder written by `sd35trt export`")
     b.add_argument("--out", type=Path, help="engine folder (default engines/<preset or custom-family>-<precision>-<gpu>)")
-    b.add_argument("--gpu", required=True, help="target compute capability: sm80, sm86, sm89, sm90, sm100, sm120, ...")
+    b.add_argument("--gpu", type=check.gpu, required=True,
+                   help="target compute capability: sm80, sm86, sm89, sm90, sm100, sm120, ...")
     b.add_argument("--flavor", choices=("tensorrt-rtx", "tensorrt"), default="tensorrt-rtx",
                    help="tensorrt-rtx builds on any machine (CPU AOT); tensorrt builds on the target GPU")
     shape = b.add_mutually_exclusive_group()
@@ -203,9 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     shape.add_argument("--dynamic", dest="dynamic", action="store_true",
                        help="sizes --min-size..--max-size (default half to 1.5x the default size: 512-1536)")
     b.add_argument("--batch", type=_batch_range, default=(1, 1), help="images per request: N or MIN-MAX (CFG doubles it)")
-    b.add_argument("--min-size", type=int, help="smallest side in pixels (--dynamic)")
-    b.add_argument("--max-size", type=int, help="largest side in pixels (--dynamic)")
-    b.add_argument("--opt-level", type=int, help="builder optimization level 0-5 (library default 3)")
+    b.add_argument("--min-size", type=pos, help="smallest side in pixels (--dynamic)")
+    b.add_argument("--max-size", type=pos, help="largest side in pixels (--dynamic)")
+    b.add_argument("--opt-level", type=int, choices=range(6), metavar="0-5",
+                   help="builder optimization level 0-5 (library default 3)")
     b.add_argument("--refit", action="store_true", help="refittable engines (enterprise TensorRT)")
     b.add_argument("--weight-streaming", action="store_true", help="engines that can stream weights from host memory")
     b.add_argument("--timing-cache", type=Path, help="timing cache file to reuse and update (enterprise TensorRT)")
@@ -213,58 +258,81 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quiet", action="store_true", help="no progress lines")
     b.set_defaults(func=_build, dynamic=False)
 
-    g = sub.add_parser("generate", help="generate one image to a PNG")
-    g.add_argument("--model", type=Path, required=True, help="SD3.5 diffusers folder, single file, export folder or engine set")
-    g.add_argument("--prompt", required=True)
+    g = sub.add_parser("generate", help="generate one image (PNG, JPEG or WebP by the --out extension)")
+    g.add_argument("--model", type=Path, required=True, help=MODEL_HELP)
+    g.add_argument("--prompt", type=check.prompt, required=True)
     g.add_argument("--negative-prompt")
-    g.add_argument("--steps", type=int, help="default: the family's (Large 28, Medium 40, Turbo 4)")
-    g.add_argument("--guidance", type=float, help="default: the family's (3.5, 4.5, 0.0)")
-    g.add_argument("--seed", type=int, help="default: random (printed and stored in the PNG)")
-    g.add_argument("--height", type=int)
-    g.add_argument("--width", type=int)
-    g.add_argument("--backend", help="torch, torch-fp8, onnxruntime, tensorrt, tensorrt-rtx (default: what --model "
-                                     "holds: torch, onnxruntime for an export folder, an engine set's flavor)")
+    g.add_argument("--steps", type=pos, help="default: the family's (Large 28, Medium 40, Turbo 4)")
+    g.add_argument("--guidance", type=check.guidance, help="default: the family's (3.5, 4.5, 0.0)")
+    g.add_argument("--seed", type=seed, help="default: random (printed and stored in the image)")
+    g.add_argument("--height", type=pos, help="pixels, a multiple of 16 (default: the model's)")
+    g.add_argument("--width", type=pos, help="pixels, a multiple of 16 (default: the model's)")
+    _backend_flags(g)
     g.add_argument("--family", choices=FAMILIES, help="override the detected family")
-    g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     g.add_argument("--dtype", choices=DTYPES, help="torch backends (default: bf16 on cuda, fp32 on cpu)")
+    g.add_argument("--quality", type=check.percent, help="JPEG/WebP quality 0-100 (default 95)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
-    g.add_argument("--out", type=Path, required=True, help="PNG path")
+    g.add_argument("--out", type=check.image_path, required=True,
+                   help="image path: .png, .jpg/.jpeg or .webp (the format; metadata in PNG text chunks or EXIF)")
     g.set_defaults(func=_generate)
 
-    v = sub.add_parser("serve", help="HTTP server: POST /v1/images/generations with micro-batching, /metrics")
+    v = sub.add_parser("serve", help="HTTP server, OpenAI Images API: POST /v1/images/generations, GET /v1/models")
     src = v.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", type=Path, help="diffusers folder, single file or `sd35trt export` folder")
+    src.add_argument("--model", type=Path, help=MODEL_HELP)
     src.add_argument("--engines", type=Path, help="engine set from `sd35trt build` (backend: its flavor)")
-    v.add_argument("--backend", help="torch, torch-fp8, onnxruntime, tensorrt, tensorrt-rtx (default: what the "
-                                     "model path holds: torch, onnxruntime, an engine set's flavor)")
-    v.add_argument("--device", help="cpu, cuda, cuda:1 (torch backends)")
+    _backend_flags(v)
+    v.add_argument("--model-id", help="the name GET /v1/models lists and requests pass as model "
+                                      "(default: the variant's, e.g. sd3.5-large)")
+    v.add_argument("--model-alias", action="append", default=[], help="another name accepted as model (repeatable)")
     v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    v.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed)")
-    v.add_argument("--max-batch", type=int, default=4, help="images per pipeline call (capped by an engine set)")
-    v.add_argument("--batch-window-ms", type=float, default=10.0, help="how long a request waits for batch-mates")
-    v.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond which the server answers 429")
-    v.add_argument("--workers", type=int, default=1, help="batches generated at the same time, one thread each")
-    v.add_argument("--intra-op-threads", type=int, help="onnxruntime: threads per component (on a CPU, "
+    v.add_argument("--port", type=check.port, default=8000, help="0 picks a free port (printed)")
+    v.add_argument("--max-batch", type=pos, default=4, help="images per pipeline call (capped by an engine set)")
+    v.add_argument("--batch-window-ms", type=check.non_negative_float, default=10.0,
+                   help="how long a request waits for batch-mates")
+    v.add_argument("--max-queue", type=pos, default=64, help="waiting requests beyond which the server answers 429")
+    v.add_argument("--workers", type=pos, default=1, help="batches generated at the same time, one thread each")
+    v.add_argument("--intra-op-threads", type=pos, help="onnxruntime: threads per component (on a CPU, "
                                                         "--workers 2 --intra-op-threads 1 serves 2 cores best)")
-    v.add_argument("--timeout-s", type=float, default=300.0, help="per request, queue wait + generation (504 after)")
-    v.add_argument("--max-size", type=int, default=2048, help="largest width/height in pixels")
-    v.add_argument("--max-steps", type=int, default=100)
-    v.add_argument("--max-n", type=int, help="images per request (default and at most: --max-batch)")
-    v.add_argument("--max-prompt-chars", type=int, default=2000)
+    v.add_argument("--timeout-s", type=check.positive_float, default=300.0,
+                   help="per request, queue wait + generation (504 after)")
+    v.add_argument("--max-size", type=pos, default=2048, help="largest width/height in pixels")
+    v.add_argument("--max-steps", type=pos, default=100)
+    v.add_argument("--max-n", type=pos, help="images per request (default and at most: --max-batch)")
+    v.add_argument("--max-prompt-chars", type=pos, default=2000)
     v.set_defaults(func=_serve)
+    for sp in sub.choices.values():
+        _common(sp)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Known failures print one line (`sd35trt CMD: error: ...`, the value and
+    the fix) and exit 2; an unexpected one prints its type and message in one line and exits 1
+    (`--verbose` shows the traceback); Ctrl-C exits 130."""
     from .runtime.errors import Sd35Error
 
     args = build_parser().parse_args(argv)
+    args.verbose = getattr(args, "verbose", False)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    name = f"sd35trt {args.command}"
     try:
-        return args.func(args)
+        with third_party_quiet(not args.verbose):
+            return args.func(args)
+    except KeyboardInterrupt:
+        kept = (f"; the components finished so far are kept in {args.out}: run the same command again to do "
+                f"the rest") if args.command in ("export", "build") and getattr(args, "out", None) else ""
+        print(f"{name}: interrupted{kept}", file=sys.stderr)
+        return INTERRUPTED
     except (Sd35Error, FileExistsError) as exc:
-        print(f"sd35trt {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{name}: error: {flagged(str(exc))}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if args.verbose:
+            raise
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"{name}: error: {type(exc).__name__}: {text} (run again with --verbose for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -115,13 +115,13 @@ class TrtBackend(BackendBase):
         engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:
             raise EngineSetError(f"{path} could not be deserialized by {self.name} {trt.__version__}; "
-                                 f"rebuild: {rebuild_command(self.doc)}")
+                                 f"rebuild: {rebuild_command(self.doc, self.path)}")
         table = binding_table(comp, self.doc)
         _check_engine_io(engine, trt, table, path, self.doc)
         if budget is not None:
             if not self.doc.components[comp].flags["weight_streaming"]:
                 raise InvalidInputError(f"weight_streaming_budget: {path} was built without weight streaming; "
-                                        f"rebuild: {rebuild_command(self.doc, weight_streaming=True)}")
+                                        f"rebuild: {rebuild_command(self.doc, self.path, weight_streaming=True)}")
             engine.weight_streaming_budget_v2 = budget
         return engine, table
 
@@ -197,6 +197,7 @@ def _view(buf: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def _check_engine_io(engine: Any, trt: Any, table: tuple[Binding, ...], path: Path, doc: EngineManifest) -> None:
+    """`path`: the engine file (its folder is where the set lives now)."""
     """The deserialized engine has exactly the tensors, dtypes and profiles the backend binds."""
     got = {}
     for i in range(engine.num_io_tensors):
@@ -207,7 +208,7 @@ def _check_engine_io(engine: Any, trt: Any, table: tuple[Binding, ...], path: Pa
     want = {b.name: b for b in table}
     if got != want:
         raise EngineSetError(f"{path} binds {sorted(got.values(), key=str)}, the backend expects "
-                             f"{sorted(want.values(), key=str)}; rebuild: {rebuild_command(doc)}")
+                             f"{sorted(want.values(), key=str)}; rebuild: {rebuild_command(doc, path.parent)}")
 
 
 class TensorRTBackend(TrtBackend):

@@ -1,9 +1,12 @@
-"""The FastAPI app: POST /v1/images/generations, GET /healthz, /readyz, /metrics.
+"""The FastAPI app: POST /v1/images/generations (OpenAI's Images API), GET /v1/models,
+/v1/models/{id}, /healthz, /readyz, /metrics.
 
-Status codes: 400 body is not JSON; 422 a field is wrong or out of limits (the message names it);
-429 the queue is full; 503 not ready (loading, failed to load, shutting down) or out of memory on
-this request; 504 the request outlived --timeout-s; 500 the generation failed (the message says
-why); 499 (logged only) the client went away and its generation was cancelled.
+Status codes and error bodies follow OpenAI's (`{"error": {"message", "type", "param", "code"}}`),
+so the official clients raise their typed errors: 400 `invalid_request_error` (body not JSON, a
+field wrong or out of limits, an unknown model; `param` names the field); 404 an unknown model id
+under /v1/models; 429 the queue is full; 503 not ready (loading, failed to load, shutting down) or
+out of memory on this request; 504 the request outlived --timeout-s; 500 the generation failed
+(the message says why); 499 (logged only) the client went away and its generation was cancelled.
 """
 
 from __future__ import annotations
@@ -26,10 +29,10 @@ from ..runtime import Pipeline, PipelineOutput
 from ..runtime.batching import Job, Ticket
 from ..runtime.errors import (ClosedError, InvalidInputError, NonFiniteLatentsError, QueueFullError,
                                     is_out_of_memory)
-from ..runtime.image import png_bytes
+from ..runtime.image import MEDIA_TYPES, encode_image
 
 from .metrics import CONTENT_TYPE, Metrics, RequestMetrics
-from .schema import FieldError, GenerationRequest, describe_validation, to_job
+from .schema import FieldError, GenerationRequest, Rendering, check_model, describe_validation, rendering, to_job
 from .state import ModelHost, ServeSettings
 
 log = logging.getLogger(__name__)
@@ -45,18 +48,21 @@ class ClientGone(Exception):
     pass
 
 
-def error(status: int, message: str, kind: str, field: str | None = None, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": field}}, status, headers=headers)
+def error(status: int, message: str, kind: str, field: str | None = None, headers: dict | None = None,
+          code: str | None = None) -> JSONResponse:
+    """OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
+    body = {"message": message, "type": kind, "param": field, "code": code or kind}
+    return JSONResponse({"error": body}, status, headers=headers)
 
 
 def error_response(exc: BaseException, timeout_s: float) -> JSONResponse:
     """A typed error -> its HTTP answer (the message always says what to change)."""
     if isinstance(exc, FieldError):
-        return error(422, str(exc), "invalid_request_error", exc.field)
+        return error(400, str(exc), "invalid_request_error", exc.field, code=exc.code)
     if isinstance(exc, InvalidInputError):
-        return error(422, str(exc), "invalid_request_error")
+        return error(400, str(exc), "invalid_request_error", code="invalid_value")
     if isinstance(exc, QueueFullError):
-        return error(429, str(exc), "queue_full", headers={"Retry-After": "1"})
+        return error(429, str(exc), "queue_full", headers={"Retry-After": "1"}, code="rate_limit_exceeded")
     if isinstance(exc, ClosedError):
         return error(503, str(exc), "unavailable", headers={"Retry-After": "5"})
     if is_out_of_memory(exc):
@@ -92,20 +98,21 @@ async def wait_for_result(ticket: Ticket, request: Request, timeout_s: float) ->
         raise
 
 
-def render(body: GenerationRequest, job: Job, out: PipelineOutput, model: str) -> Response:
-    """PNG bytes (n = 1, response_format png) or JSON with base64 PNGs; metadata as `sd35trt generate`."""
+def render(how: Rendering, job: Job, out: PipelineOutput, model: str) -> Response:
+    """The raw image (one) or OpenAI's JSON `{"created", "data": [{"b64_json", "seed"}], ...}`, in
+    PNG / JPEG / WebP with the same metadata as `sd35trt generate`."""
     info = out.info
     meta = {"prompt": job.prompt, "negative_prompt": job.negative_prompt or "", "steps": info["steps"],
             "guidance": info["guidance"], "size": f"{info['width']}x{info['height']}", "model": model,
             "variant": info["variant"], "backend": info["backend"]}
-    pngs = [png_bytes(img, {**meta, "seed": job.seed + i}) for i, img in enumerate(out.images)]
-    if body.response_format == "png":
+    images = [encode_image(img, how.fmt, {**meta, "seed": job.seed + i}, how.quality) for i, img in enumerate(out.images)]
+    if how.raw:
         headers = {"X-Seed": str(job.seed), "X-Batch-Images": str(info["batch_images"])}
-        return Response(pngs[0], media_type="image/png", headers=headers)
-    data = [{"b64_json": base64.b64encode(p).decode("ascii"), "seed": job.seed + i} for i, p in enumerate(pngs)]
+        return Response(images[0], media_type=MEDIA_TYPES[how.fmt], headers=headers)
+    data = [{"b64_json": base64.b64encode(b).decode("ascii"), "seed": job.seed + i} for i, b in enumerate(images)]
     summary = {k: meta[k] for k in ("steps", "guidance", "size", "variant", "backend")}
-    return JSONResponse({"created": int(time.time()), "data": data,
-                         "info": {**summary, "batch_images": info["batch_images"]}})
+    return JSONResponse({"created": int(time.time()), "data": data, "output_format": how.fmt, "size": meta["size"],
+                         "background": "opaque", "info": {**summary, "batch_images": info["batch_images"]}})
 
 
 def create_app(settings: ServeSettings, pipeline: Pipeline | None = None) -> FastAPI:
@@ -127,8 +134,8 @@ def create_app(settings: ServeSettings, pipeline: Pipeline | None = None) -> Fas
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        status, field, message = describe_validation(list(exc.errors()))
-        return error(status, message, "invalid_request_error", field)
+        field, code, message = describe_validation(list(exc.errors()))
+        return error(400, message, "invalid_request_error", field, code=code)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -142,6 +149,24 @@ def create_app(settings: ServeSettings, pipeline: Pipeline | None = None) -> Fas
             return JSONResponse(body)
         return JSONResponse({**body, "error": host.describe()}, 503)
 
+    def model_card() -> dict[str, Any]:
+        return {"id": host.model_id, "object": "model", "created": host.created, "owned_by": "sd35trt"}
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        if host.model_id is None:
+            return error(503, host.describe(), "unavailable", headers={"Retry-After": "5"})
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> JSONResponse:
+        if host.model_id is None:
+            return error(503, host.describe(), "unavailable", headers={"Retry-After": "5"})
+        if name != host.model_id and name not in host.model_names():
+            return error(404, f"model {name!r} is not served here; this server serves {host.model_id!r}",
+                         "invalid_request_error", "model", code="model_not_found")
+        return JSONResponse(model_card())
+
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
@@ -150,12 +175,14 @@ def create_app(settings: ServeSettings, pipeline: Pipeline | None = None) -> Fas
     async def generations(body: GenerationRequest, request: Request) -> Response:
         try:
             pipe, batcher = host.require_ready()
+            check_model(body.model, host.model_id, host.model_names())
+            how = rendering(body, request.headers.get("accept"))
             seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
             caps = pipe.backend.limits
             sizes = (caps.min_size or 0, caps.max_size or limits.max_size) if caps.max_size else None
-            job = to_job(body, limits, pipe.config, seed, sizes)
+            job = to_job(body, limits, pipe.config, seed, sizes, raw=how.raw)
             out = await wait_for_result(batcher.submit(job), request, limits.timeout_s)
-            return await run_in_threadpool(render, body, job, out, str(settings.model))
+            return await run_in_threadpool(render, how, job, out, str(settings.model))
         except Exception as exc:
             return error_response(exc, limits.timeout_s)
 

@@ -55,9 +55,13 @@ def _config(app: FastAPI, log_level: str, own_logging: bool) -> uvicorn.Config:
                           access_log=log_level == "debug", **kw)
 
 
-def run(app: FastAPI, sock: socket.socket, log_level: str = "info") -> None:
-    """Serve until SIGINT/SIGTERM (uvicorn's handlers, main thread only), then shut down gracefully."""
+def run(app: FastAPI, sock: socket.socket, log_level: str = "info", exit_on_load_failure: bool = False) -> None:
+    """Serve until SIGINT/SIGTERM (uvicorn's handlers, main thread only), then shut down gracefully.
+    `exit_on_load_failure`: stop as soon as the model fails to load (`sd35trt serve` then exits
+    non-zero); otherwise the server stays up and /readyz reports the failure."""
     server = _Server(_config(app, log_level, own_logging=True), app.state.host.begin_drain)
+    if exit_on_load_failure:
+        app.state.host.on_failure = server.request_exit
     server.run(sockets=[sock])
 
 

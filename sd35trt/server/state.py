@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from ..runtime import Pipeline
 from ..runtime.backends import Limits as BackendLimits
@@ -30,7 +31,9 @@ class ServeSettings:
     """`model`: a diffusers folder, single file, `sd35trt export` folder or engine set (`sd35trt
     build`); the backend defaults to what it holds (torch, onnxruntime, the set's flavor), and the
     backend's limits (an engine set's profile) cap the batch and the sizes. `engines=True` insists
-    on an engine set."""
+    on an engine set. `model_id` is the name `GET /v1/models` lists and requests may pass as
+    `model` (default: the variant's name, e.g. sd3.5-large); `model_aliases` are further names
+    accepted for it (the variant and folder names and OpenAI's image model names always are)."""
 
     model: Path
     backend: str | None = None  # default: what the model path holds (Checkpoint.default_backend)
@@ -41,6 +44,8 @@ class ServeSettings:
     max_queue: int = 64
     workers: int = 1
     limits: Limits = field(default_factory=Limits)
+    model_id: str | None = None
+    model_aliases: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_batching(self.max_batch, self.batch_window_ms, self.max_queue, self.workers)
@@ -64,6 +69,11 @@ class ModelHost:
         self.pipe: Pipeline | None = None
         self.batcher: MicroBatcher | None = None
         self.caps: BackendLimits | None = None  # the backend's, asked before loading
+        self.config = pipeline.config if pipeline is not None else None  # known once the model path is read
+        self.created = int(time.time())
+        # Called (on the loading thread) when the model fails to load; `sd35trt serve` stops the
+        # server with it. Unset (embedded servers): /readyz reports the failure for as long as the process lives.
+        self.on_failure: Callable[[], None] | None = None
         self._given = pipeline
         self._lock = threading.Lock()
         self._loader: threading.Thread | None = None
@@ -79,6 +89,7 @@ class ModelHost:
         s = self.settings
         try:
             ckpt = Checkpoint.open(s.model)
+            self.config = ckpt.config
             if s.engines and ckpt.default_backend not in ("tensorrt", "tensorrt-rtx"):
                 raise InvalidInputError(f"{s.model} is not an engine set (no engine manifest); serve it with "
                                         f"--model, or build one with `sd35trt build`")
@@ -86,9 +97,12 @@ class ModelHost:
             self.caps = backend_limits(backend, ckpt, ckpt.config)
             self._ready(Pipeline.from_pretrained(s.model, backend=backend, **dict(s.backend_options)))
         except Exception as exc:  # any load failure is reported by /readyz, the process keeps serving
-            log.error("model %s failed to load: %s", s.model, exc)
             with self._lock:
                 self.status, self.error = "failed", f"{type(exc).__name__}: {exc}"
+            if self.on_failure is not None:
+                self.on_failure()  # whoever asked to stop reports the error
+            else:
+                log.error("model %s failed to load: %s", s.model, exc)
 
     def _ready(self, pipe: Pipeline) -> None:
         s = self.settings
@@ -100,6 +114,21 @@ class ModelHost:
             self.pipe, self.batcher = pipe, batcher
             if self.status == "loading":
                 self.status = "ready"
+
+    @property
+    def model_id(self) -> str | None:
+        """The served model's id (None until the model path has been read)."""
+        if self.settings.model_id:
+            return self.settings.model_id
+        return self.config.name if self.config is not None else None
+
+    def model_names(self) -> frozenset[str]:
+        """Names a request's `model` may use for the served model."""
+        names = {self.settings.model_id, *self.settings.model_aliases, Path(self.settings.model).name,
+                 Path(self.settings.model).stem}
+        if self.config is not None:
+            names.add(self.config.name)
+        return frozenset(n for n in names if n)
 
     def require_ready(self) -> tuple[Pipeline, MicroBatcher]:
         with self._lock:

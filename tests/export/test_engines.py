@@ -148,3 +148,34 @@ def test_dynamic_engines_cover_the_derived_size_range(onnx_fp8: Path, tmp_path: 
     assert doc["components"]["vae_decoder"]["built_profiles"]["latent"] == [[1, 16, 8, 8], [1, 16, 16, 16], [2, 16, 24, 24]]
     assert {r.status for r in rows} == {"built"}
     assert "--dynamic --batch 1-2 --min-size 64 --max-size 192" in rebuild_command(doc)
+
+
+def test_an_interrupted_build_keeps_its_finished_engines(onnx_fp8: Path, tmp_path: Path) -> None:
+    """Ctrl-C (KeyboardInterrupt, raised here from the progress callback) before an engine: the
+    ones built before it are committed; the next run keeps them and removes what a killed run left."""
+    out = tmp_path / "set"
+
+    def stop_at(component: str):
+        def progress(comp: str, action: str) -> None:
+            if comp == component:
+                raise KeyboardInterrupt
+        return progress
+
+    with pytest.raises(KeyboardInterrupt):
+        build_engines(onnx_fp8, out, gpu="sm89", on_component=stop_at("t5"))
+    assert set(_doc(out)["components"]) == {"clip_l", "clip_g"}
+    before = _mtimes(out)
+    (out / ".t5.engine.k1lled.tmp").write_bytes(b"half an engine")  # what a SIGKILL mid-write leaves
+    seen: list[tuple[str, str]] = []
+
+    def record_then_stop(comp: str, action: str) -> None:
+        seen.append((comp, action))
+        if comp == "transformer":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_engines(onnx_fp8, out, gpu="sm89", on_component=record_then_stop)
+    assert seen == [("clip_l", "keep"), ("clip_g", "keep"), ("t5", "build"), ("transformer", "build")]
+    assert set(_doc(out)["components"]) == {"clip_l", "clip_g", "t5"}
+    assert {k: v for k, v in _mtimes(out).items() if k in before} == before
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]

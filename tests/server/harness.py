@@ -14,7 +14,7 @@ from PIL import Image
 
 from sd35trt.server import Limits, ServeSettings
 
-SMALL = {"size": "64x64", "steps": 2}  # every request in these tests: tiny and quick
+SMALL = {"size": "64x64", "steps": 2, "response_format": "png"}  # tiny and quick, answered with the raw PNG
 GENERATIONS = "/v1/images/generations"
 
 
@@ -69,7 +69,7 @@ async def load(url: str, body: dict | None = None) -> Run:
     async def client_loop(client: httpx.AsyncClient) -> None:
         while not todo.empty():
             i = todo.get_nowait()
-            req = {"prompt": f"load test prompt {i % 7}", "seed": i, **(body or {"size": "64x64", "steps": 2})}
+            req = {"prompt": f"load test prompt {i % 7}", "seed": i, **(body or SMALL)}
             t0 = time.perf_counter()
             r = await client.post(GENERATIONS, json=req)
             latencies.append(time.perf_counter() - t0)

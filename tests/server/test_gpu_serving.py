@@ -19,7 +19,7 @@ from sd35trt.server import BackgroundServer, Limits, ServeSettings, create_app
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (device machine)")]
-BODY = {"size": "64x64", "steps": 4}
+BODY = {"size": "64x64", "steps": 4, "response_format": "png"}  # the raw PNG
 
 
 def _app(model: Path, **kw):

@@ -55,7 +55,7 @@ def test_png_is_the_pipeline_image_for_the_seed(client: httpx.Client, ort_pipe: 
 
 
 def test_b64_json_returns_n_images_with_consecutive_seeds(client: httpx.Client, ort_pipe: Pipeline) -> None:
-    r = client.post(GENERATIONS, json={"prompt": "a fox", "seed": 9, "n": 3, "response_format": "b64_json", **SMALL})
+    r = client.post(GENERATIONS, json={**SMALL, "prompt": "a fox", "seed": 9, "n": 3, "response_format": "b64_json"})
     assert r.status_code == 200
     data = r.json()["data"]
     assert [d["seed"] for d in data] == [9, 10, 11]
@@ -63,46 +63,56 @@ def test_b64_json_returns_n_images_with_consecutive_seeds(client: httpx.Client, 
         assert np.array_equal(_png(base64.b64decode(got["b64_json"])), want)
 
 
-# (case, body: dict or raw bytes, status, field named, fragment of the message)
+# (case, body: dict or raw bytes, field named, OpenAI error code, fragment of the message); all answer 400
 BAD = [
-    ("bad JSON", b'{"prompt": "a",', 400, None, "not valid JSON"),
-    ("JSON but not an object", b'["a fox"]', 422, None, "JSON object"),
-    ("empty body", b"", 422, None, "prompt"),
-    ("prompt missing", {"size": "64x64"}, 422, "prompt", "Field required"),
-    ("prompt not a string", {"prompt": 3}, 422, "prompt", "valid string"),
-    ("steps as a string", {"prompt": "a", "steps": "4"}, 422, "steps", "valid integer"),
-    ("steps as a float", {"prompt": "a", "steps": 4.0}, 422, "steps", "valid integer"),
-    ("n as a bool", {"prompt": "a", "n": True}, 422, "n", "valid integer"),
-    ("guidance as a string", {"prompt": "a", "guidance": "high"}, 422, "guidance", "valid number"),
-    ("guidance negative", {"prompt": "a", "guidance": -1.0}, 422, "guidance", "greater than or equal to 0"),
-    ("guidance NaN", b'{"prompt": "a", "guidance": NaN}', 422, "guidance", "finite"),
-    ("seed negative", {"prompt": "a", "seed": -1}, 422, "seed", "greater than or equal to 0"),
-    ("size not WxH", {"prompt": "a", "size": "large"}, 422, "size", "WIDTHxHEIGHT"),
-    ("size not a multiple of 16", {"prompt": "a", "size": "72x64"}, 422, "size", "not a multiple of 16; use 64 or 80"),
-    ("size too large", {"prompt": "a", "size": "1024x1024"}, 422, "size", "outside [16, 256]"),
-    ("size zero", {"prompt": "a", "size": "0x64"}, 422, "size", "outside [16, 256]"),
-    ("steps 0", {"prompt": "a", "steps": 0}, 422, "steps", "outside [1, 500]"),
-    ("steps 10**6", {"prompt": "a", "steps": 10**6}, 422, "steps", "outside [1, 500]"),
-    ("n too large", {"prompt": "a", "n": 5, "response_format": "b64_json"}, 422, "n", "outside [1, 4]"),
-    ("n zero", {"prompt": "a", "n": 0}, 422, "n", "outside [1, 4]"),
-    ("n > 1 as png", {"prompt": "a", "n": 2}, 422, "n", "b64_json"),
-    ("prompt too long", {"prompt": "a" * 301}, 422, "prompt", "301 characters exceed the limit of 300"),
-    ("negative prompt too long", {"prompt": "a", "negative_prompt": "b" * 400}, 422, "negative_prompt", "400 characters"),
-    ("prompt blank", {"prompt": "   "}, 422, "prompt", "empty"),
-    ("unknown field", {"prompt": "a", "sampler": "dpm++"}, 422, "sampler", "unknown field"),
-    ("response_format unknown", {"prompt": "a", "response_format": "jpeg"}, 422, "response_format", "'png' or 'b64_json'"),
+    ("bad JSON", b'{"prompt": "a",', None, "invalid_json", "not valid JSON"),
+    ("JSON but not an object", b'["a fox"]', None, "invalid_type", "JSON object"),
+    ("empty body", b"", None, "missing_required_parameter", "prompt"),
+    ("prompt missing", {"size": "64x64"}, "prompt", "missing_required_parameter", "Field required"),
+    ("prompt not a string", {"prompt": 3}, "prompt", "invalid_type", "valid string"),
+    ("steps as a string", {"prompt": "a", "steps": "4"}, "steps", "invalid_type", "valid integer"),
+    ("steps as a float", {"prompt": "a", "steps": 4.0}, "steps", "invalid_type", "valid integer"),
+    ("n as a bool", {"prompt": "a", "n": True}, "n", "invalid_type", "valid integer"),
+    ("guidance as a string", {"prompt": "a", "guidance": "high"}, "guidance", "invalid_type", "valid number"),
+    ("guidance negative", {"prompt": "a", "guidance": -1.0}, "guidance", "invalid_value", "greater than or equal to 0"),
+    ("guidance NaN", b'{"prompt": "a", "guidance": NaN}', "guidance", "invalid_value", "finite"),
+    ("seed negative", {"prompt": "a", "seed": -1}, "seed", "invalid_value", "greater than or equal to 0"),
+    ("size not WxH", {"prompt": "a", "size": "large"}, "size", "invalid_value", "WIDTHxHEIGHT"),
+    ("size not a multiple of 16", {"prompt": "a", "size": "72x64"}, "size", "invalid_value", "not a multiple of 16; use 64 or 80"),
+    ("size too large", {"prompt": "a", "size": "1024x1024"}, "size", "invalid_value", "outside [16, 256]"),
+    ("size zero", {"prompt": "a", "size": "0x64"}, "size", "invalid_value", "outside [16, 256]"),
+    ("steps 0", {"prompt": "a", "steps": 0}, "steps", "invalid_value", "outside [1, 500]"),
+    ("steps 10**6", {"prompt": "a", "steps": 10**6}, "steps", "invalid_value", "outside [1, 500]"),
+    ("n too large", {"prompt": "a", "n": 5, "response_format": "b64_json"}, "n", "invalid_value", "outside [1, 4]"),
+    ("n zero", {"prompt": "a", "n": 0}, "n", "invalid_value", "outside [1, 4]"),
+    ("n > 1 as png", {"prompt": "a", "n": 2}, "n", "invalid_value", "b64_json"),
+    ("prompt too long", {"prompt": "a" * 301}, "prompt", "invalid_value", "301 characters exceed the limit of 300"),
+    ("negative prompt too long", {"prompt": "a", "negative_prompt": "b" * 400}, "negative_prompt", "invalid_value", "400 characters"),
+    ("prompt blank", {"prompt": "   "}, "prompt", "invalid_value", "empty"),
+    ("unknown field", {"prompt": "a", "unicorns": 3}, "unicorns", "unknown_parameter", "unknown field"),
+    ("response_format unknown", {"prompt": "a", "response_format": "jpeg"}, "response_format", "invalid_value", "'b64_json', 'url' or 'png'"),
+    ("response_format url", {"prompt": "a", "response_format": "url"}, "response_format", "unsupported_value", "stores no images"),
+    ("output_format gif", {"prompt": "a", "output_format": "gif", "response_format": "b64_json"}, "output_format", "unsupported_value", "'png', 'jpeg', 'webp'"),
+    ("output_format vs png", {"prompt": "a", "output_format": "jpeg"}, "output_format", "invalid_value", "conflicts with response_format 'png'"),
+    ("output_compression 101", {"prompt": "a", "output_compression": 101}, "output_compression", "invalid_value", "less than or equal to 100"),
+    ("transparent background", {"prompt": "a", "background": "transparent"}, "background", "unsupported_value", "opaque"),
+    ("stream", {"prompt": "a", "stream": True}, "stream", "unsupported_value", "streaming is not supported"),
+    ("partial images", {"prompt": "a", "partial_images": 2}, "partial_images", "unsupported_value", "streaming"),
+    ("gif frames", {"prompt": "a", "frame_count": 4}, "frame_count", "unsupported_value", "GIF/SVG"),
+    ("unknown model", {"prompt": "a", "model": "stable-cascade"}, "model", "model_not_found", "is not served here"),
 ]
 
 
-@pytest.mark.parametrize("case,body,status,field,fragment", BAD, ids=[b[0] for b in BAD])
-def test_bad_input_gets_4xx_naming_the_field(client: httpx.Client, case, body, status, field, fragment) -> None:
+@pytest.mark.parametrize("case,body,field,code,fragment", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_400_naming_the_field(client: httpx.Client, case, body, field, code, fragment) -> None:
     if isinstance(body, bytes):
         r = client.post(GENERATIONS, content=body, headers={"content-type": "application/json"})
     else:
         r = client.post(GENERATIONS, json={**SMALL, **body} if "size" not in body else body)
     err = r.json()["error"]
-    assert r.status_code == status, err
-    assert err["param"] == field and fragment in err["message"]
+    assert r.status_code == 400, err
+    assert err["param"] == field and err["code"] == code and err["type"] == "invalid_request_error", err
+    assert fragment in err["message"], err["message"]
     if field is not None:
         assert err["message"].startswith(f"{field}:")
     ok = client.post(GENERATIONS, json={"prompt": "still serving", **SMALL})  # the server keeps serving
@@ -112,12 +122,12 @@ def test_bad_input_gets_4xx_naming_the_field(client: httpx.Client, case, body, s
 def test_metrics_count_requests_latency_and_batches(client: httpx.Client) -> None:
     before = {k: metric(client, *k) if isinstance(k, tuple) else metric(client, k) for k in (
         "sd35trt_request_latency_seconds_count", "sd35trt_batch_size_sum")}
-    ok_before, bad_before = (metric(client, "sd35trt_requests_total", status=s) for s in ("200", "422"))
+    ok_before, bad_before = (metric(client, "sd35trt_requests_total", status=s) for s in ("200", "400"))
     for i in range(2):
         assert client.post(GENERATIONS, json={"prompt": f"m{i}", **SMALL}).status_code == 200
-    assert client.post(GENERATIONS, json={"prompt": "m", "steps": 0}).status_code == 422
+    assert client.post(GENERATIONS, json={"prompt": "m", "steps": 0}).status_code == 400
     assert metric(client, "sd35trt_requests_total", status="200") == ok_before + 2
-    assert metric(client, "sd35trt_requests_total", status="422") == bad_before + 1
+    assert metric(client, "sd35trt_requests_total", status="400") == bad_before + 1
     assert metric(client, "sd35trt_request_latency_seconds_count") == before["sd35trt_request_latency_seconds_count"] + 3
     assert metric(client, "sd35trt_batch_size_sum") == before["sd35trt_batch_size_sum"] + 2
     assert metric(client, "sd35trt_queue_depth") == 0
@@ -239,8 +249,8 @@ def test_an_engine_set_that_cannot_run_here_is_reported_not_ready(engines_fp8: d
 
 
 @pytest.mark.parametrize("exc,status,kind", [
-    (FieldError("size", "too big"), 422, "invalid_request_error"),
-    (InvalidInputError("height=65 is not a multiple of 16"), 422, "invalid_request_error"),
+    (FieldError("size", "too big"), 400, "invalid_request_error"),
+    (InvalidInputError("height=65 is not a multiple of 16"), 400, "invalid_request_error"),
     (QueueFullError("64 requests wait"), 429, "queue_full"),
     (ClosedError("shutting down"), 503, "unavailable"),
     (OutOfMemoryError("transformer.onnx: out of memory"), 503, "out_of_memory"),

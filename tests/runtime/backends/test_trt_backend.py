@@ -53,10 +53,20 @@ def test_corrupted_engine_is_refused_with_the_file_and_rebuild_command(engine_se
     with pytest.raises(EngineSetError, match="sha256 differs") as err:
         Pipeline.from_pretrained(engine_set, backend="tensorrt-rtx")  # the real backend, before any GPU use
     assert str(engine) in str(err.value) and _rebuild(engine_set) in str(err.value)
-    assert f"--gpu sm89 --flavor tensorrt-rtx --static --batch 1" in str(err.value)
+    # the set was built elsewhere and copied here: the command rebuilds it where it is loaded from
+    assert _doc(engine_set)["build"]["out"] != str(engine_set)
+    assert f"--out {engine_set} --gpu sm89 --flavor tensorrt-rtx --static --batch 1" in str(err.value)
     engine.unlink()
     with pytest.raises(EngineSetError, match=rf"{engine} is missing; rebuild: sd35trt build"):
         check_engine_files(EngineManifest.load(engine_set), engine_set)
+
+
+def test_a_set_whose_build_was_interrupted_is_refused(engine_set: Path) -> None:
+    doc = _doc(engine_set)
+    del doc["components"]["vae_decoder"]  # the manifest of a build stopped before its last engine
+    (engine_set / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(EngineSetError, match=rf"lists no vae_decoder engine .* sd35trt build .* --out {engine_set} "):
+        Pipeline.from_pretrained(engine_set, backend="tensorrt-rtx")
 
 
 def test_manifest_from_another_library_version_is_refused(engine_set: Path) -> None:
@@ -74,7 +84,8 @@ def test_engines_for_another_gpu_are_refused(engine_set: Path) -> None:
     doc = _doc(engine_set)
     with pytest.raises(EngineSetError, match=r"targets sm89, this GPU is sm120") as err:
         check_device(EngineManifest.load(engine_set), engine_set, "sm120")
-    assert f"--out {doc['build']['out'][:-4]}sm120 --gpu sm120" in str(err.value)  # .../sm89 -> .../sm120
+    assert f"--out {str(engine_set)[:-4]}sm120 --gpu sm120" in str(err.value)  # .../…-sm89 -> .../…-sm120, beside it
+    assert doc["build"]["out"] != str(engine_set)
     check_library(EngineManifest.load(engine_set), engine_set, trt.__version__)
 
 

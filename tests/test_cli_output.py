@@ -1,0 +1,133 @@
+"""What `make demo`'s commands print, and an export that is killed half-way: in child processes
+(`python -m sd35trt`), so third-party warnings really reach stderr as a user sees them.
+
+One FP8 export of the tiny checkpoint (ModelOpt calibration, polygraphy folding, ONNX Runtime
+constant folding: every library that used to print) is SIGKILLed while a component is being
+written, then finished by a second run; its output, a `generate` on the result and a `--verbose`
+re-export are each counted for third-party warning lines.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from sd35trt.cli import main
+from sd35trt.runtime.image import read_metadata
+from sd35trt.runtime.manifest import HASH_CACHE
+
+pytest.importorskip("modelopt", reason="nvidia-modelopt (export extra) calibrates FP8")
+# Lines other libraries print: Python warnings, transformers' "[transformers]" notices, polygraphy's
+# "[I]"/"[W]" log, ONNX Runtime's native "[W:onnxruntime:..." log, ModelOpt's prints.
+THIRD_PARTY = re.compile(r"warning|warn\(|^\s*\[(transformers|diffusers|[IWE])\]|\[W:onnxruntime|onnxruntime:|"
+                         r"Inserted \d+ quantizers|colored' module|polygraphy", re.IGNORECASE)
+EXPORT_ARGS = ["--precision", "fp8", "--dtype", "fp32", "--calib-size", "1", "--calib-steps", "2", "--no-t5", "--quiet"]
+
+
+def third_party_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if THIRD_PARTY.search(line)]
+
+
+def _sd35trt(*argv: object, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sd35trt", *map(str, argv)], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def _finished(out: Path) -> list[str]:
+    try:
+        return list(json.loads((out / "manifest.json").read_text())["components"])
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+@dataclass
+class Killed:
+    out: Path
+    output: str  # stdout + stderr of the killed run
+    finished: list[str]  # components its manifest listed when it was killed
+    leftovers: list[str]  # hidden temp entries it left
+    mtimes: dict[str, int]
+    rows: dict[str, str]  # component -> status of the run that finished the export
+
+
+@pytest.fixture(scope="module")
+def killed(tiny_medium: Path, tmp_path_factory: pytest.TempPathFactory) -> Killed:
+    from sd35trt.export.calibrate import CalibSettings
+    from sd35trt.export.exporter import ExportOptions, export_model
+
+    out = tmp_path_factory.mktemp("killed") / "onnx"
+    proc = subprocess.Popen([sys.executable, "-m", "sd35trt", "export", "--model", str(tiny_medium), "--out", str(out),
+                             *EXPORT_ARGS], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            stdin=subprocess.DEVNULL)
+    temps = lambda: [p.name for p in out.glob(".*") if p.is_dir()]  # noqa: E731  a component being written
+    deadline = time.monotonic() + 240
+    while not (_finished(out) and temps()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"no temp folder after a finished component (rc {proc.poll()}): {proc.communicate()[0]}")
+        time.sleep(0.005)
+    proc.kill()  # SIGKILL: no cleanup handler runs
+    output = proc.communicate(timeout=60)[0]
+    finished, leftovers = _finished(out), temps()
+    mtimes = {c: (out / f"{c}.onnx").stat().st_mtime_ns for c in finished}
+    opts = ExportOptions(precision="fp8", dtype="fp32", calib=CalibSettings(num_prompts=1, steps=2), t5=False)
+    rows = {r.component: r.status for r in export_model(tiny_medium, out, opts, progress=False)}
+    return Killed(out, output, finished, leftovers, mtimes, rows)
+
+
+def test_a_killed_export_keeps_its_finished_components_and_leaves_no_temp_folder(killed: Killed) -> None:
+    assert killed.finished and killed.leftovers, (killed.finished, killed.leftovers)
+    assert {c for c, s in killed.rows.items() if s == "cached"} == set(killed.finished)  # not redone
+    assert {c for c, s in killed.rows.items() if s == "exported"} == set(killed.rows) - set(killed.finished)
+    assert killed.mtimes == {c: (killed.out / f"{c}.onnx").stat().st_mtime_ns for c in killed.finished}
+    assert [p.name for p in killed.out.rglob(".*")] == [HASH_CACHE]  # the temp folders and files are gone
+
+
+def test_demo_commands_print_no_third_party_warnings(killed: Killed, tmp_path: Path) -> None:
+    assert third_party_lines(killed.output) == [], killed.output  # calibration, export, folding
+    image = tmp_path / "demo.png"
+    res = _sd35trt("generate", "--model", killed.out, "--prompt", "a lighthouse on a cliff", "--negative-prompt",
+                   "blurry", "--seed", "0", "--steps", "2", "--height", "64", "--width", "64", "--out", image)
+    assert res.returncode == 0, res.stderr
+    assert third_party_lines(res.stdout + res.stderr) == [], res.stderr
+    assert res.stdout.splitlines() == [f"wrote {image} (64x64, seed 0, 2 steps, guidance 4.5, backend onnxruntime)"]
+    assert {line.split(":")[0] for line in res.stderr.split("\n") if line.strip()} == {"denoise"}  # our bar only
+
+
+def test_verbose_brings_the_library_output_back(killed: Killed, tiny_medium: Path) -> None:
+    (killed.out / "clip_l.onnx").unlink()  # one component to redo: its export logs as it did before
+    res = _sd35trt("--verbose", "export", "--model", tiny_medium, "--out", killed.out, *EXPORT_ARGS)
+    assert res.returncode == 0, res.stderr
+    seen = third_party_lines(res.stdout + res.stderr)
+    with pytest.MonkeyPatch.context():
+        print(f"\n[--verbose export: {len(seen)} third-party lines, e.g. {seen[:2]}]", file=sys.__stderr__)
+    assert len(seen) >= 3 and "1 exported, 4 unchanged" in res.stdout
+
+
+def test_out_extension_picks_the_format_with_metadata(onnx_fp32: Path, tmp_path: Path) -> None:
+    for name, fmt in (("a.jpg", "JPEG"), ("b.webp", "WEBP"), ("c.png", "PNG")):
+        assert main(["generate", "--model", str(onnx_fp32), "--prompt", "a red boat", "--seed", "4", "--steps", "2",
+                     "--height", "64", "--width", "64", "--quiet", "--out", str(tmp_path / name)]) == 0
+        img = Image.open(tmp_path / name)
+        meta = read_metadata(img)
+        assert img.format == fmt and meta["sd35trt:seed"] == "4" and meta["sd35trt:prompt"] == "a red boat"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jpg", "b.webp", "c.png"]  # nothing else left
+
+
+def test_generate_torch_fp8_from_the_cli(tiny_medium: Path, onnx_fp8: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "fp8.png"
+    argv = ["generate", "--model", str(tiny_medium), "--backend", "torch-fp8", "--calibration", str(onnx_fp8),
+            "--compile", "off", "--device", "cpu", "--prompt", "an orange cat", "--seed", "2", "--steps", "1",
+            "--guidance", "0", "--height", "32", "--width", "32", "--quiet", "--out", str(out)]  # CPU FP8 GEMMs are slow
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "backend torch-fp8" in capsys.readouterr().out
+    meta = read_metadata(Image.open(out))
+    assert meta["sd35trt:backend"] == "torch-fp8" and meta["sd35trt:steps"] == "1"
