@@ -66,15 +66,16 @@ def _generate(args: argparse.Namespace) -> int:
     from .runtime.requests import normalize_request
 
     ckpt = Checkpoint.open(args.model, family=args.family)  # configs and headers only
+    modes = _mode_arguments(args)  # sampler, image / mask / strength, skip-layer guidance
     normalize_request(ckpt.config, args.prompt, negative_prompt=args.negative_prompt, height=args.height,
-                      width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance)
+                      width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance, **modes)
     backend_limits(backend, ckpt, ckpt.config)  # an engine set's manifest is read before any engine
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     with Pipeline.from_pretrained(args.model, backend=backend, family=args.family, **options) as pipe:
         out = pipe(
             args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
             guidance_scale=args.guidance, height=args.height, width=args.width,
-            generator=torch.Generator().manual_seed(seed), progress=not args.quiet,
+            generator=torch.Generator().manual_seed(seed), progress=not args.quiet, **modes,
         )
     meta = {"prompt": args.prompt, "negative_prompt": args.negative_prompt or "", "seed": seed,
             "steps": out.info["steps"], "guidance": out.info["guidance"], "model": str(args.model),
@@ -84,6 +85,34 @@ def _generate(args: argparse.Namespace) -> int:
     print(f"wrote {path} ({out.info['width']}x{out.info['height']}, seed {seed}, "
           f"{out.info['steps']} steps, guidance {out.info['guidance']}, backend {out.info['backend']})")
     return 0
+
+
+def _mode_arguments(args: argparse.Namespace) -> dict:
+    """The Pipeline arguments of --sampler, --image/--mask/--strength and --slg (checked by the
+    runtime's normalize_request, whose messages name these flags)."""
+    from PIL import Image
+
+    modes: dict = {"sampler": args.sampler}
+    if args.mask is not None and args.image is None:
+        raise UsageError("--mask needs --image (inpainting repaints the white part of the mask in that image)")
+    if args.strength is not None and args.image is None:
+        raise UsageError("--strength applies to --image (image-to-image / inpainting); drop it or add --image")
+    for flag, path, key, mode in (("--image", args.image, "image", "RGB"), ("--mask", args.mask, "mask_image", "L")):
+        if path is None:
+            continue
+        try:
+            with Image.open(path) as im:
+                modes[key] = im.convert(mode)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{flag} {path}: not a readable image ({exc}); pass a PNG, JPEG or WebP file") from None
+    if args.strength is not None:
+        modes["strength"] = args.strength
+    if args.slg:
+        try:
+            modes["skip_guidance_layers"] = [int(b) for b in args.slg.split(",")]
+        except ValueError:
+            raise UsageError(f"--slg {args.slg!r}: pass transformer block numbers, e.g. 7,8,9") from None
+    return modes
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -271,6 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--family", choices=FAMILIES, help="override the detected family")
     g.add_argument("--dtype", choices=DTYPES, help="torch backends (default: bf16 on cuda, fp32 on cpu)")
     g.add_argument("--quality", type=check.percent, help="JPEG/WebP quality 0-100 (default 95)")
+    g.add_argument("--sampler", default="euler", help="euler (default), dpmpp_2m, dpmpp_2m_sde, heun")
+    g.add_argument("--image", type=Path, help="image-to-image from this image (with --mask: inpainting)")
+    g.add_argument("--mask", type=Path, help="inpainting mask: white = repaint, black = keep (the image's size)")
+    g.add_argument("--strength", type=float, help="--image: how much to change it, (0, 1] (default 0.6)")
+    g.add_argument("--slg", help="skip-layer guidance: transformer blocks to skip, e.g. 7,8,9 (SD3.5 Medium)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--out", type=check.image_path, required=True,
                    help="image path: .png, .jpg/.jpeg or .webp (the format; metadata in PNG text chunks or EXIF)")

@@ -36,7 +36,8 @@ FLAGS = {
     "batch_window_ms": "--batch-window-ms", "max_queue": "--max-queue", "workers": "--workers",
     "max_size": "--max-size", "max_steps": "--max-steps", "max_n": "--max-n", "limits.max_n": "--max-n",
     "max_prompt_chars": "--max-prompt-chars", "timeout_s": "--timeout-s", "intra_op_threads": "--intra-op-threads",
-    "gpu": "--gpu", "flavor": "--flavor",
+    "gpu": "--gpu", "flavor": "--flavor", "sampler": "--sampler", "image": "--image", "mask_image": "--mask",
+    "strength": "--strength", "skip_guidance_layers": "--slg",
 }
 _ARG = re.compile(r"(?<![\w.-])(" + "|".join(sorted(map(re.escape, FLAGS), key=len, reverse=True)) + r")=")
 

@@ -34,7 +34,9 @@ def _lines(text: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def paths(tiny_medium: Path, onnx_fp32: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return {"tiny": tiny_medium, "onnx": onnx_fp32, "tmp": tmp_path_factory.mktemp("cli-errors")}
+    tmp = tmp_path_factory.mktemp("cli-errors")
+    (tmp / "x.txt").write_text("not an image")
+    return {"tiny": tiny_medium, "onnx": onnx_fp32, "tmp": tmp}
 
 
 def _generate(p: dict[str, Path], *extra: str, model: str = "tiny") -> list:
@@ -74,6 +76,10 @@ BAD_FLAGS = [
     ("serve port", lambda p: ["serve", "--model", p["onnx"], "--port", "70000"], "--port"),
     ("serve engines not a set", lambda p: ["serve", "--engines", p["onnx"], "--port", "0"], "--engines"),
     ("serve max batch", lambda p: ["serve", "--model", p["onnx"], "--max-batch", "0"], "--max-batch"),
+    ("unknown sampler", lambda p: _generate(p, "--sampler", "ddim"), "--sampler"),
+    ("mask without image", lambda p: _generate(p, "--mask", p["tmp"] / "m.png"), "--mask"),
+    ("image not an image", lambda p: _generate(p, "--image", p["tmp"] / "x.txt"), "--image"),
+    ("slg not numbers", lambda p: _generate(p, "--slg", "seven"), "--slg"),
 ]
 
 

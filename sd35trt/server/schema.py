@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..runtime.batching import Job
 from ..runtime.config import VariantConfig
 from ..runtime.errors import InvalidInputError
+from ..runtime.samplers import SAMPLER_NAMES
 
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
@@ -90,6 +91,7 @@ class GenerationRequest(BaseModel):
     steps: int | None = Field(None, description="denoising steps; default: the model's")
     guidance: float | None = Field(None, ge=0, allow_inf_nan=False, description="CFG scale; <= 1 disables CFG")
     seed: int | None = Field(None, ge=0, lt=2**63, description="image i uses seed + i; default: random")
+    sampler: str | None = Field(None, description="euler (default), dpmpp_2m, dpmpp_2m_sde, heun")
 
 
 FIELDS = tuple(GenerationRequest.model_fields)
@@ -199,8 +201,11 @@ def to_job(body: GenerationRequest, limits: Limits, config: VariantConfig, seed:
     if n > 1 and raw:
         raise FieldError("n", f"{n} images need a JSON answer (response_format 'b64_json'); a raw image response "
                               f"holds one image")
+    sampler = body.sampler or "euler"
+    if sampler not in SAMPLER_NAMES:
+        raise FieldError("sampler", f"{sampler!r} is not one of {', '.join(SAMPLER_NAMES)}", code="unsupported_value")
     return Job(body.prompt, body.negative_prompt, seed=seed, n=n, height=height, width=width,
-               steps=body.steps, guidance=body.guidance, output_type="pil")
+               steps=body.steps, guidance=body.guidance, output_type="pil", sampler=sampler)
 
 
 def describe_validation(errors: list[dict[str, Any]]) -> tuple[str | None, str, str]:

@@ -63,6 +63,15 @@ def test_b64_json_returns_n_images_with_consecutive_seeds(client: httpx.Client, 
         assert np.array_equal(_png(base64.b64decode(got["b64_json"])), want)
 
 
+def test_the_sampler_field_reaches_the_pipeline(client: httpx.Client, ort_pipe: Pipeline) -> None:
+    r = client.post(GENERATIONS, json={"prompt": "a fox", "seed": 3, "sampler": "dpmpp_2m_sde", **SMALL})
+    assert r.status_code == 200
+    job = Job("a fox", None, seed=3, n=1, height=64, width=64, steps=2, output_type="pil", sampler="dpmpp_2m_sde")
+    want = np.asarray(ort_pipe(**job.call_kwargs(), progress=False).images[0])
+    assert np.array_equal(_png(r.content), want)
+    assert not np.array_equal(want, _expected(ort_pipe, "a fox", 3)[0])  # the sampler changed the image
+
+
 # (case, body: dict or raw bytes, field named, OpenAI error code, fragment of the message); all answer 400
 BAD = [
     ("bad JSON", b'{"prompt": "a",', None, "invalid_json", "not valid JSON"),
@@ -82,6 +91,7 @@ BAD = [
     ("size too large", {"prompt": "a", "size": "1024x1024"}, "size", "invalid_value", "outside [16, 256]"),
     ("size zero", {"prompt": "a", "size": "0x64"}, "size", "invalid_value", "outside [16, 256]"),
     ("steps 0", {"prompt": "a", "steps": 0}, "steps", "invalid_value", "outside [1, 500]"),
+    ("unknown sampler", {"prompt": "a", "sampler": "ddim"}, "sampler", "unsupported_value", "'ddim' is not one of"),
     ("steps 10**6", {"prompt": "a", "steps": 10**6}, "steps", "invalid_value", "outside [1, 500]"),
     ("n too large", {"prompt": "a", "n": 5, "response_format": "b64_json"}, "n", "invalid_value", "outside [1, 4]"),
     ("n zero", {"prompt": "a", "n": 0}, "n", "invalid_value", "outside [1, 4]"),
