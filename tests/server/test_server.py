@@ -70,6 +70,14 @@ def test_the_sampler_field_reaches_the_pipeline(client: httpx.Client, ort_pipe: 
     want = np.asarray(ort_pipe(**job.call_kwargs(), progress=False).images[0])
     assert np.array_equal(_png(r.content), want)
     assert not np.array_equal(want, _expected(ort_pipe, "a fox", 3)[0])  # the sampler changed the image
+    r = client.post(GENERATIONS, json={**SMALL, "prompt": "a fox", "seed": 3, "n": 2, "sampler": "dpmpp_2m_sde",
+                                       "response_format": "b64_json"})  # one batch of two SDE images
+    assert r.status_code == 200
+    for d in r.json()["data"]:  # each equals its twin run alone with its own seed
+        twin = Job("a fox", None, seed=d["seed"], n=1, height=64, width=64, steps=2, output_type="pil",
+                   sampler="dpmpp_2m_sde")
+        assert np.array_equal(_png(base64.b64decode(d["b64_json"])),
+                              np.asarray(ort_pipe(**twin.call_kwargs(), progress=False).images[0]))
 
 
 # (case, body: dict or raw bytes, field named, OpenAI error code, fragment of the message); all answer 400
