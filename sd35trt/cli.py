@@ -55,6 +55,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.quality is not None and args.out.suffix.lower() == ".png":
         raise UsageError(f"--quality applies to JPEG and WebP; {args.out} is a PNG (lossless): drop --quality")
     check.require_cuda(options, backend)
+    modes = _mode_arguments(args)  # sampler, image / mask / strength, skip-layer guidance (no torch yet)
     quiet_onnxruntime(backend == "onnxruntime" and not args.verbose)
 
     import torch
@@ -66,7 +67,6 @@ def _generate(args: argparse.Namespace) -> int:
     from .runtime.requests import normalize_request
 
     ckpt = Checkpoint.open(args.model, family=args.family)  # configs and headers only
-    modes = _mode_arguments(args)  # sampler, image / mask / strength, skip-layer guidance
     normalize_request(ckpt.config, args.prompt, negative_prompt=args.negative_prompt, height=args.height,
                       width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance, **modes)
     backend_limits(backend, ckpt, ckpt.config)  # an engine set's manifest is read before any engine
@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--family", choices=FAMILIES, help="override the detected family")
     g.add_argument("--dtype", choices=DTYPES, help="torch backends (default: bf16 on cuda, fp32 on cpu)")
     g.add_argument("--quality", type=check.percent, help="JPEG/WebP quality 0-100 (default 95)")
-    g.add_argument("--sampler", default="euler", help="euler (default), dpmpp_2m, dpmpp_2m_sde, heun")
+    g.add_argument("--sampler", default="euler", choices=check.SAMPLERS, help="default: euler")
     g.add_argument("--image", type=Path, help="image-to-image from this image (with --mask: inpainting)")
     g.add_argument("--mask", type=Path, help="inpainting mask: white = repaint, black = keep (the image's size)")
     g.add_argument("--strength", type=float, help="--image: how much to change it, (0, 1] (default 0.6)")

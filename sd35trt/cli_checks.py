@@ -23,6 +23,8 @@ from .runtime.errors import Sd35Error
 BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx", "torch", "torch-fp8")
 TORCH_BACKENDS = ("torch", "torch-fp8")
 ENGINE_BACKENDS = ("tensorrt", "tensorrt-rtx")
+# Samplers by name, as runtime/samplers.py defines them (tests/test_cli_errors.py keeps the two equal).
+SAMPLERS = ("euler", "dpmpp_2m", "dpmpp_2m_sde", "heun")
 COMPILE_MODES = ("off", "default", "reduce-overhead")  # torch-fp8 compile= False / True / "reduce-overhead"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from sd35trt.cli import build_parser
-from sd35trt.cli_checks import BACKENDS
+from sd35trt.cli_checks import BACKENDS, SAMPLERS
 from sd35trt.runtime.manifest import HASH_CACHE
 
 LIMIT_S = 3.0
@@ -108,6 +108,12 @@ def test_backend_choices_are_the_registered_backends() -> None:
     assert sorted(BACKENDS) == available()
     help_text = build_parser()._subparsers._group_actions[0].choices["generate"].format_help()
     assert all(b in help_text for b in BACKENDS) and "export` folder" in help_text
+
+
+def test_sampler_choices_are_the_runtime_samplers() -> None:
+    from sd35trt.runtime.samplers import SAMPLER_NAMES
+
+    assert SAMPLERS == SAMPLER_NAMES
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine where torch sees no CUDA")
