@@ -1,4 +1,4 @@
-"""The samplers: one frozen record each, a pure step function driven by `sampling.denoise`.
+"""The samplers: one frozen record each, a pure step function driven by `sampling.run`.
 
 The transformer predicts the flow velocity v (x_t = (1 - sigma) x0 + sigma noise, v = noise - x0).
 Each sampler equals a diffusers scheduler on StableDiffusion3Pipeline, operation for operation:

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import NonFiniteLatentsError
-from .guidance import Predict, guided
+from .guidance import Predict
 from .samplers import EULER, Sampler, standard_normal
 from .schedule import Schedule
 
@@ -33,24 +33,6 @@ def initial_noise(
     generator for a list, so the same seeds give the same image on any backend.
     """
     return standard_normal(shape, generator, device)  # [B, 16, H/8, W/8]
-
-
-def denoise(
-    transformer: Transformer,
-    latents: torch.Tensor,
-    context: torch.Tensor,
-    pooled: torch.Tensor,
-    schedule: Schedule,
-    guidance: float,
-    on_step: StepHook | None = None,
-    progress: bool = True,
-    backend_name: str = "",
-    sampler: Sampler = EULER,
-    generator: torch.Generator | Sequence[torch.Generator] | None = None,
-) -> torch.Tensor:
-    """`sampler`'s steps along `schedule` with plain CFG when guidance > 1 (context = [neg; pos])."""
-    predict = guided(transformer, context, pooled, guidance, steps=len(schedule))
-    return run(predict, latents, schedule, on_step, progress, backend_name, sampler, generator)
 
 
 def run(

@@ -4,7 +4,7 @@ Peer: the diffusers-module eager path (transformers CLIP-L/CLIP-G/T5-XXL, diffus
 SD3Transformer2DModel and AutoencoderKL, all bf16 eager). Ours: the same text encoders with T5's
 Linears weight-only FP8, the FP8 MMDiT (fast accumulation, sigmoid-form GELU, compiled as the
 torch-fp8 backend's `compile=mode`, CUDA graphs by default) and the VAE decoder compiled. Both run our own loop
-(`runtime.sampling.denoise`) on the same random weights, prompt ids, noise and schedule.
+(`runtime.sampling.run` with `runtime.guidance.guided`) on the same random weights, prompt ids, noise and schedule.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch
 
 from sd35trt.bench import EXCLUDE, Runner, diffusers_peer, free, random_init, random_mmdit
 from sd35trt.runtime.config import VARIANTS, VariantConfig
-from sd35trt.runtime.sampling import denoise
+from sd35trt.runtime.guidance import guided
+from sd35trt.runtime.sampling import run
 from sd35trt.runtime.schedule import flow_match_schedule
 
 CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -74,7 +75,8 @@ def run_e2e(config: VariantConfig, encode, transformer, vae, noise, steps: int) 
     """Text encoders, `steps` Euler/CFG steps with the variant's shift and guidance, VAE decode."""
     ctx, pooled = encode()
     schedule = flow_match_schedule(steps, config.sampling.shift)
-    x = denoise(transformer, noise, ctx, pooled, schedule, config.sampling.guidance, progress=False)
+    predict = guided(transformer, ctx, pooled, config.sampling.guidance, steps=len(schedule))
+    x = run(predict, noise, schedule, progress=False)
     return vae(x / config.vae.scaling_factor + config.vae.shift_factor)  # [1, 3, H, W]
 
 
