@@ -104,4 +104,5 @@ class TiledVae:
                              else (self.tile, self.latent_tile))
         if x.shape[-1] <= tile_in and x.shape[-2] <= tile_in:
             return self.call(x)
-        return tiled(self.call, x, tile_in, tile_out, self.overlap)
+        with torch.inference_mode():  # the tiles of the torch backends are inference tensors: blended in place
+            return tiled(self.call, x, tile_in, tile_out, self.overlap)

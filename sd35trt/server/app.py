@@ -119,7 +119,10 @@ def create_app(settings: ServeSettings, pipeline: Pipeline | None = None) -> Fas
     """The server app. With `pipeline`, serve that (already loaded) pipeline and leave it open at
     shutdown; otherwise load `settings.model` in the background at startup and close it at shutdown."""
     host = ModelHost(settings, pipeline)
-    metrics = Metrics(host.stats, lambda: host.ready, lambda: host.max_batch, gpu=torch.cuda.is_available())
+    mode = lambda: getattr(getattr(host.pipe, "memory", None), "mode", None) or settings.backend_options.get(  # noqa: E731
+        "memory", "default")
+    metrics = Metrics(host.stats, lambda: host.ready, lambda: host.max_batch, gpu=torch.cuda.is_available(),
+                      memory_mode=mode)
     limits = settings.limits
 
     @asynccontextmanager
