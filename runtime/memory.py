@@ -206,6 +206,10 @@ class MemoryBackend:
         return list(self.residency.trace)
 
     def close(self) -> None:
+        with self.residency.lock:
+            for h in self.residency.handles.values():
+                h.unload()  # the device copies go now, whoever still holds the modules
+            self.residency.handles = {}
         for c in RUNTIME:
             setattr(self, c.name, None)
         self.inner.close()
