@@ -20,6 +20,7 @@ from torch import nn
 class ModuleWeights:
     def __init__(self, module: nn.Module, device: torch.device) -> None:
         self.device = torch.device(device)
+        _unview(module)
         seen, tensors = set(), []
         for t in list(module.parameters()) + list(module.buffers()):
             if id(t) not in seen:  # tied weights (T5's shared embedding) move once
@@ -72,3 +73,19 @@ class ModuleWeights:
     def resident(self) -> bool:
         """Whether any (non-empty) tensor of the module lives in a device copy now."""
         return any(t.numel() and t.data_ptr() != m.data_ptr() and t.device == self.device for t, m in self.tensors)
+
+
+def _unview(module: nn.Module) -> None:
+    """Re-register every parameter or buffer that is a view (FP8Linear's `weight_t = w.t()`) as a
+    tensor of its own on the same storage: a view keeps its base alive through `_base`, so swapping
+    its `.data` would never free the base's device memory."""
+    done: dict[int, torch.Tensor] = {}
+    for m in module.modules():
+        for table in (m._parameters, m._buffers):
+            for key, t in table.items():
+                if t is None or not t._is_view():
+                    continue
+                if id(t) not in done:
+                    own = t.detach()  # same storage and strides, not a view (no `_base`)
+                    done[id(t)] = nn.Parameter(own, requires_grad=False) if isinstance(t, nn.Parameter) else own
+                table[key] = done[id(t)]

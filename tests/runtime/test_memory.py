@@ -148,3 +148,20 @@ def test_cli_memory_modes_equal_the_runtime_modes() -> None:
     from sd35trt import cli_checks
 
     assert cli_checks.MEMORY_MODES == MODES
+
+
+def test_view_weights_release_their_base() -> None:
+    """FP8Linear keeps `weight_t = w.t()`: a view whose `_base` would keep the original (device)
+    storage alive after `.data` is swapped (the first H200 run measured low's peak at default's)."""
+    from sd35trt.runtime.models.offload import ModuleWeights
+
+    mod = torch.nn.Module()
+    mod.register_buffer("weight_t", torch.randn(64, 32).t())
+    assert mod.weight_t._base is not None
+    handle = ModuleWeights(mod, torch.device("cpu"))
+    assert mod.weight_t._base is None and mod.weight_t.stride() == (1, 32)  # column-major kept
+    host = mod.weight_t.data_ptr()
+    handle.load()
+    assert handle.resident() and mod.weight_t.data_ptr() != host and mod.weight_t.stride() == (1, 32)
+    handle.unload()
+    assert not handle.resident() and mod.weight_t.data_ptr() == host and mod.weight_t._base is None
