@@ -61,7 +61,7 @@ class Edit:
 async def read_edit(request: Request, limits: Limits) -> Edit:
     """The form's fields and files, or FieldError naming the first wrong one (nothing decoded yet)."""
     ctype = request.headers.get("content-type", "")
-    if not ctype.startswith("multipart/form-data"):
+    if not ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         raise FieldError(None, f"an edit is a multipart/form-data request (got {ctype or 'no content type'!r}); "
                                f"send the image as a file part 'image' and the prompt as a form field",
                          "invalid_request")
