@@ -49,7 +49,8 @@ MODES = ("text-to-image", "image-to-image", "inpainting")
 def _by_mode(s: BatcherStats | None) -> Iterator[Metric]:
     """Batches and images by mode and skip-layer guidance (every pair listed, 0 until it runs)."""
     for name, doc, counts in (
-            ("sd35trt_mode_batches", "pipeline calls by mode and skip-layer guidance (on/off)", s.mode_batches if s else {}),
+            ("sd35trt_mode_batches", "pipeline calls by mode and skip-layer guidance (on/off)",
+             s.mode_batches if s else {}),
             ("sd35trt_mode_images", "images of completed requests by mode and skip-layer guidance (on/off)",
              s.mode_images if s else {})):
         family = CounterMetricFamily(name, doc, labels=["mode", "slg"])
