@@ -63,11 +63,11 @@ def _generate(args: argparse.Namespace) -> int:
     from .runtime import Pipeline
     from .runtime.backends import backend_limits
     from .runtime.checkpoint import Checkpoint
-    from .runtime.image import save_image
+    from .runtime.image import mode_metadata, save_image
     from .runtime.requests import normalize_request
 
     ckpt = Checkpoint.open(args.model, family=args.family)  # configs and headers only
-    normalize_request(ckpt.config, args.prompt, negative_prompt=args.negative_prompt, height=args.height,
+    req = normalize_request(ckpt.config, args.prompt, negative_prompt=args.negative_prompt, height=args.height,
                       width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance, **modes)
     backend_limits(backend, ckpt, ckpt.config)  # an engine set's manifest is read before any engine
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
@@ -80,7 +80,7 @@ def _generate(args: argparse.Namespace) -> int:
     meta = {"prompt": args.prompt, "negative_prompt": args.negative_prompt or "", "seed": seed,
             "steps": out.info["steps"], "guidance": out.info["guidance"], "model": str(args.model),
             "variant": out.info["variant"], "backend": out.info["backend"],
-            "size": f"{out.info['width']}x{out.info['height']}"}
+            "size": f"{out.info['width']}x{out.info['height']}", **mode_metadata(req.mode, req.strength, req.slg)}
     path = save_image(out.images[0], args.out, meta, quality=args.quality)
     print(f"wrote {path} ({out.info['width']}x{out.info['height']}, seed {seed}, "
           f"{out.info['steps']} steps, guidance {out.info['guidance']}, backend {out.info['backend']})")

@@ -45,6 +45,24 @@ class _Runtime(Collector):
         yield CounterMetricFamily("sd35trt_jobs_retried_alone", "requests of out-of-memory batches run again one by one",
                                   value=s.retried_alone if s else 0)
         yield _batch_histogram(s.batch_sizes if s else {}, self.max_batch())
+        yield from _by_mode(s)
+
+
+MODES = ("text-to-image", "image-to-image", "inpainting")
+
+
+def _by_mode(s: BatcherStats | None) -> Iterator[Metric]:
+    """Batches and images by mode and skip-layer guidance (every pair listed, 0 until it runs)."""
+    for name, doc, counts in (
+            ("sd35trt_mode_batches", "pipeline calls by mode and skip-layer guidance (on/off)",
+             s.mode_batches if s else {}),
+            ("sd35trt_mode_images", "images of completed requests by mode and skip-layer guidance (on/off)",
+             s.mode_images if s else {})):
+        family = CounterMetricFamily(name, doc, labels=["mode", "slg"])
+        for mode in MODES:
+            for slg in ("off", "on"):
+                family.add_metric([mode, slg], counts.get((mode, slg), 0))
+        yield family
 
 
 def _batch_histogram(sizes: dict[int, int], max_batch: int) -> HistogramMetricFamily:
@@ -78,9 +96,9 @@ class Metrics:
     def __init__(self, stats: Callable[[], BatcherStats | None], ready: Callable[[], bool],
                  max_batch: Callable[[], int], gpu: bool, memory_mode: Callable[[], str] = lambda: "default") -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("sd35trt_requests", "image generation requests by HTTP status", ["status"],
+        self.requests = Counter("sd35trt_requests", "image requests (generations and edits) by HTTP status", ["status"],
                                 registry=self.registry)
-        self.latency = Histogram("sd35trt_request_latency_seconds", "time until the response to an image generation request starts",
+        self.latency = Histogram("sd35trt_request_latency_seconds", "time until the response to an image request starts",
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
         self.registry.register(_Runtime(stats, ready, max_batch, memory_mode))
         if gpu:
@@ -95,15 +113,15 @@ class Metrics:
 
 
 class RequestMetrics:
-    """ASGI middleware: counts and times every request to `path` (whatever answers it: the route,
+    """ASGI middleware: counts and times every request to `paths` (whatever answers it: the route,
     FastAPI's validation, an error) when its response starts, so a client holding a response also
     finds it counted. Pure ASGI, so the route still sees client disconnects."""
 
-    def __init__(self, app, metrics: Metrics, path: str) -> None:
-        self.app, self.metrics, self.path = app, metrics, path
+    def __init__(self, app, metrics: Metrics, paths: tuple[str, ...]) -> None:
+        self.app, self.metrics, self.paths = app, metrics, paths
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] != self.path:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
             return await self.app(scope, receive, send)
         t0, recorded = time.perf_counter(), False
 
