@@ -37,7 +37,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     if os.environ.get("CI") and _SKIPPED:
-        terminalreporter.section(f"CI is set, so these {len(_SKIPPED)} skips fail the run", sep="=", red=True)
+        terminalreporter.section(f"CI is set: {len(_SKIPPED)} skipped (a test or a whole file) fail the run", sep="=", red=True)
         for nodeid, reason in _SKIPPED:
             terminalreporter.line(f"SKIPPED {nodeid}: {reason}", red=True)
 
