@@ -26,7 +26,7 @@ from ..runtime.engine_manifest import BuildArgs, EngineEntry, EngineManifest, En
 from ..runtime.errors import InvalidInputError
 from ..runtime.files import MANIFEST, atomic_write, remove_temporaries, sha256_file
 from ..runtime.torch_engine_set import CACHE, CALIBRATION, FLAVOR, file_name, installed_versions, save_cache
-from ..runtime.torch_engine_set import save_state
+from ..runtime.torch_engine_set import chunk_hashes, save_state
 from .artifacts import copy_tokenizers
 
 # A warm-up: (pipeline) -> None, generating what the set should start warm for.
@@ -36,7 +36,7 @@ Warmup = Callable[[Any], None]
 def default_warmup(config: VariantConfig) -> Warmup:
     """One image at the variant's default size and guidance, 2 steps (the compiled graphs do not
     depend on the step count)."""
-    return lambda pipe: pipe("warm-up", num_inference_steps=2, output_type="latent", progress=False,
+    return lambda pipe: pipe("warm-up", num_inference_steps=2, output_type="np", progress=False,
                              generator=torch.Generator().manual_seed(0))
 
 
@@ -144,7 +144,7 @@ def build_torch_set(modules: dict[str, nn.Module], amax: Mapping[str, float], co
 def _entry(path: Path, profiles: Mapping[str, Any], flags: Mapping[str, Any], gpu: str,
            versions: Mapping[str, Any], precision: str) -> EngineEntry:
     return EngineEntry(onnx_sha256="", flavor=FLAVOR, library_version=versions["torch_version"], target=gpu,
-                       profiles=dict(profiles), flags=dict(flags), file=path.name, sha256=sha256_file(path),
+                       profiles=dict(profiles), flags={**flags, "sha256_chunks": chunk_hashes(path)}, file=path.name, sha256=sha256_file(path),
                        bytes=path.stat().st_size, precision=precision, library="torch")
 
 
