@@ -60,7 +60,7 @@ def main() -> None:
         del enc["t5"], t5
         free()
         for name, model in variants.items():
-            for mode in ("eager", "reduce-overhead"):
+            for mode in ("eager",) if "weight-only" in name else ("eager", "reduce-overhead"):
                 e = dict(enc, t5=model)
                 if mode != "eager":
                     torch._dynamo.reset()
