@@ -26,7 +26,8 @@ from ..runtime.engine_manifest import BuildArgs, EngineEntry, EngineManifest, En
 from ..runtime.errors import InvalidInputError
 from ..runtime.files import MANIFEST, atomic_write, remove_temporaries, sha256_file
 from ..runtime.torch_engine_set import CACHE, CALIBRATION, FLAVOR, file_name, installed_versions, save_cache
-from ..runtime.torch_engine_set import chunk_hashes, save_state
+from ..runtime.set_reader import chunk_hashes
+from ..runtime.torch_engine_set import save_state
 from .artifacts import copy_tokenizers
 
 # A warm-up: (pipeline) -> None, generating what the set should start warm for.

@@ -25,9 +25,7 @@ those and `check_set` refuses anything else before a byte of weights is read.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -39,10 +37,10 @@ from .config import VariantConfig
 from .engine_manifest import EngineManifest, EngineSetError, check_device, check_flavor, check_library
 from .engine_manifest import rebuild_command
 from .files import MANIFEST, atomic_write
+from .set_reader import chunk_hashes, read_verified
 
 FLAVOR = "torch-fp8"
 BF16 = torch.bfloat16  # what every module of a set computes in (FP8 GEMMs write bf16)
-CHUNK = 256 << 20  # bytes per verified piece of a set file
 CACHE = "compile_cache"  # the manifest entry of the compile artifacts (not a runtime component)
 CALIBRATION = "calibration/amax.safetensors"
 # Versions beside torch that compiled artifacts depend on (distribution name -> manifest flag).
@@ -100,31 +98,10 @@ def check_set(m: EngineManifest, folder: Path, cc: str | None, versions: Mapping
                 f"made them. Rebuild the set here: {rebuild_command(m, folder)}")
 
 
-def chunk_hashes(path: Path, chunk: int = CHUNK) -> list[str]:
-    """sha256 of each `chunk`-byte piece of the file, computed in parallel (hashlib drops the GIL):
-    a 16-core host verifies an 8 GiB MMDiT in well under a second, where one sha256 pass takes ~5 s."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    size = Path(path).stat().st_size
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        def piece(offset: int) -> str:
-            h, done = hashlib.sha256(), 0
-            while done < min(chunk, size - offset):
-                block = os.pread(fd, min(1 << 24, chunk - done, size - offset - done), offset + done)
-                h.update(block)
-                done += len(block)
-            return h.hexdigest()
-
-        with ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool:
-            return list(pool.map(piece, range(0, max(size, 1), chunk)))
-    finally:
-        os.close(fd)
-
-
 def check_files(m: EngineManifest, folder: Path) -> None:
-    """Every runtime component and the artifacts are listed, present, and match their recorded
-    chunk hashes (corrupted, truncated or replaced files are refused with the rebuild command)."""
+    """Every runtime component and the artifacts are listed and present at their recorded size, the
+    artifacts match their chunk hashes; the weight files are verified while they are read, in the
+    same pass (`load_state`). Refusals carry the rebuild command."""
     missing = [c.name for c in RUNTIME if not c.optional and c.name not in m.components]
     if missing:
         raise EngineSetError(f"{Path(folder) / MANIFEST} lists no {', '.join(missing)} (a build that did not "
@@ -133,7 +110,8 @@ def check_files(m: EngineManifest, folder: Path) -> None:
         path = Path(folder) / e.file
         if not path.is_file():
             raise EngineSetError(f"{path} is missing; rebuild: {rebuild_command(m, folder)}")
-        if path.stat().st_size != e.bytes or chunk_hashes(path) != e.flags.get("sha256_chunks"):
+        hashed_now = e is m.components[CACHE]  # the weight files are hashed as they are read
+        if path.stat().st_size != e.bytes or (hashed_now and chunk_hashes(path) != e.flags.get("sha256_chunks")):
             raise EngineSetError(f"{path} does not match its manifest (sha256 differs: corrupted, truncated or "
                                  f"replaced); rebuild it: {rebuild_command(m, folder)}")
 
@@ -157,15 +135,13 @@ def save_state(module: nn.Module, path: Path, metadata: Mapping[str, str] | None
     return atomic_write(path, lambda f: f.write(blob))
 
 
-def load_state(module: nn.Module, path: Path, device: torch.device) -> nn.Module:
+def load_state(module: nn.Module, path: Path, device: torch.device, chunks: list[str] | None = None) -> nn.Module:
     """Load what `save_state` wrote into `module` (made on the meta device, converted like the
-    saved one), strictly, the tensors read straight onto `device`; non-persistent buffers the file
-    cannot hold (position ids) are rebuilt there."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    saved one), strictly, the file read once straight onto `device` and checked against its
+    manifest `chunks` hashes on the way (set_reader); non-persistent buffers the file cannot hold
+    (position ids) are rebuilt there."""
+    state, meta = read_verified(path, chunks, device, lambda why: EngineSetError(f"{why}; rebuild the engine set"))
+    aliases = json.loads(meta.get("aliases", "{}"))
     state = {k: (t.t() if k.endswith("weight_t") else t) for k, t in state.items()}
     state.update({k: state[v] for k, v in aliases.items()})
     own = set(module.state_dict())

@@ -58,7 +58,8 @@ class TorchFP8SetBackend(TorchBackend):
         self.modules = {}
         for comp in set_components(m, load_t5):
             entry = m.components[comp]
-            self.modules[comp] = load_state(skeleton(comp, config, entry.flags, amax), folder / entry.file, self.device)
+            self.modules[comp] = load_state(skeleton(comp, config, entry.flags, amax), folder / entry.file, self.device,
+                                            entry.flags.get("sha256_chunks"))
         self.fp8_layers = m.components["transformer"].flags.get("fp8_layers", 0)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
