@@ -142,3 +142,22 @@ def test_corrupted_or_unfinished_set_is_refused(built, tmp_path: Path) -> None:
 def test_rebuild_command_of_a_torch_set(built) -> None:
     cmd = rebuild_command(EngineManifest.load(built[0]), gpu="sm100")
     assert cmd.startswith("sd35trt build --model ") and "--calibration calib" in cmd and "--gpu sm100" in cmd
+
+
+def test_cli_generates_from_the_set_and_checks_the_build_flags(built, tmp_path: Path, capsys) -> None:
+    from sd35trt.cli import main
+
+    out, ckpt = built[0], built[1]
+    png = tmp_path / "x.png"
+    assert main(["generate", "--model", str(out), "--prompt", "a red boat", "--height", "64", "--width", "64",
+                 "--steps", "2", "--device", "cpu", "--compile", "off", "--seed", "1", "--out", str(png), "--quiet"]) == 0
+    assert png.stat().st_size > 0
+    assert main(["generate", "--model", str(out), "--prompt", "x", "--calibration", "c", "--out", str(png)]) == 2
+    assert "does not apply to an engine set" in capsys.readouterr().err
+    base = ["build", "--flavor", "torch-fp8", "--gpu", "sm90", "--model", str(ckpt.path)]
+    assert main(base) == 2 and "--calibration" in capsys.readouterr().err
+    assert main(base + ["--calibration", str(out / "calibration"), "--dynamic"]) == 2
+    assert "--dynamic" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(base + ["--calibration", str(out / "calibration")]) == 2
+        assert "none is visible" in capsys.readouterr().err
