@@ -8,7 +8,9 @@ without compiling (runtime/torch_engine_set.py has the layout and the reasons).
 
 from __future__ import annotations
 
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import torch
 from ..config import VariantConfig
 from ..engine_manifest import EngineManifest, EngineSetError, device_cc
 from ..errors import InvalidInputError
+from ..models.flash_attention import fa4_import_error
 from ..models.fp8 import load_amax
 from ..torch_engine_set import CACHE, CALIBRATION, check_set, installed_versions, is_torch_set, load_cache, load_state
 from ..torch_engine_set import set_components, skeleton
@@ -34,47 +37,60 @@ class TorchFP8SetBackend(TorchBackend):
 
     def __init__(self, checkpoint: Any, config: VariantConfig, device: str | torch.device | None = None,
                  load_t5: bool = True, compile: bool | str | None = None) -> None:
-        t0 = time.perf_counter()
         m: EngineManifest = checkpoint.manifest
-        folder = Path(checkpoint.path)
+        self.manifest, self.path, self.dtype = m, Path(checkpoint.path), torch.bfloat16
+        self.timings: dict[str, float] = {}
         mode = m.components["transformer"].flags.get("compile", "reduce-overhead") if compile is None else compile
         options = compile_options(mode)
         self.device = torch.device(device or "cuda")
         if self.device.type != "cuda" and options is not None:
-            raise EngineSetError(f"{folder}: a torch-fp8 engine set's compiled artifacts run on the CUDA GPU it was "
-                                 f"built for ({m.target}), not on {self.device}; pass compile=False to run its "
+            raise EngineSetError(f"{self.path}: a torch-fp8 engine set's compiled artifacts run on the CUDA GPU it "
+                                 f"was built for ({m.target}), not on {self.device}; pass compile=False to run its "
                                  f"weights eagerly there")
-        cc = device_cc(self.device) if self.device.type == "cuda" else None
-        check_set(m, folder, cc, installed_versions())  # cc None: eager weights only, no arch/version bound
-        self.dtype, self.manifest, self.path = torch.bfloat16, m, folder
-        self.timings: dict[str, float] = {"check_s": time.perf_counter() - t0}
+        fa4 = threading.Thread(target=fa4_import_error, daemon=True)  # its import overlaps the weights' read
+        with self._timed("check_s"):
+            cc = device_cc(self.device) if self.device.type == "cuda" else None
+            check_set(m, self.path, cc, installed_versions())  # cc None: eager weights only, nothing compiled
+        if self.device.type == "cuda":
+            fa4.start()
+        with self._timed("cache_s"):
+            blob = load_cache(self.path / m.components[CACHE].file) if options is not None else b""
+            if blob:  # empty while the build itself warms the set up
+                torch.compiler.load_cache_artifacts(blob)
+        with self._timed("weights_s"):
+            self._load_weights(config, load_t5)
+        with self._timed("attention_s"):
+            if fa4.ident is not None:  # started (CUDA)
+                fa4.join()
+            self._choose_attention()  # FA4 on sm90/sm100 when it imports, as the build chose
+        built = m.components["transformer"].flags.get("attention")
+        if options is not None and built and built != self.attention.name:  # other graphs than the artifacts'
+            raise EngineSetError(f"{self.path}: the set was compiled with attention {built!r}, this process would "
+                                 f"run {self.attention.name!r} ({self.attention.reason}); install what the build "
+                                 f"had (`pip install 'sd35trt[hopper]'`) or rebuild the set here")
+        if options is not None:
+            self.modules["transformer"] = torch.compile(self.modules["transformer"], fullgraph=True, options=options)
+            self.modules["vae_decoder"] = torch.compile(self.modules["vae_decoder"].to(memory_format=torch.channels_last))
+        self.bind()
+
+    @contextmanager
+    def _timed(self, key: str):
         t = time.perf_counter()
-        blob = load_cache(folder / m.components[CACHE].file) if options is not None else b""
-        if blob:  # empty while the build itself warms the set up
-            torch.compiler.load_cache_artifacts(blob)
-        self.timings["cache_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        amax = load_amax(folder / CALIBRATION)
+        yield
+        self.timings[key] = round(time.perf_counter() - t, 3)
+
+    def _load_weights(self, config: VariantConfig, load_t5: bool) -> None:
+        """Every component's module: its skeleton, filled from its file in one verified read."""
+        m = self.manifest
+        amax = load_amax(self.path / CALIBRATION)
         self.modules = {}
         for comp in set_components(m, load_t5):
             entry = m.components[comp]
-            self.modules[comp] = load_state(skeleton(comp, config, entry.flags, amax), folder / entry.file, self.device,
-                                            entry.flags.get("sha256_chunks"))
+            self.modules[comp] = load_state(skeleton(comp, config, entry.flags, amax), self.path / entry.file,
+                                            self.device, entry.flags.get("sha256_chunks"))
         self.fp8_layers = m.components["transformer"].flags.get("fp8_layers", 0)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.timings["weights_s"] = time.perf_counter() - t
-        self._choose_attention()  # FA4 on sm90/sm100 when it imports, as the build chose
-        built = m.components["transformer"].flags.get("attention")
-        if options is not None and built and built != self.attention.name:  # other graphs than the artifacts'
-            raise EngineSetError(f"{folder}: the set was compiled with attention {built!r}, this process would run "
-                                 f"{self.attention.name!r} ({self.attention.reason}); install what the build had "
-                                 f"(`pip install 'sd35trt[hopper]'`) or rebuild the set here")
-        if options is not None:
-            self.modules["transformer"] = torch.compile(self.modules["transformer"], fullgraph=True, options=options)
-            vae = self.modules["vae_decoder"].to(memory_format=torch.channels_last)
-            self.modules["vae_decoder"] = torch.compile(vae)
-        self.bind()
 
 
 class TorchFP8Factory:
