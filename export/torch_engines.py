@@ -62,7 +62,8 @@ def _hf_config(module: nn.Module) -> dict | None:
 
 def write_set(modules: dict[str, nn.Module], amax: Mapping[str, float], config: VariantConfig,
               tokenizers: Checkpoint, out: Path, *, gpu: str, build: BuildArgs, compile: str,
-              attention: str, versions: Mapping[str, Any], log: Callable[[str], None] = print) -> EngineManifest:
+              attention: str, versions: Mapping[str, Any], log: Callable[[str], None] = print,
+              compile_scope: str = "model") -> EngineManifest:
     """Convert `modules` (bf16, the torch backend's signatures) and write them, the calibration,
     the tokenizers, an empty artifact file and the manifest into `out` (no GPU needed: CI checks
     sets written here). Consumes `modules`."""
@@ -78,7 +79,8 @@ def write_set(modules: dict[str, nn.Module], amax: Mapping[str, float], config: 
         module = modules.pop(comp)
         flags: dict[str, Any] = {"compile": compile if comp in ("transformer", "vae_decoder") else None}
         if comp == "transformer":
-            flags.update(fast_accum=True, sigmoid_gelu=True, attention=attention, fp8_layers=fp8_layers)
+            flags.update(fast_accum=True, sigmoid_gelu=True, attention=attention, fp8_layers=fp8_layers,
+                         compile_scope=compile_scope)
         if comp == "t5":
             flags["t5_precision"] = "fp8-weights"
         if (hf := _hf_config(module)) is not None:
@@ -109,12 +111,12 @@ def commit_cache(m: EngineManifest, out: Path, blob: bytes, timings: Mapping[str
 def build_torch_set(modules: dict[str, nn.Module], amax: Mapping[str, float], config: VariantConfig,
                     tokenizers: Checkpoint, out: str | Path, *, gpu: str, source: str,
                     calibration: str | None = None, compile: str = "reduce-overhead",
-                    warmup: Warmup | None = None, log: Callable[[str], None] = print) -> EngineManifest:
+                    warmup: Warmup | None = None, log: Callable[[str], None] = print,
+                    compile_scope: str = "model") -> EngineManifest:
     """Write a torch-fp8 engine set of these bf16 component modules (on the GPU) into `out`, warm
     it up through the runtime and save the compile artifacts; returns its manifest (the build's
     timings are in its compile-cache entry)."""
     from ..runtime.models.flash_attention import choose_attention
-    from ..runtime.pipeline import Pipeline
 
     cc = device_cc()
     if gpu != cc:
@@ -127,12 +129,21 @@ def build_torch_set(modules: dict[str, nn.Module], amax: Mapping[str, float], co
     attention = choose_attention("cuda", torch.bfloat16).name  # what a loading process must also run
     versions = installed_versions()
     m = write_set(modules, amax, config, tokenizers, out, gpu=gpu, build=build, compile=compile,
-                  attention=attention, versions=versions, log=log)
+                  attention=attention, versions=versions, log=log, compile_scope=compile_scope)
     torch.cuda.empty_cache()
-    timings: dict[str, Any] = {"write_s": round(time.perf_counter() - t0, 1)}
+    return warm_set(m, out, warmup or default_warmup(config), versions,
+                    {"write_s": round(time.perf_counter() - t0, 1)}, log)
+
+
+def warm_set(m: EngineManifest, out: Path, warmup: Warmup, versions: Mapping[str, Any], timings: dict[str, Any],
+             log: Callable[[str], None] = print) -> EngineManifest:
+    """Load the written set as any process would (no artifacts yet), run `warmup` on it, and save
+    the compile artifacts it produced into the set (the manifest last)."""
+    from ..runtime.pipeline import Pipeline
+
     t = time.perf_counter()
-    pipe = Pipeline.from_pretrained(out)  # the set as any process loads it (no artifacts yet)
-    (warmup or default_warmup(config))(pipe)
+    pipe = Pipeline.from_pretrained(out)
+    warmup(pipe)
     torch.cuda.synchronize()
     timings["compile_s"] = round(time.perf_counter() - t, 1)
     pipe.close()
@@ -175,4 +186,4 @@ def build_from_checkpoint(model: str | Path, calibration: str | Path, out: str |
     return out, m
 
 
-__all__ = ["build_from_checkpoint", "build_torch_set", "convert", "default_warmup"]
+__all__ = ["build_from_checkpoint", "build_torch_set", "convert", "default_warmup", "warm_set", "write_set"]

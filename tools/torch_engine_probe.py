@@ -59,11 +59,31 @@ def build(set_dir: Path, tiny: str, variant: str, work: Path) -> dict:
         images.append(pipe(**PROMPT, generator=torch.Generator().manual_seed(0)).images)
         print(f"build warm-up image (compiles): {time.perf_counter() - t:.1f} s", flush=True)
 
-    m = build_torch_set(modules, amax, config, Checkpoint.open(tiny), set_dir, gpu="sm90", source=f"random:{variant}",
-                        warmup=warmup)
+    scope, fallback = ("blocks", None) if "--blocks" in sys.argv else ("model", None)
+    try:
+        m = build_torch_set(dict(modules), amax, config, Checkpoint.open(tiny), set_dir, gpu="sm90",
+                            source=f"random:{variant}", warmup=warmup, compile_scope=scope)
+    except Exception as exc:  # regional compile failed here: warm the written set up as one graph instead
+        if scope == "model":
+            raise
+        from dataclasses import replace
+
+        from sd35trt.export.torch_engines import warm_set
+        from sd35trt.runtime.engine_manifest import EngineManifest
+        from sd35trt.runtime.torch_engine_set import installed_versions
+
+        fallback = f"{type(exc).__name__}: {str(exc)[:500]}"
+        print(f"compile_scope=blocks failed ({fallback}); warming the set up with compile_scope=model", flush=True)
+        torch._dynamo.reset()
+        images.clear()
+        m = EngineManifest.load(set_dir)
+        tf = m.components["transformer"]
+        m = replace(m, components={**m.components, "transformer": replace(tf, flags={**tf.flags, "compile_scope": "model"})})
+        m.save(set_dir)
+        m = warm_set(m, set_dir, warmup, installed_versions(), {"fallback": True})
     np.save(set_dir.parent / "ref.npy", images[0])
     sizes = {c: round(e.bytes / 2**30, 3) for c, e in m.components.items()}
-    return {"random_modules_s": round(made, 1), "build_s": round(time.perf_counter() - t0, 1),
+    return {"compile_scope": scope, "blocks_failed": fallback, "random_modules_s": round(made, 1), "build_s": round(time.perf_counter() - t0, 1),
             "timings": m.components["compile_cache"].flags["timings"], "gib": sizes,
             "attention": m.components["transformer"].flags["attention"],
             "versions": {k: v for k, v in m.components["compile_cache"].flags.items() if k.endswith("version")}}
@@ -106,13 +126,17 @@ def fresh(set_dir: Path, work: Path, t_spawn: float) -> dict:
     t_second = time.time()
     np.save(work / "fresh.npy", img)
     b = pipe.backend
+    from sd35trt.bench import step_inputs, time_cuda
+
+    args = step_inputs(pipe.config, pipe.config.default_size, 1, "cuda", torch.float32)  # as the pipeline calls it
+    step_ms = round(time_cuda(lambda: b.transformer(*args)), 2)
     from torch._dynamo.utils import compile_times
 
     print("compile_times (first image):\n" + str(compile_times(repr="str", aggregate=True))[:3000], flush=True)
     return {"spawn_to_python_s": round(t_start - t_spawn, 2), "imports_s": round(t_import - t_start, 2),
             "from_pretrained_s": round(t_loaded - t_import, 2), "load": {k: round(v, 2) for k, v in b.timings.items()},
             "first_image_s": round(t_first - t_loaded, 2), "spawn_to_first_image_s": round(t_first - t_spawn, 2),
-            "second_image_s": round(t_second - t_first, 2), "attention": b.attention.name, "backend": type(b).__name__,
+            "second_image_s": round(t_second - t_first, 2), "step_ms": step_ms, "attention": b.attention.name, "backend": type(b).__name__,
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
 
 
