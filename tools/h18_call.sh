@@ -18,7 +18,7 @@ run() { bash tools/gpu_run.sh "$@"; }
   run bench --help >/dev/null  # stage the part carried in this call
   (source /tmp/site/env.sh 2>/dev/null; python3 -c "import flash_attn.cute; print('FA4: imports')" 2>&1 | tail -1)
   case $step in
-    1) run tools/text_fp8_probe.py "$out/text.json" "$tiny" ;;
+    1) timeout "${TEXT_LIMIT_S:-0}" bash tools/gpu_run.sh tools/text_fp8_probe.py "$out/text.json" "$tiny" ;;  # gpu_run execs python: timeout ends it
     2) run tools/torch_engine_probe.py "$out/engine.json" "$tiny" sd3.5-large ${PROBE_ARGS:-} ;;
     0) echo "staged only" ;;
     *) echo "unknown step $step"; exit 2 ;;
