@@ -59,7 +59,7 @@ def build(set_dir: Path, tiny: str, variant: str, work: Path) -> dict:
         images.append(pipe(**PROMPT, generator=torch.Generator().manual_seed(0)).images)
         print(f"build warm-up image (compiles): {time.perf_counter() - t:.1f} s", flush=True)
 
-    scope, fallback = ("blocks", None) if "--blocks" in sys.argv else ("model", None)
+    scope, fallback = ("blocks", None) if "--blocks" in os.environ.get("PROBE_FLAGS", "") else ("model", None)
     try:
         m = build_torch_set(dict(modules), amax, config, Checkpoint.open(tiny), set_dir, gpu="sm90",
                             source=f"random:{variant}", warmup=warmup, compile_scope=scope)
@@ -158,7 +158,8 @@ def evict(folder: Path) -> str:
 def run_child(mode: str, argv: list[str], work: Path, env_dirs: str) -> dict:
     cache = work / env_dirs
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"), TRITON_CACHE_DIR=str(cache / "triton"),
-               XDG_CACHE_HOME=str(cache / "xdg"), CUTE_DSL_CACHE_DIR=str(cache / "cute"))
+               XDG_CACHE_HOME=str(cache / "xdg"), CUTE_DSL_CACHE_DIR=str(cache / "cute"),
+               PROBE_FLAGS=" ".join(a for a in sys.argv if a.startswith("--")))  # the child's argv is its own
     t = time.time()
     proc = subprocess.run([sys.executable, __file__, "--child", mode, *argv, str(t)], env=env, capture_output=True,
                           text=True)
