@@ -41,3 +41,14 @@ def test_reads_what_safetensors_reads_and_refuses_a_changed_byte(tmp_path: Path)
     path.write_bytes(b"\xff" * 16)
     with pytest.raises(ValueError, match="not a safetensors"):
         read_verified(path, None, torch.device("cpu"), ValueError)
+
+
+def test_every_tensor_starts_aligned(tmp_path: Path) -> None:
+    from sd35trt.runtime.set_reader import ALIGN
+
+    path = tmp_path / "y.safetensors"
+    save_file(_tensors(), str(path))
+    got, _ = read_verified(path, chunk_hashes(path), torch.device("cpu"), ValueError)
+    base = min(t.untyped_storage().data_ptr() for t in got.values())
+    assert all((t.data_ptr() - base) % ALIGN == 0 for t in got.values() if t.numel())
+    assert len({t.untyped_storage().data_ptr() for t in got.values()}) == 1  # one buffer per file
