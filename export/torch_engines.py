@@ -156,7 +156,8 @@ def warm_set(m: EngineManifest, out: Path, warmup: Warmup, versions: Mapping[str
 def _entry(path: Path, profiles: Mapping[str, Any], flags: Mapping[str, Any], gpu: str,
            versions: Mapping[str, Any], precision: str) -> EngineEntry:
     return EngineEntry(onnx_sha256="", flavor=FLAVOR, library_version=versions["torch_version"], target=gpu,
-                       profiles=dict(profiles), flags={**flags, "sha256_chunks": chunk_hashes(path)}, file=path.name, sha256=sha256_file(path),
+                       profiles=dict(profiles), flags={**flags, "sha256_chunks": chunk_hashes(path)},
+                       file=path.name, sha256=sha256_file(path),
                        bytes=path.stat().st_size, precision=precision, library="torch")
 
 
@@ -168,7 +169,8 @@ def _save_amax(amax: Mapping[str, float], path: Path) -> None:
 
 
 def build_from_checkpoint(model: str | Path, calibration: str | Path, out: str | Path | None = None, *,
-                          gpu: str, compile: str = "reduce-overhead", family: str | None = None) -> tuple[Path, EngineManifest]:
+                          gpu: str, compile: str = "reduce-overhead",
+                          family: str | None = None) -> tuple[Path, EngineManifest]:
     """`sd35trt build --flavor torch-fp8 --model M --calibration C --gpu smXX`: the checkpoint's
     modules loaded in bf16 on the GPU, the calibration `sd35trt export --precision fp8` wrote."""
     from ..runtime.components import RUNTIME

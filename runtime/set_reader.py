@@ -95,7 +95,8 @@ def _pass(path: Path, chunk: int, dest: torch.Tensor | None, data_start: int,
 
 
 def read_verified(path: str | Path, expected: Sequence[str] | None, device: torch.device,
-                  refuse: Callable[[str], Exception], chunk: int = CHUNK) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+                  refuse: Callable[[str], Exception],
+                  chunk: int = CHUNK) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a safetensors file, read once onto `device`; `refuse(why)` is raised
     when the file's chunk hashes differ from `expected` or its header is not safetensors."""
     path = Path(path)

@@ -35,7 +35,8 @@ class FP8TextLinear(FP8Linear):
 
 
 @torch.no_grad()
-def calibrate_linears(model: nn.Module, batches: Iterable[torch.Tensor], forward: Callable | None = None) -> dict[str, float]:
+def calibrate_linears(model: nn.Module, batches: Iterable[torch.Tensor],
+                      forward: Callable | None = None) -> dict[str, float]:
     """amax of every Linear's input (max over all `batches` of input ids) and weight, named as the
     MMDiT calibration ("<name>.input_quantizer", "<name>.weight_quantizer")."""
     amax: dict[str, float] = {}
