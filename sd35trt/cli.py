@@ -50,7 +50,7 @@ def _generate(args: argparse.Namespace) -> int:
     # Everything that needs no torch first: a bad flag answers at once.
     info = check.inspect_model(args.model, family=args.family)
     backend = check.check_backend(info, args.backend)
-    options = check.backend_options(args, backend)
+    options = check.backend_options(args, backend, info.kind)
     check.check_size(info, args.height, args.width)
     if args.quality is not None and args.out.suffix.lower() == ".png":
         raise UsageError(f"--quality applies to JPEG and WebP; {args.out} is a PNG (lossless): drop --quality")
@@ -174,6 +174,12 @@ def _batch_range(text: str) -> tuple[int, int]:
 
 
 def _build(args: argparse.Namespace) -> int:
+    if args.flavor == "torch-fp8":
+        from .cli_build_torch import build_torch
+
+        return build_torch(args)
+    if args.onnx is None:
+        raise UsageError(f"--flavor {args.flavor} builds from an exported folder: pass --onnx ONNX_DIR")
     info = check.inspect_model(args.onnx, flag="--onnx")
     if info.kind != "export":
         raise UsageError(f"--onnx {args.onnx} is not an `sd35trt export` folder; export first: sd35trt export "
@@ -279,12 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_bench)
 
     b = sub.add_parser("build", help="build TensorRT / TensorRT-RTX engines from an exported ONNX folder")
-    b.add_argument("--onnx", type=Path, required=True, help="folder written by `sd35trt export`")
+    b.add_argument("--onnx", type=Path, help="folder written by `sd35trt export` (TensorRT flavors)")
+    b.add_argument("--model", type=Path, help="checkpoint (--flavor torch-fp8)")
+    b.add_argument("--calibration", help="FP8 calibration dir of `sd35trt export --precision fp8` (--flavor torch-fp8)")
     b.add_argument("--out", type=Path, help="engine folder (default engines/<preset or custom-family>-<precision>-<gpu>)")
     b.add_argument("--gpu", type=check.gpu, required=True,
                    help="target compute capability: sm80, sm86, sm89, sm90, sm100, sm120, ...")
-    b.add_argument("--flavor", choices=("tensorrt-rtx", "tensorrt"), default="tensorrt-rtx",
-                   help="tensorrt-rtx builds on any machine (CPU AOT); tensorrt builds on the target GPU")
+    b.add_argument("--flavor", choices=("tensorrt-rtx", "tensorrt", "torch-fp8"), default="tensorrt-rtx",
+                   help="tensorrt-rtx builds on any machine (CPU AOT); tensorrt and torch-fp8 build on the target GPU")
     shape = b.add_mutually_exclusive_group()
     shape.add_argument("--static", dest="dynamic", action="store_false", help="the model's default size (default)")
     shape.add_argument("--dynamic", dest="dynamic", action="store_true",

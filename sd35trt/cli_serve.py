@@ -24,7 +24,7 @@ def serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--engines {path} is not an engine set (no engine manifest); serve it with --model, or "
                          f"build one with `sd35trt build --onnx EXPORT_DIR --gpu smXX`")
     backend = check.check_backend(info, args.backend, flag)
-    options = check.backend_options(args, backend)
+    options = check.backend_options(args, backend, info.kind)
     try:
         from .server import Limits, ServeSettings, bind, create_app, run
     except ImportError as exc:
