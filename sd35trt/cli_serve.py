@@ -14,6 +14,8 @@ import sys
 
 from . import cli_checks as check
 from .cli_checks import UsageError
+from .cli_ray import scaling as ray_scaling
+from .cli_ray import serve_ray
 from .quiet import quiet_onnxruntime
 
 
@@ -35,6 +37,7 @@ def serve(args: argparse.Namespace) -> int:
                              max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, max_queue=args.max_queue,
                              workers=args.workers, limits=limits, model_id=args.model_id,
                              model_aliases=tuple(args.model_alias))
+    scale = ray_scaling(args)  # the Ray flags, before anything is imported
     check.require_cuda(options, backend)
     quiet_onnxruntime(backend == "onnxruntime" and not args.verbose)
 
@@ -43,6 +46,8 @@ def serve(args: argparse.Namespace) -> int:
 
     ckpt = Checkpoint.open(path)  # configs and headers: a broken folder is refused before binding
     backend_limits(backend, ckpt, ckpt.config)
+    if scale is not None:
+        return serve_ray(args, settings, scale)
     try:
         sock = bind(args.host, args.port)
     except OSError as exc:
