@@ -47,26 +47,25 @@ def add_flags(v: argparse.ArgumentParser) -> None:
                    help="--ray: GPUs each replica holds (default 1 with CUDA, 0 on a CPU)")
 
 
-def scaling(args: argparse.Namespace):
-    """The Scaling of the flags; UsageError for a Ray flag without --ray."""
+def check_flags(args: argparse.Namespace) -> bool:
+    """Whether to serve on Ray; UsageError for a Ray flag that does not fit (before any import)."""
     given = [f for f, v in (("--replicas", args.replicas), ("--autoscale", args.autoscale),
                             ("--target-queue", args.target_queue), ("--gpus-per-replica", args.gpus_per_replica))
              if v is not None]
-    if not args.ray:
-        if given:
-            raise UsageError(f"{given[0]} needs --ray (it sets Ray Serve's model replicas)")
-        return None
+    if not args.ray and given:
+        raise UsageError(f"{given[0]} needs --ray (it sets Ray Serve's model replicas)")
     if args.target_queue is not None and args.autoscale is None:
         raise UsageError("--target-queue needs --autoscale MIN-MAX (a fixed --replicas count does not scale)")
-    from .server.scaling import Scaling
-
-    return Scaling(replicas=args.replicas or 1, autoscale=args.autoscale, target_queue=args.target_queue,
-                   gpus_per_replica=args.gpus_per_replica)
+    return bool(args.ray)
 
 
-def _free_port(host: str) -> int:
+def _port(host: str, port: int) -> int:
+    """`port`, checked free on `host` (0: a free one), before Ray starts; Serve's proxy binds it."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {host}:{port} ({exc}); pick another --port") from None
         return s.getsockname()[1]
 
 
@@ -79,8 +78,12 @@ def _app_failure(app_name: str) -> str | None:
     return None
 
 
-def serve_ray(args: argparse.Namespace, settings, scale) -> int:
+def serve_ray(args: argparse.Namespace, settings) -> int:
     """Start a loopback Ray instance, deploy the app, serve until SIGINT/SIGTERM."""
+    from .server.scaling import Scaling
+
+    scale = Scaling(replicas=args.replicas or 1, autoscale=args.autoscale, target_queue=args.target_queue,
+                    gpus_per_replica=args.gpus_per_replica)
     if "ray" in sys.modules and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
         raise UsageError("ray was imported before `serve --ray` could keep it on 127.0.0.1; run it as its own process")
     os.environ.update(LOOPBACK_ENV)  # this process is the command's own: Ray reads it at import
@@ -92,7 +95,7 @@ def serve_ray(args: argparse.Namespace, settings, scale) -> int:
 
     from .server.ray import APP, build_app
 
-    port = args.port or _free_port(args.host)
+    port = _port(args.host, args.port)
     needed = (scale.autoscale[1] if scale.autoscale else scale.replicas) * scale.cpus_per_replica
     ray.init(address="local", include_dashboard=False, num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
              log_to_driver=args.verbose, logging_level="INFO" if args.verbose else "WARNING")

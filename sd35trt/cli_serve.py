@@ -14,12 +14,13 @@ import sys
 
 from . import cli_checks as check
 from .cli_checks import UsageError
-from .cli_ray import scaling as ray_scaling
+from .cli_ray import check_flags as check_ray_flags
 from .cli_ray import serve_ray
 from .quiet import quiet_onnxruntime
 
 
 def serve(args: argparse.Namespace) -> int:
+    on_ray = check_ray_flags(args)
     path, flag = (args.engines, "--engines") if args.engines is not None else (args.model, "--model")
     info = check.inspect_model(path, flag=flag)  # before any heavy import: a wrong path answers at once
     if args.engines is not None and info.kind != "engines":
@@ -37,7 +38,6 @@ def serve(args: argparse.Namespace) -> int:
                              max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, max_queue=args.max_queue,
                              workers=args.workers, limits=limits, model_id=args.model_id,
                              model_aliases=tuple(args.model_alias))
-    scale = ray_scaling(args)  # the Ray flags, before anything is imported
     check.require_cuda(options, backend)
     quiet_onnxruntime(backend == "onnxruntime" and not args.verbose)
 
@@ -46,8 +46,8 @@ def serve(args: argparse.Namespace) -> int:
 
     ckpt = Checkpoint.open(path)  # configs and headers: a broken folder is refused before binding
     backend_limits(backend, ckpt, ckpt.config)
-    if scale is not None:
-        return serve_ray(args, settings, scale)
+    if on_ray:
+        return serve_ray(args, settings)
     try:
         sock = bind(args.host, args.port)
     except OSError as exc:

@@ -156,3 +156,46 @@ def test_stopping_leaves_no_ray_process(ray_server: RayServer, capsys) -> None:
         print(f"\n[ray server: ready in {ray_server.ready_s:.0f} s, stopped in {stop_s:.0f} s, {wall:.0f} s in all; "
               f"CPU time of its {len(seen)} processes {ray_server.cpu_s():.0f} s, of this test process "
               f"{time.process_time() - ray_server.cpu0:.0f} s]")
+
+
+async def _timed_load(url: str, requests: int) -> tuple[list[int], float]:
+    todo = list(range(requests))
+    statuses: list[int] = []
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        while todo:
+            i = todo.pop()
+            r = await client.post(GENERATIONS, json={"prompt": f"throughput {i % 5}", "seed": i, **SMALL})
+            statuses.append(r.status_code)
+
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=CONCURRENCY)) as c:
+        t0 = time.perf_counter()
+        await asyncio.wait_for(asyncio.gather(*(client_loop(c) for _ in range(CONCURRENCY))), 240)
+        return statuses, time.perf_counter() - t0
+
+
+@pytest.mark.slow
+def test_throughput_two_replicas_vs_one(onnx_fp32: Path, tmp_path: Path, capsys) -> None:
+    """The same load (64 requests, 8 at a time, after 8 to warm up) on 1 and then 2 CPU replicas of one
+    ONNX Runtime thread each; both share this machine's cores (recorded in BENCHMARKS.md)."""
+    rates = {}
+    for replicas in (1, 2):
+        srv = RayServer(onnx_fp32, replicas, tmp_path / f"serve-{replicas}.log")
+        try:
+            srv.wait_ready(timeout_s=400)  # slow: the start is not what this test measures
+            asyncio.run(_timed_load(srv.url, CONCURRENCY))  # warm-up: every replica has run
+            cpu0 = srv.cpu_s() if srv.tree() else 0.0
+            statuses, seconds = asyncio.run(_timed_load(srv.url, 64))
+            srv.tree()
+            cpu = srv.cpu_s() - cpu0
+            assert statuses == [200] * 64
+            rates[replicas] = (64 / seconds, seconds, cpu)
+        finally:
+            srv.stop()
+            srv.kill()
+    with capsys.disabled():
+        for n, (rate, seconds, cpu) in rates.items():
+            print(f"\n[ray throughput, {n} CPU replica(s): {rate:.2f} req/s (64 requests in {seconds:.1f} s, "
+                  f"{cpu:.0f} CPU s in the server's processes)]", end="")
+        print(f"\n[ray throughput: 2 replicas / 1 = {rates[2][0] / rates[1][0]:.2f}x on {os.cpu_count()} cores shared "
+              f"by both]")
