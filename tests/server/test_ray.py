@@ -159,6 +159,7 @@ def test_stopping_leaves_no_ray_process(ray_server: RayServer, capsys) -> None:
 
 
 async def _timed_load(url: str, requests: int) -> tuple[list[int], float]:
+    """`requests` requests, CONCURRENCY at a time: (statuses, seconds)."""
     todo = list(range(requests))
     statuses: list[int] = []
 
@@ -174,28 +175,42 @@ async def _timed_load(url: str, requests: int) -> tuple[list[int], float]:
         return statuses, time.perf_counter() - t0
 
 
+def _measure(url: str, tree: RayServer | None = None) -> tuple[float, float, float]:
+    """(req/s, seconds, CPU seconds of the Ray server's processes) of 64 requests after 8 to warm up."""
+    asyncio.run(_timed_load(url, CONCURRENCY))  # warm-up: every replica has run
+    cpu0 = tree.cpu_s() if tree is not None and tree.tree() else 0.0
+    statuses, seconds = asyncio.run(_timed_load(url, 64))
+    cpu = tree.cpu_s() - cpu0 if tree is not None and tree.tree() else float("nan")
+    assert statuses == [200] * 64
+    return 64 / seconds, seconds, cpu
+
+
 @pytest.mark.slow
 def test_throughput_two_replicas_vs_one(onnx_fp32: Path, tmp_path: Path, capsys) -> None:
     """The same load (64 requests, 8 at a time, after 8 to warm up) on 1 and then 2 CPU replicas of one
-    ONNX Runtime thread each; both share this machine's cores (recorded in BENCHMARKS.md)."""
+    ONNX Runtime thread each (both share this machine's cores), and on the single-process server with
+    the same batcher and thread settings as the peer (recorded in BENCHMARKS.md)."""
+    from harness import settings
+
+    from sd35trt.server import BackgroundServer, create_app
+
     rates = {}
+    app = create_app(settings(onnx_fp32, backend_options={"intra_op_threads": 1}))
+    with BackgroundServer(app) as peer:
+        wait_until(lambda: httpx.get(peer.url + "/readyz").status_code == 200, timeout_s=120, what="peer ready")
+        rates["single process"] = _measure(peer.url)
     for replicas in (1, 2):
         srv = RayServer(onnx_fp32, replicas, tmp_path / f"serve-{replicas}.log")
         try:
             srv.wait_ready(timeout_s=400)  # slow: the start is not what this test measures
-            asyncio.run(_timed_load(srv.url, CONCURRENCY))  # warm-up: every replica has run
-            cpu0 = srv.cpu_s() if srv.tree() else 0.0
-            statuses, seconds = asyncio.run(_timed_load(srv.url, 64))
-            srv.tree()
-            cpu = srv.cpu_s() - cpu0
-            assert statuses == [200] * 64
-            rates[replicas] = (64 / seconds, seconds, cpu)
+            rates[f"ray, {replicas} replica(s)"] = _measure(srv.url, srv)
         finally:
             srv.stop()
             srv.kill()
     with capsys.disabled():
-        for n, (rate, seconds, cpu) in rates.items():
-            print(f"\n[ray throughput, {n} CPU replica(s): {rate:.2f} req/s (64 requests in {seconds:.1f} s, "
-                  f"{cpu:.0f} CPU s in the server's processes)]", end="")
-        print(f"\n[ray throughput: 2 replicas / 1 = {rates[2][0] / rates[1][0]:.2f}x on {os.cpu_count()} cores shared "
-              f"by both]")
+        for name, (rate, seconds, cpu) in rates.items():
+            print(f"\n[throughput, {name}: {rate:.2f} req/s (64 requests in {seconds:.1f} s, {cpu:.1f} CPU s in "
+                  f"the Ray server's processes)]", end="")
+        two, one = rates["ray, 2 replica(s)"][0], rates["ray, 1 replica(s)"][0]
+        print(f"\n[throughput: ray 2 replicas / 1 = {two / one:.2f}x, ray 1 replica / single process = "
+              f"{one / rates['single process'][0]:.2f}x; {os.cpu_count()} cores shared by all]")
