@@ -26,8 +26,9 @@ from ..runtime import PipelineOutput
 from ..runtime.backends import Limits as BackendLimits
 from ..runtime.batching import BatcherStats, Job
 from ..runtime.config import VariantConfig
-from ..runtime.errors import ClosedError, QueueFullError
+from ..runtime.errors import QueueFullError
 
+from .app import ClientGone
 from .state import NotReadyError, ServeSettings
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,12 @@ def _is_replica_death(exc: BaseException) -> bool:
     return isinstance(exc, RayActorError)
 
 
+def _is_cancellation(exc: BaseException) -> bool:
+    from ray.serve.exceptions import RequestCancelledError
+
+    return isinstance(exc, (asyncio.CancelledError, RequestCancelledError))
+
+
 def _is_back_pressure(exc: BaseException) -> bool:
     from ray.serve.exceptions import BackPressureError
 
@@ -120,7 +127,9 @@ class RemoteBatcher:
             reply = await self._send(ticket.job)
         except BaseException as exc:
             if not ticket.future.done():
-                ticket.future.set_exception(exc if isinstance(exc, Exception) else ClosedError("cancelled"))
+                # Cancelled, and not by the ticket: Serve cancels the requests a request made when its
+                # client goes away (the proxy's 499), so this one is answered as the client's leaving.
+                ticket.future.set_exception(ClientGone() if _is_cancellation(exc) else exc)
             if not isinstance(exc, Exception):
                 raise
             return
@@ -141,6 +150,8 @@ class RemoteBatcher:
                 response.cancel()
                 raise
             except Exception as exc:
+                if _is_cancellation(exc):
+                    raise
                 if _is_back_pressure(exc):
                     raise QueueFullError(f"the model replicas' queues are full ({exc}); retry later, or add "
                                          f"replicas / raise --max-queue") from None

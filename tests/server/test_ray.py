@@ -26,6 +26,7 @@ pytest.importorskip("ray", reason="pip install 'sd35trt[ray]' (in the test extra
 
 from ray_harness import LOOPBACK, RayServer, alive  # noqa: E402
 from test_server import BAD  # noqa: E402  (the single-process server's table of bad requests)
+from test_server import _raw_post  # noqa: E402
 from test_server import test_bad_input_gets_400_naming_the_field as check_bad  # noqa: E402
 
 from sd35trt.runtime import Pipeline  # noqa: E402
@@ -69,6 +70,23 @@ def test_bad_input_through_ray_gets_the_single_process_answer(ray_server: RaySer
         via_ray, alone = c.post(GENERATIONS, **send), single.post(GENERATIONS, **send)
         single.close()
     assert (via_ray.status_code, via_ray.json()) == (alone.status_code, alone.json())
+
+
+def test_a_client_that_leaves_cancels_its_job_on_the_replica(ray_server: RayServer) -> None:
+    with httpx.Client(base_url=ray_server.url, timeout=60) as c:
+        gone_before = metric(c, "sd35trt_requests_total", status="499")
+        cancelled_before = metric(c, "sd35trt_jobs_total", outcome="cancelled")
+        slow = _raw_post(ray_server.url, {"prompt": "slow", "size": "64x64", "steps": 500})  # ~15 s of work
+        time.sleep(2.0)  # on a replica by now
+        slow.close()
+        wait_until(lambda: metric(c, "sd35trt_requests_total", status="499") == gone_before + 1, what="499 counted")
+
+        def replicas_counted_it() -> bool:  # the replicas' counters reach the ingress with their answers
+            for i in range(4):
+                assert c.post(GENERATIONS, json={"prompt": f"after {i}", **SMALL}).status_code == 200
+            return metric(c, "sd35trt_jobs_total", outcome="cancelled") == cancelled_before + 1
+
+        wait_until(replicas_counted_it, timeout_s=30, what="the replica stopped the job")
 
 
 async def _load(srv: RayServer) -> tuple[dict[int, httpx.Response], int, list]:
