@@ -11,6 +11,7 @@ from pathlib import Path
 
 from . import cli_checks as check
 from .cli_checks import UsageError, flagged
+from .cli_ray import add_flags as add_ray_flags
 from .quiet import library_stdout, quiet_onnxruntime, third_party_quiet
 
 # One vocabulary across flags, arguments, manifests and errors:
@@ -355,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-steps", type=pos, default=100)
     v.add_argument("--max-n", type=pos, help="images per request (default and at most: --max-batch)")
     v.add_argument("--max-prompt-chars", type=pos, default=2000)
+    add_ray_flags(v)
     v.set_defaults(func=_serve)
     for sp in sub.choices.values():
         _common(sp)

@@ -14,10 +14,13 @@ import sys
 
 from . import cli_checks as check
 from .cli_checks import UsageError
+from .cli_ray import check_flags as check_ray_flags
+from .cli_ray import serve_ray
 from .quiet import quiet_onnxruntime
 
 
 def serve(args: argparse.Namespace) -> int:
+    on_ray = check_ray_flags(args)
     path, flag = (args.engines, "--engines") if args.engines is not None else (args.model, "--model")
     info = check.inspect_model(path, flag=flag)  # before any heavy import: a wrong path answers at once
     if args.engines is not None and info.kind != "engines":
@@ -43,6 +46,8 @@ def serve(args: argparse.Namespace) -> int:
 
     ckpt = Checkpoint.open(path)  # configs and headers: a broken folder is refused before binding
     backend_limits(backend, ckpt, ckpt.config)
+    if on_ray:
+        return serve_ray(args, settings)
     try:
         sock = bind(args.host, args.port)
     except OSError as exc:

@@ -119,10 +119,11 @@ def render(how: Rendering, job: Job, out: PipelineOutput, model: str) -> Respons
                          "background": "opaque", "info": {**summary, "batch_images": info["batch_images"]}})
 
 
-def create_app(settings: ServeSettings, pipeline: Pipeline | None = None) -> FastAPI:
+def create_app(settings: ServeSettings, pipeline: Pipeline | None = None, host: ModelHost | None = None) -> FastAPI:
     """The server app. With `pipeline`, serve that (already loaded) pipeline and leave it open at
-    shutdown; otherwise load `settings.model` in the background at startup and close it at shutdown."""
-    host = ModelHost(settings, pipeline)
+    shutdown; otherwise load `settings.model` in the background at startup and close it at shutdown.
+    `host`: serve another host with ModelHost's interface instead (the Ray app's `RemoteHost`)."""
+    host = host if host is not None else ModelHost(settings, pipeline)
     mode = lambda: getattr(getattr(host.pipe, "memory", None), "mode", None) or settings.backend_options.get(  # noqa: E731
         "memory", "default")
     metrics = Metrics(host.stats, lambda: host.ready, lambda: host.max_batch, gpu=torch.cuda.is_available(),
