@@ -152,6 +152,8 @@ class SD3ControlNet(nn.Module):
     def forward(self, latent: torch.Tensor, cond: torch.Tensor, timestep: torch.Tensor,
                 context: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         x = self.pos_embed(latent)  # [B, N, D]
+        if not self.joint:  # context unused: an exact zero from it keeps it an input of the traced graph
+            timestep = timestep + context[:, :0, 0].float().sum(1)  # [B] + [B] zeros
         temb = self.time_text_embed(timestep, pooled)  # [B, D]
         x = x + self.pos_embed_input(cond.to(x.dtype))
         ctx = self.context_embedder(context) if self.joint else None  # [B, S, D]
