@@ -27,6 +27,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from .errors import ClosedError, GenerationCancelled, InvalidInputError, QueueFullError, is_out_of_memory
 from .pipeline import Pipeline, PipelineOutput, seed_generators
 
@@ -46,14 +48,19 @@ class Job:
     max_sequence_length: int = 256
     output_type: str = "pil"
     sampler: str = "euler"
+    # ControlNet call arguments (control_image, controlnet_conditioning_scale; runtime/control.py);
+    # a job with them runs in a batch of its own, its control posterior drawn from its seed.
+    controls: dict[str, Any] | None = field(default=None, compare=False)
 
     def call_kwargs(self) -> dict[str, Any]:
         """The arguments of the unbatched call that gives this job's images."""
+        control = {} if self.controls is None else {**self.controls,
+                                                    "control_generator": torch.Generator().manual_seed(self.seed)}
         return dict(prompt=self.prompt, negative_prompt=self.negative_prompt, height=self.height,
                     width=self.width, num_inference_steps=self.steps, guidance_scale=self.guidance,
                     num_images_per_prompt=self.n, generator=seed_generators(self.seed, self.n),
                     max_sequence_length=self.max_sequence_length, output_type=self.output_type,
-                    sampler=self.sampler)
+                    sampler=self.sampler, **control)
 
 
 @dataclass(eq=False)  # identity: two tickets of equal jobs are distinct
@@ -129,7 +136,7 @@ class MicroBatcher:
             raise InvalidInputError(f"n={job.n} images exceed max_batch={self.max_batch}; ask for at most "
                                     f"{self.max_batch} images per request")
         key = (req.height, req.width, req.sampler.name, len(req.schedule), req.guidance, req.max_sequence_length,
-               req.output_type)
+               req.output_type, id(job) if job.controls is not None else None)
         ticket = Ticket(job, key, _batcher=self)
         with self._cond:
             if self._closing:

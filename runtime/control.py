@@ -3,7 +3,9 @@
 What a call does with ControlNets (facts from diffusers 0.42, our own code):
   1. control_image: PIL / numpy through the same preprocessing as `image` ([-1, 1], resized to
      height x width); a torch tensor is taken as it is ([K, 3, H, W], already in [-1, 1]); one image
-     serves the whole batch, else one per prompt (repeated num_images_per_prompt times);
+     serves the whole batch, else one per prompt (repeated num_images_per_prompt times); with
+     several nets, one entry per net, None for a net that sits the call out (our extension: the
+     server picks one of its nets per request so);
   2. under CFG the images are doubled ([x; x]) BEFORE the VAE, the posterior sampled
      (mean + std * N(0, 1) from `control_generator`, or torch's global RNG as diffusers), then
      (z - shift) * scale, shift = 0 when the (first) ControlNet has
@@ -60,7 +62,7 @@ class ControlNets:
 
 @dataclass(frozen=True)
 class ControlRequest:
-    images: tuple[torch.Tensor, ...]  # per net: [K, 3, H, W] in [-1, 1]
+    images: tuple[torch.Tensor | None, ...]  # per net: [B, 3, H, W] in [-1, 1]; None: the net sits this call out
     scales: tuple[float, ...]  # per net
     starts: tuple[float, ...]
     ends: tuple[float, ...]
@@ -108,7 +110,9 @@ def check_control(nets: ControlNets | None, control_image: Any, scale: Any, star
         if not isinstance(control_image, (list, tuple)) or len(control_image) != n:
             got = len(control_image) if isinstance(control_image, (list, tuple)) else type(control_image).__name__
             raise InvalidInputError(f"control_image must be a list of {n} entries (one per ControlNet), got {got}")
-        images = tuple(_image(v, height, width, prompts, batch) for v in control_image)
+        images = tuple(None if v is None else _image(v, height, width, prompts, batch) for v in control_image)
+        if all(v is None for v in images):
+            return None
     else:
         images = (_image(control_image, height, width, prompts, batch),)
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -125,10 +129,13 @@ def check_control(nets: ControlNets | None, control_image: Any, scale: Any, star
 
 def encode_control(vae_encoder: Callable, vae: VaeSpec, nets: ControlNets, req: ControlRequest, cfg: bool,
                    device: torch.device) -> list[torch.Tensor]:
-    """Each net's conditioning latents [B or 2B, 16, h, w] (step 2 above)."""
-    shift = 0.0 if nets.first.force_zeros_for_pooled_projection else vae.shift_factor
-    conds = []
+    """Each net's conditioning latents [B or 2B, 16, h, w] (step 2 above; None for a net sitting out)."""
+    shift = 0.0 if _first(nets, req).force_zeros_for_pooled_projection else vae.shift_factor
+    conds: list[torch.Tensor | None] = []
     for pixels in req.images:
+        if pixels is None:
+            conds.append(None)
+            continue
         pixels = torch.cat([pixels, pixels]) if cfg else pixels  # [2B or B, 3, H, W]
         z = sample_posterior(vae_encoder(pixels.to(device)), req.generator)  # [2B or B, 16, h, w]
         conds.append((z - shift) * vae.scaling_factor)
@@ -140,17 +147,23 @@ def keep(i: int, n: int, start: float, end: float) -> float:
     return 1.0 - float(i / n < start or (i + 1) / n > end)
 
 
-def residuals(nets: ControlNets, req: ControlRequest, conds: Sequence[torch.Tensor], context: torch.Tensor,
+def _first(nets: ControlNets, req: ControlRequest) -> ControlNetSpec:
+    """The net whose config sets the shared choices: the first (diffusers), or the first taking part."""
+    return next(n.spec for n, image in zip(nets.nets, req.images) if image is not None)
+
+
+def residuals(nets: ControlNets, req: ControlRequest, conds: Sequence[torch.Tensor | None], context: torch.Tensor,
               pooled: torch.Tensor, calls: int) -> Residuals:
     """The guidance's residual callable for one request (steps 3 and 4 above)."""
-    zeros = nets.first.force_zeros_for_pooled_projection
+    zeros = _first(nets, req).force_zeros_for_pooled_projection
     net_pooled = torch.zeros_like(pooled) if zeros else pooled  # [B', 2048]
+    active = [k for k, c in enumerate(conds) if c is not None]
 
     def control(x: torch.Tensor, i: int, t: torch.Tensor) -> dict[str, Any]:
-        scales = [s * keep(i, calls, a, b) for s, a, b in zip(req.scales, req.starts, req.ends)]
-        if not any(scales):  # adding zeros changes nothing: skip the ControlNets
+        scales = {k: req.scales[k] * keep(i, calls, req.starts[k], req.ends[k]) for k in active}
+        if not any(scales.values()):  # adding zeros changes nothing: skip the ControlNets
             return {}
-        parts = [net.run(x, cond, t, context, net_pooled) * s for net, cond, s in zip(nets.nets, conds, scales)]
+        parts = [nets.nets[k].run(x, conds[k], t, context, net_pooled) * scales[k] for k in active]
         return {"controlnet_residuals": residual_sum(parts)}  # [R, B', N, D]
 
     return control
@@ -169,11 +182,18 @@ def plan(nets: ControlNets, creq: ControlRequest, vae_encoder: Callable, vae: Va
     return make
 
 
-def request_control(nets: ControlNets | None, req: Request, prompt: Any, control_image: Any, scale: Any, start: Any,
-                    end: Any, generator: Any = None) -> ControlRequest | None:
+# The Pipeline call's ControlNet arguments (their defaults as diffusers').
+CONTROL_ARGS = ("control_image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end",
+                "control_generator")
+
+
+def request_control(nets: ControlNets | None, req: Request, prompt: Any, control_image: Any = None,
+                    controlnet_conditioning_scale: Any = 1.0, control_guidance_start: Any = 0.0,
+                    control_guidance_end: Any = 1.0, control_generator: Any = None) -> ControlRequest | None:
     """check_control for a checked `req` (its size and batch; `prompt` as the call got it)."""
-    creq = check_control(nets, control_image, scale, start, end, req.height, req.width,
-                         1 if isinstance(prompt, str) else len(prompt), req.batch, generator)
+    creq = check_control(nets, control_image, controlnet_conditioning_scale, control_guidance_start,
+                         control_guidance_end, req.height, req.width, 1 if isinstance(prompt, str) else len(prompt),
+                         req.batch, control_generator)
     if creq is not None and req.slg is not None:
         raise InvalidInputError("skip_guidance_layers with control_image is not supported (diffusers' ControlNet "
                                 "pipeline has no skip-layer guidance); drop one of them")

@@ -22,7 +22,7 @@ import torch
 from .backends import Backend, load_backend
 from .checkpoint import Checkpoint
 from .config import VariantConfig
-from .control import ControlNets, ControlRequest, open_controlnets, plan, request_control
+from .control import CONTROL_ARGS, ControlNets, ControlRequest, open_controlnets, plan, request_control
 from .edits import start as start_from_image
 from .errors import ClosedError, GenerationCancelled, InvalidInputError, NonFiniteImageError
 from .guidance import guided
@@ -145,7 +145,9 @@ class Pipeline:
         the backend's own error for a request it cannot take, e.g. outside an engine's profile);
         returns the request with every default resolved."""
         kwargs.pop("callback_on_step_end", None), kwargs.pop("progress", None)
+        control = {k: kwargs.pop(k) for k in CONTROL_ARGS if k in kwargs}
         req = normalize_request(self.config, prompt, **kwargs)
+        request_control(self.controlnets, req, prompt, **control)  # the ControlNet arguments (runtime/control.py)
         b = self.backend
         if req.image is not None and getattr(b, "vae_encoder", None) is None:
             raise InvalidInputError(f"image= ({req.mode}) needs the VAE encoder, which backend {b.name!r} has not "

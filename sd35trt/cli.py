@@ -324,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--model-id", help="the name GET /v1/models lists and requests pass as model "
                                       "(default: the variant's, e.g. sd3.5-large)")
     v.add_argument("--model-alias", action="append", default=[], help="another name accepted as model (repeatable)")
+    v.add_argument("--controlnet", type=cli_control.named_path, action="append", default=[], metavar="NAME=PATH",
+                   help="a ControlNet to load at start, requests pick it by NAME (repeatable)")
     v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     v.add_argument("--port", type=check.port, default=8000, help="0 picks a free port (printed)")
     v.add_argument("--max-batch", type=pos, default=4, help="images per pipeline call (capped by an engine set)")

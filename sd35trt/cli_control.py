@@ -108,3 +108,21 @@ def call_arguments(control: dict | None, height: int, width: int, seed: int) -> 
     return {"control_image": images[0] if one else images,
             "controlnet_conditioning_scale": control["scales"][0] if one else control["scales"],
             "control_generator": torch.Generator().manual_seed(seed)}
+
+
+def named_path(text: str) -> tuple[str, str]:
+    """argparse type of `serve --controlnet NAME=PATH`."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: pass NAME=PATH, e.g. canny=models/sd3.5-large-controlnet-canny")
+    return name, path
+
+
+def serve_controlnets(pairs: list[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """The served ControlNets, their folders checked before the port is bound."""
+    names = [n for n, _ in pairs]
+    if len(set(names)) != len(names):
+        raise UsageError(f"--controlnet names {names} repeat; give each ControlNet its own NAME")
+    for _, path in pairs:
+        _check_folder(Path(path))
+    return tuple(pairs)

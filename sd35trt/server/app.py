@@ -180,7 +180,7 @@ def create_app(settings: ServeSettings, pipeline: Pipeline | None = None) -> Fas
             seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
             caps = pipe.backend.limits
             sizes = (caps.min_size or 0, caps.max_size or limits.max_size) if caps.max_size else None
-            job = to_job(body, limits, pipe.config, seed, sizes, raw=how.raw)
+            job = to_job(body, limits, pipe.config, seed, sizes, raw=how.raw, controlnets=settings.controlnet_names)
             out = await wait_for_result(batcher.submit(job), request, limits.timeout_s)
             return await run_in_threadpool(render, how, job, out, str(settings.model))
         except Exception as exc:

@@ -31,6 +31,7 @@ from ..runtime.batching import Job
 from ..runtime.config import VariantConfig
 from ..runtime.errors import InvalidInputError
 from ..runtime.samplers import SAMPLER_NAMES
+from .control import control_fields
 
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
@@ -92,6 +93,10 @@ class GenerationRequest(BaseModel):
     guidance: float | None = Field(None, ge=0, allow_inf_nan=False, description="CFG scale; <= 1 disables CFG")
     seed: int | None = Field(None, ge=0, lt=2**63, description="image i uses seed + i; default: random")
     sampler: str | None = Field(None, description="euler (default), dpmpp_2m, dpmpp_2m_sde, heun")
+    control_image: str | None = Field(None, description="ControlNet image, base64 PNG/JPEG/WebP (server/control.py)")
+    control_type: str | None = Field(None, description="canny | blur preprocessing; default: the image as given")
+    control_scale: float | None = Field(None, ge=0, allow_inf_nan=False, description="ControlNet scale; default 1.0")
+    controlnet: str | None = Field(None, description="which served ControlNet; default: the only one")
 
 
 FIELDS = tuple(GenerationRequest.model_fields)
@@ -179,7 +184,7 @@ def rendering(body: GenerationRequest, accept: str | None) -> Rendering:
 
 
 def to_job(body: GenerationRequest, limits: Limits, config: VariantConfig, seed: int,
-           engine_sizes: tuple[int, int] | None = None, raw: bool = False) -> Job:
+           engine_sizes: tuple[int, int] | None = None, raw: bool = False, controlnets: tuple[str, ...] = ()) -> Job:
     """The batcher job for a request, or FieldError naming the first field out of limits.
     `engine_sizes`: (min, max) side of an engine set's profile, when serving one; `raw`: the answer
     is one raw image."""
@@ -204,8 +209,9 @@ def to_job(body: GenerationRequest, limits: Limits, config: VariantConfig, seed:
     sampler = body.sampler or "euler"
     if sampler not in SAMPLER_NAMES:
         raise FieldError("sampler", f"{sampler!r} is not one of {', '.join(SAMPLER_NAMES)}", code="unsupported_value")
+    controls = control_fields(body, controlnets, height, width, FieldError)  # the served ControlNets' names
     return Job(body.prompt, body.negative_prompt, seed=seed, n=n, height=height, width=width,
-               steps=body.steps, guidance=body.guidance, output_type="pil", sampler=sampler)
+               steps=body.steps, guidance=body.guidance, output_type="pil", sampler=sampler, controls=controls)
 
 
 def describe_validation(errors: list[dict[str, Any]]) -> tuple[str | None, str, str]:
