@@ -23,7 +23,7 @@ CONTROL_TYPES = ("canny", "blur")
 
 def add_flags(g: argparse.ArgumentParser) -> None:
     g.add_argument("--controlnet", type=Path, action="append", default=[],
-                   help="SD3 / SD3.5 ControlNet folder (diffusers layout; repeat for several at once)")
+                   help="SD3 / SD3.5 ControlNet: diffusers folder or Stability .safetensors (repeat for several at once)")
     g.add_argument("--control-image", type=Path, action="append", default=[],
                    help="the control image (one, or one per --controlnet)")
     g.add_argument("--control-type", choices=CONTROL_TYPES, action="append", default=[],
@@ -42,6 +42,8 @@ def _per_net(flag: str, values: list, n: int, default: Any) -> list:
 
 
 def _check_folder(path: Path) -> None:
+    if path.is_file() and path.suffix == ".safetensors":  # Stability's single file: its shapes are read at load
+        return
     cfg = path / "config.json"
     if not cfg.is_file():
         raise UsageError(f"--controlnet {path}: no config.json there; pass a diffusers SD3ControlNetModel folder")
