@@ -28,7 +28,8 @@ from ..runtime.components import component
 from ..runtime.control import ControlNet, ControlNets, check_control, plan
 from ..runtime.errors import InvalidInputError
 from ..runtime.files import sha256_file, write_json_atomic
-from ..runtime.models.controlnet import SD3ControlNet, load_controlnet, shared_pos_embed
+from ..runtime.models.controlnet import SD3ControlNet, shared_pos_embed
+from ..runtime.models.controlnet_file import load_any
 from ..runtime.models.loader import load_modules
 from ..runtime.pipeline import sample
 from ..runtime.requests import normalize_request
@@ -111,7 +112,7 @@ def export_controlnet(model: str | Path, controlnet: str | Path, out: str | Path
     cpu, torch_dtype = torch.device("cpu"), DTYPES[dtype if precision == "fp8" else precision]
     names = ["transformer", "vae_encoder", "clip_l", "clip_g", "t5"] if precision == "fp8" else []
     mods = load_modules(ckpt, names, cpu, torch_dtype)
-    net = load_controlnet(controlnet, ckpt.config.transformer, lambda: shared_pos_embed(ckpt.transformer_state()),
+    net = load_any(controlnet, ckpt.config.transformer, lambda: shared_pos_embed(ckpt.transformer_state()),
                           cpu, torch_dtype)
     doc = {"source": str(Path(controlnet).resolve()), "model": str(Path(ckpt.path)), "precision": precision,
            "dtype": dtype if precision == "fp8" else precision, "spec": net.spec.to_config()}

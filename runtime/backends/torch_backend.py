@@ -18,7 +18,8 @@ from ..checkpoint import Checkpoint
 from ..components import RUNTIME
 from ..config import VariantConfig
 from ..models.flash_attention import AttentionChoice, choose_attention, set_attention_core
-from ..models.controlnet import ControlNetSpec, load_controlnet
+from ..models.controlnet import ControlNetSpec
+from ..models.controlnet_file import load_any
 from ..models.loader import inner_model, load_modules
 from .base import BackendBase, ComponentCall
 
@@ -113,7 +114,7 @@ class TorchBackend(BackendBase):
         def pos_embed() -> dict[str, torch.Tensor]:
             return {f"pos_embed.{k}": v for k, v in mmdit.pos_embed.state_dict().items()}
 
-        net = load_controlnet(folder, mmdit.spec, pos_embed, self.device, self.dtype)
+        net = load_any(folder, mmdit.spec, pos_embed, self.device, self.dtype)
         set_attention_core(net, self.attention.core)
         run = ModuleRun(net, self.dtype, self.attention.context)
         return net.spec, lambda *args: run(*args)[0]

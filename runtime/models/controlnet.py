@@ -197,15 +197,11 @@ def read_spec(folder: Path) -> ControlNetSpec:
 
 def load_controlnet(folder: str | Path, transformer: TransformerSpec, pos_embed_state: Callable[[], dict],
                     device: torch.device, dtype: torch.dtype) -> SD3ControlNet:
-    """Our SD3ControlNet from a diffusers folder (or Stability's single file, models/controlnet_file.py),
-    strictly loaded, in eval mode on `device`.
+    """Our SD3ControlNet from a diffusers folder, strictly loaded, in eval mode on `device`
+    (`controlnet_file.load_any` also takes Stability's single file).
     `pos_embed_state()` gives the MMDiT's `pos_embed.*` tensors (read only for a ControlNet that
     shares the transformer's patch embedding)."""
     folder = Path(folder)
-    if folder.is_file() and folder.suffix == ".safetensors":  # Stability's single file (sd3.5_large_controlnet_*)
-        from .controlnet_file import load_single_file
-
-        return load_single_file(folder, transformer, pos_embed_state, device, dtype)[0]
     if not folder.is_dir():
         raise CheckpointError(f"controlnet={str(folder)!r} is not a folder; pass a diffusers ControlNet folder "
                               f"(config.json + diffusion_pytorch_model.safetensors) or Stability's .safetensors file")

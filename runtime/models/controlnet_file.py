@@ -19,7 +19,7 @@ import torch
 from ..config import TransformerSpec
 from ..errors import CheckpointError
 from ..weights import load_module, read_header, rename_state
-from .controlnet import ControlNetSpec, SD3ControlNet
+from .controlnet import ControlNetSpec, SD3ControlNet, load_controlnet
 
 _T = "transformer_blocks.{i}."
 CONTROLNET_SAI_NAMES: tuple[tuple[str, str, str], ...] = (
@@ -81,3 +81,12 @@ def load_single_file(file: Path, transformer: TransformerSpec, pos_embed_state: 
         module = SD3ControlNet(spec, transformer)
     net = load_module(module, state, file, device, dtype)
     return net, None if kind is None else CONTROL_TYPES.get(int(kind.flatten()[0]))
+
+
+def load_any(path: str | Path, transformer: TransformerSpec, pos_embed_state: Callable[[], dict],
+             device: torch.device, dtype: torch.dtype) -> SD3ControlNet:
+    """A diffusers ControlNet folder or Stability's `.safetensors` file, as our SD3ControlNet."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        return load_single_file(path, transformer, pos_embed_state, device, dtype)[0]
+    return load_controlnet(path, transformer, pos_embed_state, device, dtype)

@@ -13,7 +13,7 @@ from sd35trt.export.tiny_controlnet import write_tiny_controlnet
 from sd35trt.runtime.checkpoint import Checkpoint
 from sd35trt.runtime.errors import CheckpointError
 from sd35trt.runtime.models.controlnet import load_controlnet, shared_pos_embed
-from sd35trt.runtime.models.controlnet_file import load_single_file
+from sd35trt.runtime.models.controlnet_file import load_any, load_single_file
 
 pytest.importorskip("diffusers", reason="diffusers (test extra) writes the tiny ControlNet")
 CPU, F32 = torch.device("cpu"), torch.float32
@@ -55,7 +55,7 @@ def test_stability_single_file_equals_the_diffusers_folder(tiny_models: dict[str
             torch.randn(2, 93, 96, generator=g), torch.randn(2, 80, generator=g))
     with torch.no_grad():
         assert torch.equal(got_net(*args), want_net(*args))
-    assert load_controlnet(sai, ckpt.config.transformer, pos, CPU, F32).spec.num_layers == 3  # by path too
+    assert load_any(sai, ckpt.config.transformer, pos, CPU, F32).spec.num_layers == 3  # by path too
     bad = tmp_path / "bad.safetensors"
     save_file({"controlnet_blocks.0.weight": torch.zeros(8, 8)}, str(bad))
     with pytest.raises(CheckpointError, match="pos_embed_input.proj.weight"):
