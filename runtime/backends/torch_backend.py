@@ -106,18 +106,21 @@ class TorchBackend(BackendBase):
             setattr(self, c.name, call)
 
     def load_controlnet(self, folder: Path) -> tuple[ControlNetSpec, Callable[..., torch.Tensor]]:
-        """Our SD3ControlNet from a diffusers folder, on this backend's device, dtype and attention;
-        one that shares the MMDiT's patch embedding gets the loaded transformer's."""
+        """Our SD3ControlNet from a diffusers folder or Stability file, on this backend's device,
+        dtype and attention; one that shares the MMDiT's patch embedding gets the loaded transformer's."""
+        net = self._controlnet_module(folder)
+        set_attention_core(net, self.attention.core)
+        run = ModuleRun(net, self.dtype, self.attention.context)
+        return net.spec, lambda *args: run(*args)[0]
+
+    def _controlnet_module(self, folder: Path) -> nn.Module:
         mmdit = self.modules["transformer"]
         mmdit = getattr(mmdit, "_orig_mod", mmdit)  # under torch.compile
 
         def pos_embed() -> dict[str, torch.Tensor]:
             return {f"pos_embed.{k}": v for k, v in mmdit.pos_embed.state_dict().items()}
 
-        net = load_any(folder, mmdit.spec, pos_embed, self.device, self.dtype)
-        set_attention_core(net, self.attention.core)
-        run = ModuleRun(net, self.dtype, self.attention.context)
-        return net.spec, lambda *args: run(*args)[0]
+        return load_any(folder, mmdit.spec, pos_embed, self.device, self.dtype)
 
     def close(self) -> None:
         self.modules = {}
