@@ -11,6 +11,7 @@ the image as given (e.g. a depth map). The control images' posterior noise is dr
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -80,11 +81,8 @@ def control_arguments(args: argparse.Namespace) -> dict | None:
             raise UsageError(f"--control-image {path}: not a readable image ({exc}); pass a PNG, JPEG or WebP "
                              f"file") from None
     types = _per_net("--control-type", args.control_type, n, None)
-    if any(t is not None for t in types):
-        try:
-            import cv2  # noqa: F401
-        except ImportError:
-            raise UsageError("--control-type needs OpenCV: pip install 'sd35trt[control]'") from None
+    if any(t is not None for t in types) and importlib.util.find_spec("cv2") is None:
+        raise UsageError("--control-type needs OpenCV: pip install 'sd35trt[control]'")
     return {"nets": nets, "images": opened, "types": types, "scales": _per_net("--control-scale", args.control_scale,
                                                                                   n, 1.0)}
 
