@@ -65,6 +65,7 @@ class TorchBackend(BackendBase):
     name = "torch"
     skip_layers = True  # our MMDiT skips blocks on request (skip-layer guidance)
     controlnet = True  # our MMDiT takes controlnet_residuals= (runtime/control.py)
+    stages_weights = True  # takes load_device= and has weight_handles(): memory modes (runtime/memory.py)
 
     def __init__(
         self,
@@ -73,14 +74,18 @@ class TorchBackend(BackendBase):
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
         load_t5: bool = True,
+        load_device: str | torch.device | None = None,
     ) -> None:
+        """`load_device`: where the weights are made (default `device`); memory modes load them on
+        the CPU and move each component to `device` when its stage runs."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = resolve_dtype(dtype, self.device)
         ckpt = checkpoint
         if not isinstance(ckpt, Checkpoint):
             ckpt = Checkpoint.open(ckpt, family=config.family, t5=None if load_t5 else False)
         names = [c.name for c in RUNTIME if c.name != "t5" or load_t5]
-        self.modules: dict[str, nn.Module] = load_modules(ckpt, names, self.device, self.dtype)
+        self.modules: dict[str, nn.Module] = load_modules(ckpt, names, torch.device(load_device or self.device),
+                                                          self.dtype)
         self._choose_attention()
 
     @classmethod
@@ -121,6 +126,12 @@ class TorchBackend(BackendBase):
             return {f"pos_embed.{k}": v for k, v in mmdit.pos_embed.state_dict().items()}
 
         return load_any(folder, mmdit.spec, pos_embed, self.device, self.dtype)
+
+    def weight_handles(self) -> dict:
+        """component -> its module's weights, moved to the host now (memory modes move them back per stage)."""
+        from ..models.offload import ModuleWeights
+
+        return {name: ModuleWeights(m, self.device) for name, m in self.modules.items()}
 
     def close(self) -> None:
         self.modules = {}

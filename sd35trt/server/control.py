@@ -37,9 +37,9 @@ def _decode(text: str, field: Any) -> Image.Image:
 def control_fields(body: Any, names: tuple[str, ...], height: int, width: int, field: Any) -> dict | None:
     """The Job's `controls` (Pipeline call arguments) for `body`, or None without control_image.
     `names`: the served ControlNets in load order; `field`: the FieldError class."""
-    if body.control_image is None:
+    if getattr(body, "control_image", None) is None:  # (an edit's body has no ControlNet fields)
         for name in ("control_type", "control_scale", "controlnet"):
-            if getattr(body, name) is not None:
+            if getattr(body, name, None) is not None:
                 raise field(name, "applies to control_image, which is missing; send control_image (base64) or drop it")
         return None
     if not names:
