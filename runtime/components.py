@@ -134,7 +134,16 @@ TABLE: tuple[Component, ...] = (
               input_shapes=lambda c, r: {"image": (r.batch, 3, r.height, r.width)},
               cfg_doubled=False, optional=True, engine=False),
 )
-BY_NAME: dict[str, Component] = {c.name: c for c in TABLE}
+# A ControlNet (runtime/control.py) is exported on its own (export/controlnet_export.py), beside a
+# model's export: one record, outside TABLE (not every model has one). residuals: [R, B, h*w/4, D].
+CONTROLNET = Component(
+    "controlnet", inputs=(Tensor("hidden_states", _LATENT), Tensor("controlnet_cond", _LATENT),
+                          Tensor("timestep", _B, "float32", "timestep"), Tensor("encoder_hidden_states", {0: "B", 1: "S"}),
+                          Tensor("pooled_projections", _B)),
+    outputs=(Tensor("residuals", {1: "B", 2: "N"}),),
+    input_shapes=lambda c, r: {**_transformer(c, r), "controlnet_cond": c.latent_shape(r.batch, r.height, r.width)},
+    cfg_doubled=True, optional=True, runtime=False, engine=False)
+BY_NAME: dict[str, Component] = {c.name: c for c in (*TABLE, CONTROLNET)}
 # The components the backends load (optional ones where present).
 RUNTIME: tuple[Component, ...] = tuple(c for c in TABLE if c.runtime)
 # The components engine sets hold, in build order (`COMPONENTS`: their names).

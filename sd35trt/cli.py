@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from . import cli_checks as check
+from . import cli_control
 from .cli_checks import UsageError, flagged
 from .cli_ray import add_flags as add_ray_flags
 from .quiet import library_stdout, quiet_onnxruntime, third_party_quiet
@@ -57,6 +58,7 @@ def _generate(args: argparse.Namespace) -> int:
         raise UsageError(f"--quality applies to JPEG and WebP; {args.out} is a PNG (lossless): drop --quality")
     check.require_cuda(options, backend)
     modes = _mode_arguments(args)  # sampler, image / mask / strength, skip-layer guidance (no torch yet)
+    control = cli_control.control_arguments(args)  # --controlnet / --control-image (no torch yet)
     quiet_onnxruntime(backend == "onnxruntime" and not args.verbose)
 
     import torch
@@ -72,11 +74,14 @@ def _generate(args: argparse.Namespace) -> int:
                       width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance, **modes)
     backend_limits(backend, ckpt, ckpt.config)  # an engine set's manifest is read before any engine
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
-    with Pipeline.from_pretrained(args.model, backend=backend, family=args.family, **options) as pipe:
+    side = ckpt.config.default_size
+    controls = cli_control.call_arguments(control, args.height or side, args.width or side, seed)
+    with Pipeline.from_pretrained(args.model, backend=backend, family=args.family, **options,
+                                  **cli_control.pipeline_option(control)) as pipe:
         out = pipe(
             args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
             guidance_scale=args.guidance, height=args.height, width=args.width,
-            generator=torch.Generator().manual_seed(seed), progress=not args.quiet, **modes,
+            generator=torch.Generator().manual_seed(seed), progress=not args.quiet, **modes, **controls,
         )
     meta = {"prompt": args.prompt, "negative_prompt": args.negative_prompt or "", "seed": seed,
             "steps": out.info["steps"], "guidance": out.info["guidance"], "model": str(args.model),
@@ -328,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mask", type=Path, help="inpainting mask: white = repaint, black = keep (the image's size)")
     g.add_argument("--strength", type=float, help="--image: how much to change it, (0, 1] (default 0.6)")
     g.add_argument("--slg", help="skip-layer guidance: transformer blocks to skip, e.g. 7,8,9 (SD3.5 Medium)")
+    cli_control.add_flags(g)
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--out", type=check.image_path, required=True,
                    help="image path: .png, .jpg/.jpeg or .webp (the format; metadata in PNG text chunks or EXIF)")
@@ -341,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--model-id", help="the name GET /v1/models lists and requests pass as model "
                                       "(default: the variant's, e.g. sd3.5-large)")
     v.add_argument("--model-alias", action="append", default=[], help="another name accepted as model (repeatable)")
+    v.add_argument("--controlnet", type=cli_control.named_path, action="append", default=[], metavar="NAME=PATH",
+                   help="a ControlNet to load at start, requests pick it by NAME (repeatable)")
     v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     v.add_argument("--port", type=check.port, default=8000, help="0 picks a free port (printed)")
     v.add_argument("--max-batch", type=pos, default=4, help="images per pipeline call (capped by an engine set)")

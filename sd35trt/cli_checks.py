@@ -40,7 +40,8 @@ FLAGS = {
     "max_size": "--max-size", "max_steps": "--max-steps", "max_n": "--max-n", "limits.max_n": "--max-n",
     "max_prompt_chars": "--max-prompt-chars", "timeout_s": "--timeout-s", "intra_op_threads": "--intra-op-threads",
     "gpu": "--gpu", "flavor": "--flavor", "sampler": "--sampler", "image": "--image", "mask_image": "--mask",
-    "strength": "--strength", "skip_guidance_layers": "--slg",
+    "strength": "--strength", "skip_guidance_layers": "--slg", "control_image": "--control-image",
+    "controlnet_conditioning_scale": "--control-scale", "controlnet": "--controlnet",
 }
 _ARG = re.compile(r"(?<![\w.-])(" + "|".join(sorted(map(re.escape, FLAGS), key=len, reverse=True)) + r")=")
 

@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from . import cli_checks as check
+from . import cli_control
 from .cli_checks import UsageError
 from .cli_ray import check_flags as check_ray_flags
 from .cli_ray import serve_ray
@@ -37,7 +38,8 @@ def serve(args: argparse.Namespace) -> int:
     settings = ServeSettings(model=path, backend=backend, engines=args.engines is not None, backend_options=options,
                              max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, max_queue=args.max_queue,
                              workers=args.workers, limits=limits, model_id=args.model_id,
-                             model_aliases=tuple(args.model_alias))
+                             model_aliases=tuple(args.model_alias),
+                             controlnets=cli_control.serve_controlnets(args.controlnet))
     check.require_cuda(options, backend)
     quiet_onnxruntime(backend == "onnxruntime" and not args.verbose)
 

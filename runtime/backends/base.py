@@ -10,7 +10,9 @@ Shapes (B = model batch; with CFG the transformer sees 2x the image batch):
   vae_encoder(image [B, 3, 8h, 8w] in [-1, 1]) -> moments [B, 32, h, w] (mean ++ log-variance,
               unscaled)            (None: not exported / not in the engine set)
 A backend whose `skip_layers` is True takes `transformer(..., skip_layers=(7, 8, 9))` (skip-layer
-guidance); the others refuse SLG requests before any component runs.
+guidance); the others refuse SLG requests before any component runs. One whose `controlnet` is True
+takes `transformer(..., controlnet_residuals=[R, B, N, D])` and loads ControlNets
+(`load_controlnet(folder) -> (spec, callable)`, runtime/control.py).
 Inputs arrive on `backend.device`; outputs may be any float dtype on that device. Input and output
 names and order are the component table's (`runtime/components.py`). `limits` says what one call
 can take beyond the model's own range; `check_request` refuses, before any component runs, a
@@ -64,6 +66,7 @@ class BackendBase:
 
     limits = Limits()
     skip_layers = False  # the transformer callable takes skip_layers= (torch backends)
+    controlnet = False  # the transformer takes controlnet_residuals= and load_controlnet(folder) exists
     vae_encoder = None
 
     @classmethod

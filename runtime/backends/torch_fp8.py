@@ -76,3 +76,20 @@ class TorchFP8Backend(TorchBackend):
             vae = torch.compile(vae)
         self.modules.update(transformer=mmdit, vae_decoder=vae)
         self.bind()  # the attention core the torch backend chose stays on the FP8 model's attentions
+        # A ControlNet runs FP8 GEMMs with the calibration `export_controlnet` writes beside the
+        # MMDiT's (<out>/controlnet_calibration, made jointly); without one it runs in bf16.
+        cn = None
+        if not isinstance(calibration, Mapping):
+            own = Path(calibration).parent if Path(calibration).is_file() else Path(calibration)
+            cn = own.parent / "controlnet_calibration"
+        self._controlnet_amax = load_amax(cn) if cn is not None and (cn / "amax.safetensors").is_file() else None
+        self._fast_accum, self.controlnet_fp8_layers = fast_accum, 0
+
+    def _controlnet_module(self, folder: Path) -> torch.nn.Module:
+        net = super()._controlnet_module(folder)
+        if self._controlnet_amax is None:
+            return net
+        net = to_fp8(net, self._controlnet_amax, fast_accum=self._fast_accum)  # CheckpointError: another net's
+        use_sigmoid_gelu(net)
+        self.controlnet_fp8_layers += sum(isinstance(m, FP8Linear) for m in net.modules())
+        return net

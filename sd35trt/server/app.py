@@ -187,7 +187,7 @@ def create_app(settings: ServeSettings, pipeline: Pipeline | None = None, host: 
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
         caps = pipe.backend.limits
         sizes = (caps.min_size or 0, caps.max_size or limits.max_size) if caps.max_size else None
-        job = to_job(body, limits, pipe.config, seed, sizes, raw=how.raw, **edit)
+        job = to_job(body, limits, pipe.config, seed, sizes, raw=how.raw, controlnets=settings.controlnet_names, **edit)
         try:
             ticket = batcher.submit(job)
         except InvalidInputError as exc:  # the Pipeline's own check: name the field it came from

@@ -78,5 +78,9 @@ def test_sample_inputs_follow_the_table_and_the_dtype_rule() -> None:
         dtypes = c.dtypes("float16")
         assert [str(a.dtype).removeprefix("torch.") for a in args] == [dtypes[n] for n in c.input_names], c.name
     assert component("transformer").cfg_doubled and not component("vae_decoder").cfg_doubled
-    with pytest.raises(Exception, match="'controlnet' is unknown"):
-        component("controlnet")
+    with pytest.raises(Exception, match="'depth_estimator' is unknown"):
+        component("depth_estimator")
+    cn = component("controlnet")  # exported beside a model's graphs, not one of TABLE
+    assert cn not in TABLE and not cn.runtime and not cn.engine
+    args = cn.sample_inputs(config, torch.float16)
+    assert [tuple(a.shape) for a in args] == [cn.shapes(config, 2, 64, 96, 16)[n] for n in cn.input_names]
