@@ -250,7 +250,9 @@ class _PatchEmbed(nn.Module):
 class MMDiT(nn.Module):
     """forward(latent [B,16,H/8,W/8], timestep [B], context [B,77+T,4096], pooled [B,2048],
     skip_layers=None): blocks whose index is in `skip_layers` are not run (their input passes
-    through unchanged), as diffusers' SD3Transformer2DModel(skip_layers=...) for skip-layer guidance."""
+    through unchanged), as diffusers' SD3Transformer2DModel(skip_layers=...) for skip-layer guidance.
+    `skip_layers` as a float tensor [num_layers] (1 = skip; the exported graphs' input) runs every
+    block and selects its input or its output, so one traced graph serves plain and SLG passes."""
 
     def __init__(self, spec: TransformerSpec) -> None:
         super().__init__()
@@ -269,17 +271,23 @@ class MMDiT(nn.Module):
         timestep: torch.Tensor,
         context: torch.Tensor,
         pooled: torch.Tensor,
-        skip_layers: tuple[int, ...] | list[int] | None = None,
+        skip_layers: tuple[int, ...] | list[int] | torch.Tensor | None = None,
     ) -> torch.Tensor:
         b, _, height, width = latent.shape
         p, c = self.spec.patch_size, self.spec.out_channels
         x = self.pos_embed(latent)  # [B, h*w, D]
         temb = self.time_text_embed(timestep, pooled)  # [B, D]
         ctx = self.context_embedder(context)  # [B, 77+T, D]
-        skip = frozenset(skip_layers or ())
-        for index, block in enumerate(self.transformer_blocks):
-            if index not in skip:
-                x, ctx = block(x, ctx, temb)
+        if isinstance(skip_layers, torch.Tensor):  # exported graphs: per-block flags [num_layers], 1 = skip
+            for index, block in enumerate(self.transformer_blocks):
+                skip = skip_layers[index] > 0.5  # [] bool: the block's output is dropped, its input passes on
+                new_x, new_ctx = block(x, ctx, temb)
+                x, ctx = torch.where(skip, x, new_x), torch.where(skip, ctx, new_ctx)
+        else:
+            skipped = frozenset(skip_layers or ())
+            for index, block in enumerate(self.transformer_blocks):
+                if index not in skipped:
+                    x, ctx = block(x, ctx, temb)
         scale, shift = self.norm_out(temb)
         x = self.proj_out(_modulate(x, shift, scale, self.spec.inner_dim))  # [B, h*w, p*p*C]
         x = x.view(b, height // p, width // p, p, p, c).permute(0, 5, 1, 3, 2, 4)  # [B, C, h, p, w, p]
