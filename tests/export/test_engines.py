@@ -1,4 +1,4 @@
-"""`sd35trt build`: all five tiny engines with TensorRT-RTX on the CPU, manifest, staleness, policy."""
+"""`sd35trt build`: all six tiny engines with TensorRT-RTX on the CPU, manifest, staleness, policy."""
 
 from __future__ import annotations
 
@@ -32,9 +32,10 @@ def _mtimes(folder: Path) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("cc", TARGETS)
-def test_all_five_tiny_engines_build(engines_fp8: dict, cc: str) -> None:
+def test_all_six_tiny_engines_build(engines_fp8: dict, cc: str) -> None:
     out, rows = engines_fp8[cc]
-    assert [r.component for r in rows] == list(COMPONENTS) == ["clip_l", "clip_g", "t5", "transformer", "vae_decoder"]
+    assert [r.component for r in rows] == list(COMPONENTS) == ["clip_l", "clip_g", "t5", "transformer", "vae_decoder",
+                                                               "vae_encoder"]
     assert {r.status for r in rows} == {"built"}
     doc = _doc(out)
     assert (doc["format"], doc["flavor"], doc["target"], doc["precision"]) == ("sd35trt-engines/1", "tensorrt-rtx", cc, "fp8")
@@ -50,7 +51,7 @@ def test_all_five_tiny_engines_build(engines_fp8: dict, cc: str) -> None:
     assert json.loads((out / "model_index.json").read_text())["tokenizer"] == ["transformers", "CLIPTokenizer"]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
     table = format_table(rows)
-    assert all(c in table for c in COMPONENTS) and table.count("built") == 5 and "fp8" in table
+    assert all(c in table for c in COMPONENTS) and table.count("built") == 6 and "fp8" in table
 
 
 @pytest.mark.parametrize("cc", TARGETS)
@@ -70,7 +71,11 @@ def test_built_networks_are_what_the_backend_binds(engines_fp8: dict, cc: str) -
         assert entry["built_profiles"] == entry["profiles"] == {b.name: [list(s) for s in b.profile] for b in table if b.is_input}
     manifest = EngineManifest.load(out)
     transformer = {b.name: b for b in binding_table("transformer", manifest)}
-    assert transformer["hidden_states"].profile == ((2, 16, 16, 16),) * 3  # 128² static, CFG batch 2
+    # 128² static, CFG batch 2; the skip-layer pass runs the prompts' row alone (batch 1), same engine
+    assert transformer["hidden_states"].profile == ((1, 16, 16, 16), (2, 16, 16, 16), (2, 16, 16, 16))
+    assert transformer["skip_layers"].profile == ((4,),) * 3 and transformer["skip_layers"].dtype == "float32"
+    encoder = {b.name: b for b in binding_table("vae_encoder", manifest)}
+    assert encoder["image"].profile == ((1, 3, 128, 128),) * 3 and encoder["moments"].dtype == "float32"
     assert transformer["encoder_hidden_states"].profile[0] == (2, 77 + 256, 96)  # 77 CLIP + 256 T5 tokens
     assert transformer["timestep"].dtype == "float32" and binding_table("t5", manifest)[0].dtype == "int64"
 
@@ -80,8 +85,8 @@ def test_second_build_rebuilds_nothing(engines_fp8: dict, onnx_fp8: Path, capsys
     before, manifest = _mtimes(out), (out / "manifest.json").read_text()
     assert main(["build", "--onnx", str(onnx_fp8), "--out", str(out), "--gpu", "sm89", "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "0 built, 5 unchanged" in printed and printed.count("unchanged") == 6
-    assert _mtimes(out) == before and len(before) == 5
+    assert "0 built, 6 unchanged" in printed and printed.count("unchanged") == 7
+    assert _mtimes(out) == before and len(before) == 6
     assert json.loads((out / "manifest.json").read_text())["components"] == json.loads(manifest)["components"]
 
 
@@ -95,7 +100,7 @@ def test_only_stale_components_are_rebuilt(engines_fp8: dict, onnx_fp8: Path, tm
     before = _mtimes(out)
     rows = {r.component: r.status for r in build_engines(onnx_fp8, out, gpu="sm89")}
     assert rows == {"clip_l": "unchanged", "clip_g": "built", "t5": "unchanged", "transformer": "unchanged",
-                    "vae_decoder": "built"}
+                    "vae_decoder": "built", "vae_encoder": "unchanged"}
     after = _mtimes(out)
     assert {n for n in before if before[n] != after[n]} == {"clip_g.engine", "vae_decoder.engine"}
     assert _doc(out)["components"]["clip_g"]["library_version"] == trt.__version__
@@ -144,7 +149,7 @@ def test_dynamic_engines_cover_the_derived_size_range(onnx_fp8: Path, tmp_path: 
     rows = build_engines(onnx_fp8, out, gpu="sm89", dynamic=True, batch=(1, 2))
     doc = _doc(out)
     assert doc["shapes"] == {"dynamic": True, "sizes": [64, 128, 192], "batches": [1, 1, 2], "cfg": True}
-    assert doc["components"]["transformer"]["built_profiles"]["hidden_states"] == [[2, 16, 8, 8], [2, 16, 16, 16], [4, 16, 24, 24]]
+    assert doc["components"]["transformer"]["built_profiles"]["hidden_states"] == [[1, 16, 8, 8], [2, 16, 16, 16], [4, 16, 24, 24]]
     assert doc["components"]["vae_decoder"]["built_profiles"]["latent"] == [[1, 16, 8, 8], [1, 16, 16, 16], [2, 16, 24, 24]]
     assert {r.status for r in rows} == {"built"}
     assert "--dynamic --batch 1-2 --min-size 64 --max-size 192" in rebuild_command(doc)

@@ -101,11 +101,16 @@ def test_an_intact_set_gets_through_every_check_then_needs_a_gpu(engine_set: Pat
 
 
 def test_request_shapes_are_checked_against_the_profiles(engine_set: Path) -> None:
-    doc = EngineManifest.load(engine_set)  # static 128x128, batch 1, CFG: the transformer takes batch 2 only
+    doc = EngineManifest.load(engine_set)  # static 128x128, batch 1, CFG: the transformer takes batch 2 (CFG pass)
     check_shapes(doc, engine_set, "transformer", {"hidden_states": (2, 16, 16, 16), "timestep": (2,)})
+    # ... and batch 1 with a skip vector (the skip-layer pass on the prompt's row): one engine for both
+    check_shapes(doc, engine_set, "transformer", {"hidden_states": (1, 16, 16, 16), "skip_layers": (4,)})
+    check_shapes(doc, engine_set, "vae_encoder", {"image": (1, 3, 128, 128)})  # image-to-image's encoder engine
+    with pytest.raises(EngineShapeError, match=r"'skip_layers' has shape \[3\]"):
+        check_shapes(doc, engine_set, "transformer", {"skip_layers": (3,)})
     with pytest.raises(EngineShapeError, match=r"hidden_states' has shape \[2, 16, 32, 16\]") as err:
         check_shapes(doc, engine_set, "transformer", {"hidden_states": (2, 16, 32, 16)})  # 256x128 px
-    assert "transformer.engine's profile [2, 16, 16, 16]..[2, 16, 16, 16]" in str(err.value)
+    assert "transformer.engine's profile [1, 16, 16, 16]..[2, 16, 16, 16]" in str(err.value)
     assert "--dynamic --batch 1 --min-size 128 --max-size 256" in str(err.value)
     with pytest.raises(EngineShapeError, match=r"--batch 1-2"):
         check_shapes(doc, engine_set, "vae_decoder", {"latent": (2, 16, 16, 16)})  # two images
