@@ -4,7 +4,8 @@ timed on ONNX Runtime CPU at one shape; prints both medians and the ratio.
 
     python tools/slg_cost.py [--family medium] [--size 128] [--batch 2] [--runs 30]
 
-Uses a tiny checkpoint written on the fly (export/tiny_model.py), fp32, one ORT thread per core.
+Uses a tiny checkpoint written on the fly (export/tiny_model.py), fp32, ONNX Runtime's default threads;
+the two graphs' runs alternate.
 """
 
 from __future__ import annotations
@@ -44,18 +45,21 @@ def _export(module: torch.nn.Module, args: tuple, names: list[str], path: Path) 
                           output_names=["velocity"], dynamic_axes=axes, do_constant_folding=True)
 
 
-def _time(path: Path, feed: dict, runs: int) -> float:
+def _time(paths: list[Path], feeds: list[dict], runs: int) -> list[float]:
+    """Median seconds per graph; the graphs' runs alternate, so a busy machine slows both alike."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for _ in range(3):
-        sess.run(None, feed)
-    times = []
+    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in paths]
+    for s, f in zip(sessions, feeds):
+        for _ in range(3):
+            s.run(None, f)
+    times: list[list[float]] = [[] for _ in sessions]
     for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for k, (s, f) in enumerate(zip(sessions, feeds)):
+            t0 = time.perf_counter()
+            s.run(None, f)
+            times[k].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 
 def main() -> None:
@@ -76,8 +80,8 @@ def main() -> None:
         _export(mmdit, (*args, skip), list(spec.input_names), Path(tmp) / "skip.onnx")
         _export(Plain(mmdit), tuple(args), list(spec.input_names[:-1]), Path(tmp) / "plain.onnx")
         feed = {n: t.numpy() for n, t in zip(spec.input_names, args)}
-        plain = _time(Path(tmp) / "plain.onnx", feed, a.runs)
-        with_skip = _time(Path(tmp) / "skip.onnx", {**feed, "skip_layers": skip.numpy()}, a.runs)
+        plain, with_skip = _time([Path(tmp) / "plain.onnx", Path(tmp) / "skip.onnx"],
+                                 [feed, {**feed, "skip_layers": skip.numpy()}], a.runs)
         print(f"{a.family} tiny, {a.size}px, batch {a.batch}, skip_layers[{skip.numel()}]: "
               f"plain {plain * 1e3:.2f} ms, with skip input {with_skip * 1e3:.2f} ms, "
               f"ratio {with_skip / plain:.3f}")

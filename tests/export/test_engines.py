@@ -76,7 +76,7 @@ def test_built_networks_are_what_the_backend_binds(engines_fp8: dict, cc: str) -
     assert transformer["skip_layers"].profile == ((4,),) * 3 and transformer["skip_layers"].dtype == "float32"
     encoder = {b.name: b for b in binding_table("vae_encoder", manifest)}
     assert encoder["image"].profile == ((1, 3, 128, 128),) * 3 and encoder["moments"].dtype == "float32"
-    assert transformer["encoder_hidden_states"].profile[0] == (2, 77 + 256, 96)  # 77 CLIP + 256 T5 tokens
+    assert transformer["encoder_hidden_states"].profile[1] == (2, 77 + 256, 96)  # 77 CLIP + 256 T5 tokens
     assert transformer["timestep"].dtype == "float32" and binding_table("t5", manifest)[0].dtype == "int64"
 
 
