@@ -88,7 +88,8 @@ def callables(model: torch.nn.Module, encoder: torch.nn.Module, attention) -> tu
     return transformer, encode
 
 
-def bench_modes(variant: str, size: int, steps: int, strength: float, runner) -> dict[str, float]:
+def bench_modes(variant: str | VariantConfig, size: int, steps: int, strength: float, runner,
+                device: str = "cuda") -> dict[str, float]:
     """Rows: bf16 and FP8 final latents per mode (cosine), then the timing rows; returns the summary."""
     from sd35trt.bench import EXCLUDE, random_init, random_mmdit
     from sd35trt.runtime.config import VARIANTS
@@ -97,21 +98,21 @@ def bench_modes(variant: str, size: int, steps: int, strength: float, runner) ->
     from sd35trt.runtime.models.mmdit import use_sigmoid_gelu
     from sd35trt.runtime.models.vae import VaeEncoder
 
-    config = VARIANTS[variant]
-    inputs = make_inputs(config, size, "cuda")
-    model = random_mmdit(config, torch.bfloat16, "cuda")
+    config = VARIANTS[variant] if isinstance(variant, str) else variant
+    inputs = make_inputs(config, size, device)
+    model = random_mmdit(config, torch.bfloat16, device)
     with torch.device("meta"):
         enc = VaeEncoder(config.vae)
-    enc = random_init(enc, "cuda", 6).to(memory_format=torch.channels_last)
-    attention = choose_attention(torch.device("cuda"), torch.bfloat16)
+    enc = random_init(enc, device, 6).to(memory_format=torch.channels_last)
+    attention = choose_attention(torch.device(device), torch.bfloat16)
     set_attention_core(model, attention.core)
     slg = SkipLayerGuidance((7, 8, 9))  # Stability's setting for Medium: 1 % .. 20 % of the steps
     summary: dict[str, float] = {}
     with torch.no_grad():
         tf, encode = callables(model, enc, attention)
         refs = {m: mode_latents(m, config, tf, encode, inputs, steps, strength, slg) for m in MODES[1:]}
-        args = (torch.randn(2, *config.latent_shape(1, size, size)[1:], device="cuda", dtype=torch.bfloat16),
-                torch.full((2,), 700.0, device="cuda"), inputs.context.bfloat16(), inputs.pooled.bfloat16())
+        args = (torch.randn(2, *config.latent_shape(1, size, size)[1:], device=device, dtype=torch.bfloat16),
+                torch.full((2,), 700.0, device=device), inputs.context.bfloat16(), inputs.pooled.bfloat16())
         model = to_fp8(model, max_calibrate(model, lambda m: m(*args), EXCLUDE), fast_accum=True)
         use_sigmoid_gelu(model)
         set_attention_core(model, attention.core)
@@ -127,7 +128,7 @@ def bench_modes(variant: str, size: int, steps: int, strength: float, runner) ->
         runner.record(f"image-to-image strength {strength} fp8", lambda: mode_latents(
             "image-to-image", config, tf, encode, inputs, steps, strength, slg), warmup=1, iters=3)
         runner.record("vae encoder bf16 ch-last (eager)", lambda: encode(inputs.image), warmup=2, iters=5)
-        skip = torch.zeros(config.transformer.num_layers, device="cuda")  # [L] the exported graphs' skip input
+        skip = torch.zeros(config.transformer.num_layers, device=device)  # [L] the exported graphs' skip input
         with attention.context():
             plain = runner.record("fp8 step, plain", lambda: model(*args))
             runner.record("fp8 step, skip_layers input (Where per block)", lambda: model(*args, skip), plain)
