@@ -121,23 +121,22 @@ def bench_modes(variant: str | VariantConfig, size: int, steps: int, strength: f
             runner.record(f"{m} fp8 final latents", lambda m=m: mode_latents(m, config, tf, encode, inputs, steps,
                                                                               strength, slg), refs[m], warmup=0, iters=1)
             summary[f"cos_{m}"] = runner.rows[-1]["cos_vs_bf16"]
-        t2i = runner.record(f"text-to-image {steps} steps fp8 [{attention.name}]",
-                            lambda: mode_latents("text-to-image", config, tf, encode, inputs, steps, strength, slg),
-                            warmup=1, iters=3)
-        del t2i
-        runner.record(f"image-to-image strength {strength} fp8", lambda: mode_latents(
-            "image-to-image", config, tf, encode, inputs, steps, strength, slg), warmup=1, iters=3)
-        runner.record("vae encoder bf16 ch-last (eager)", lambda: encode(inputs.image), warmup=2, iters=5)
+        names = {"t2i": f"text-to-image {steps} steps fp8 [{attention.name}]",
+                 "i2i": f"image-to-image strength {strength} fp8", "enc": "vae encoder bf16 ch-last (eager)",
+                 "plain": "fp8 step, plain", "skip": "fp8 step, skip_layers input (Where per block)"}
+        runner.record(names["t2i"], lambda: mode_latents("text-to-image", config, tf, encode, inputs, steps,
+                                                         strength, slg), warmup=1, iters=3)
+        runner.record(names["i2i"], lambda: mode_latents("image-to-image", config, tf, encode, inputs, steps,
+                                                         strength, slg), warmup=1, iters=3)
+        runner.record(names["enc"], lambda: encode(inputs.image), warmup=2, iters=5)
         skip = torch.zeros(config.transformer.num_layers, device=device)  # [L] the exported graphs' skip input
         with attention.context():
-            plain = runner.record("fp8 step, plain", lambda: model(*args))
-            runner.record("fp8 step, skip_layers input (Where per block)", lambda: model(*args, skip), plain)
-    ms = {r["name"]: r["step_ms"] for r in runner.rows}
-    t2i_ms, i2i_ms = ms[f"text-to-image {steps} steps fp8 [{attention.name}]"], ms[f"image-to-image strength {strength} fp8"]
+            plain = runner.record(names["plain"], lambda: model(*args))
+            runner.record(names["skip"], lambda: model(*args, skip), plain)
+    ms = {k: next(r["step_ms"] for r in runner.rows if r["name"] == n) for k, n in names.items()}
     kept = len(trim(flow_match_schedule(steps, config.sampling.shift), strength))
-    summary.update(t2i_ms=t2i_ms, i2i_ms=i2i_ms, encoder_ms=ms["vae encoder bf16 ch-last (eager)"],
-                   ratio=round(i2i_ms / t2i_ms, 3), skip_input_cost=round(ms["fp8 step, skip_layers input (Where per "
-                                                                                "block)"] / ms["fp8 step, plain"], 4), expected=round(kept / steps + ms["vae encoder bf16 ch-last (eager)"]
-                                                                   / t2i_ms, 3), kept_steps=kept)
+    summary.update({f"{k}_ms": v for k, v in ms.items()}, kept_steps=kept, ratio=round(ms["i2i"] / ms["t2i"], 3),
+                   expected=round(kept / steps + ms["enc"] / ms["t2i"], 3),
+                   skip_input_cost=round(ms["skip"] / ms["plain"], 4))
     print("modes summary:", summary, flush=True)
     return summary
