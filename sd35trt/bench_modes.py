@@ -41,9 +41,9 @@ class Inputs:
     seed: int = 3
 
 
-def make_inputs(config: VariantConfig, size: int, device: str, seed: int = 11) -> Inputs:
+def make_inputs(config: VariantConfig, size: int, device: str, seed: int = 11, t5_tokens: int | None = None) -> Inputs:
     g = torch.Generator(device=device).manual_seed(seed)
-    ctx = torch.randn(2, config.text_tokens(), config.joint_dim, generator=g, device=device)
+    ctx = torch.randn(2, config.text_tokens(t5_tokens), config.joint_dim, generator=g, device=device)
     pooled = torch.randn(2, config.pooled_dim, generator=g, device=device)
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, size, device=device), torch.linspace(-1, 1, size, device=device),
                             indexing="ij")

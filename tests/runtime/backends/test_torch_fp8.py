@@ -66,9 +66,9 @@ def test_fp8_backend_runs_the_image_modes_in_bf16_on_the_cpu(tiny_medium: Path, 
     mask = np.zeros((64, 64), np.float32)
     mask[16:48, 8:40] = 1.0
     cos = lambda a, b: float(torch.nn.functional.cosine_similarity(a, b, dim=0))  # noqa: E731
-    for extra in (dict(image=pic, strength=0.6), dict(image=pic, mask_image=mask, strength=0.8),
+    for extra in (dict(image=pic, mask_image=mask, strength=0.8),  # the encoder, the blend
                   dict(skip_guidance_layers=[1], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0)):
-        kw = {**KW, **extra}
+        kw = {**KW, **extra, "num_inference_steps": 3, "max_sequence_length": 16}  # kept short: FP8 on a CPU is slow
         a = fp8(**kw, generator=torch.Generator().manual_seed(4), progress=False).images.flatten().double()
         b = ref(**kw, generator=torch.Generator().manual_seed(4), progress=False).images.flatten().double()
         assert cos(a, b) >= 0.99, (sorted(extra), cos(a, b))
