@@ -97,7 +97,8 @@ def _plan(ckpt: Checkpoint, opts: ExportOptions, calib: CalibState | None) -> di
     for comp in comps:
         fp8 = opts.precision == "fp8" and comp == "transformer"
         amax = (calib.amax if calib else None) if fp8 else "-"
-        plan[comp] = _fingerprint(EXPORTER_VERSION, comp, opts.dtype, fp8, amax, source_fingerprint(ckpt, comp))
+        io = (component(comp).input_names, component(comp).output_names)  # a graph of other I/O is stale
+        plan[comp] = _fingerprint(EXPORTER_VERSION, comp, io, opts.dtype, fp8, amax, source_fingerprint(ckpt, comp))
     return plan
 
 

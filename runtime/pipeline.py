@@ -296,4 +296,7 @@ class Pipeline:
             raise NonFiniteImageError(self.backend.name, float(x.abs().max()))
         image = (image.float() / 2 + 0.5).clamp(0, 1)
         array: np.ndarray = image.cpu().permute(0, 2, 3, 1).numpy()  # [B, H, W, 3]
+        if req.overlay is not None:  # padding_mask_crop: into the original's frame (PIL, as diffusers)
+            pil = req.overlay.apply(to_pil(array))
+            return pil if req.output_type == "pil" else np.stack([np.asarray(p, np.float32) / 255.0 for p in pil])
         return array if req.output_type == "np" else to_pil(array)

@@ -149,7 +149,7 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench import bench_transformer
 
     configs = args.configs.split(",")
-    if set(configs) - {"e2e", "text"}:
+    if set(configs) - {"e2e", "text", "modes"}:
         bench_transformer(args.preset, args.size, args.batch, configs, args.attention, args.json, args.fidelity)
     if "e2e" in configs and args.memory:
         bad = sorted(set(args.memory.split(",")) - set(check.MEMORY_MODES))
@@ -160,12 +160,16 @@ def _bench(args: argparse.Namespace) -> int:
         configs = [c for c in configs if c != "e2e"]
         bench_memory(args.preset, args.size, args.steps, args.memory.split(","), t5=not args.no_t5,
                      out=args.json.with_name(f"{args.json.stem}_memory.json"))
-    for part in [c for c in ("text", "e2e") if c in configs]:
+    for part in [c for c in ("text", "e2e", "modes") if c in configs]:
         from .bench import Runner
         from .bench_e2e import bench_e2e, bench_text
+        from .bench_modes import bench_modes
 
         runner = Runner(args.json.with_name(f"{args.json.stem}_{part}.json"))
-        bench_text(runner) if part == "text" else bench_e2e(args.preset, args.size, args.steps, runner)
+        if part == "modes":
+            bench_modes(args.preset, args.size, args.steps, args.strength, runner)
+        else:
+            bench_text(runner) if part == "text" else bench_e2e(args.preset, args.size, args.steps, runner)
         print(runner.table(runner.rows[0]["name"]))
     return 0
 
@@ -276,9 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="released shapes with random weights")
     b.add_argument("--size", type=int, default=1024)
     b.add_argument("--batch", type=int, default=1, help="images per step (the transformer sees 2x: CFG)")
-    b.add_argument("--steps", type=int, default=28, help="denoising steps of the end-to-end image (e2e)")
+    b.add_argument("--steps", type=int, default=28, help="denoising steps of the end-to-end image (e2e, modes)")
+    b.add_argument("--strength", type=float, default=0.6, help="image-to-image / inpainting strength (modes)")
     b.add_argument("--configs", default="peer-eager,peer-compile,bf16,fp8,fp8-compile-default",
-                   help="comma list: attention, vae, peer-eager, peer-compile, bf16, peer-ao, fp8[-compile-<mode>][+fast][+gelu][+tune][+mk][+fa4], profile, text, e2e")
+                   help="comma list: attention, vae, peer-eager, peer-compile, bf16, peer-ao, fp8[-compile-<mode>][+fast][+gelu][+tune][+mk][+fa4], profile, text, e2e, modes (image-to-image / inpainting / SLG)")
     b.add_argument("--fidelity", action="store_true",
                    help="compare every FP8 row with BF16 (cosine, rel. L2) even without a peer/bf16 row; "
                         "e2e rows always compare the final image (cosine, PSNR)")

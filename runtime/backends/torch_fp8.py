@@ -10,7 +10,8 @@ Attention is the torch backend's choice at load (FlashAttention-4 on sm90/sm100 
 runs as the identical x*sigmoid(2z) form (cheaper compiled). `compile=True` runs the MMDiT and the
 VAE decoder under torch.compile (inductor fuses the activation quantization into the producers; its
 on-disk cache makes later starts warm; coordinate-descent tuning gained < 1 ms and tripled the warm
-start, so it stays off); `compile="reduce-overhead"` also replays the step as a CUDA graph.
+start, so it stays off); `compile="reduce-overhead"` also replays the step as a CUDA graph. The VAE encoder (image modes)
+runs in bf16, channels-last on CUDA and, with `compile`, compiled there (on the CPU it stays eager).
 """
 
 from __future__ import annotations
@@ -75,6 +76,10 @@ class TorchFP8Backend(TorchBackend):
             mmdit = torch.compile(mmdit, fullgraph=True, options=options)
             vae = torch.compile(vae)
         self.modules.update(transformer=mmdit, vae_decoder=vae)
+        encoder = self.modules.get("vae_encoder")
+        if encoder is not None and self.device.type == "cuda":
+            encoder = encoder.to(memory_format=torch.channels_last)
+            self.modules["vae_encoder"] = torch.compile(encoder) if options is not None else encoder
         self.bind()  # the attention core the torch backend chose stays on the FP8 model's attentions
         # A ControlNet runs FP8 GEMMs with the calibration `export_controlnet` writes beside the
         # MMDiT's (<out>/controlnet_calibration, made jointly); without one it runs in bf16.

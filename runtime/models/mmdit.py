@@ -252,7 +252,9 @@ class MMDiT(nn.Module):
     """forward(latent [B,16,H/8,W/8], timestep [B], context [B,77+T,4096], pooled [B,2048],
     skip_layers=None, controlnet_residuals=None): blocks whose index is in `skip_layers` are not run
     (their input passes through unchanged), as diffusers' SD3Transformer2DModel(skip_layers=...) for
-    skip-layer guidance. `controlnet_residuals` (a sequence of R tensors [B, h*w/p^2, D], or one
+    skip-layer guidance. `skip_layers` as a float tensor [num_layers] (1 = skip; the exported graphs'
+    input) runs every block and selects its input or its output, so one traced graph serves plain and
+    SLG passes. `controlnet_residuals` (a sequence of R tensors [B, h*w/p^2, D], or one
     [R, B, N, D] tensor) is diffusers' `block_controlnet_hidden_states`: after block i (skipped or
     not, but the last) the image stream gets residual int(i / (L / R)) added, L the block count."""
 
@@ -273,7 +275,7 @@ class MMDiT(nn.Module):
         timestep: torch.Tensor,
         context: torch.Tensor,
         pooled: torch.Tensor,
-        skip_layers: tuple[int, ...] | list[int] | None = None,
+        skip_layers: tuple[int, ...] | list[int] | torch.Tensor | None = None,
         controlnet_residuals: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...] | None = None,
     ) -> torch.Tensor:
         b, _, height, width = latent.shape
@@ -281,10 +283,15 @@ class MMDiT(nn.Module):
         x = self.pos_embed(latent)  # [B, h*w, D]
         temb = self.time_text_embed(timestep, pooled)  # [B, D]
         ctx = self.context_embedder(context)  # [B, 77+T, D]
-        skip = frozenset(skip_layers or ())
+        flags = skip_layers if isinstance(skip_layers, torch.Tensor) else None  # [num_layers], 1 = skip
+        skipped = frozenset(() if flags is not None else (skip_layers or ()))
         n_res = 0 if controlnet_residuals is None else len(controlnet_residuals)
         for index, block in enumerate(self.transformer_blocks):
-            if index not in skip:
+            if flags is not None:  # exported graphs: run the block, keep its input where flagged
+                drop = flags[index] > 0.5  # [] bool
+                new_x, new_ctx = block(x, ctx, temb)
+                x, ctx = torch.where(drop, x, new_x), torch.where(drop, ctx, new_ctx)
+            elif index not in skipped:
                 x, ctx = block(x, ctx, temb)
             if n_res and not block.last:  # diffusers: interval = L / R, residual int(i / interval)
                 x = x + controlnet_residuals[int(index / (len(self.transformer_blocks) / n_res))].to(x.dtype)
