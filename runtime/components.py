@@ -142,6 +142,11 @@ TABLE: tuple[Component, ...] = (
               input_shapes=lambda c, r: {"image": (r.batch, 3, r.height, r.width)},
               cfg_doubled=False, optional=True),
 )
+def _controlnet(c: VariantConfig, r: RequestShape) -> dict[str, Shape]:
+    shapes = {k: v for k, v in _transformer(c, r).items() if k != "skip_layers"}  # a ControlNet runs every block
+    return {**shapes, "controlnet_cond": c.latent_shape(r.batch, r.height, r.width)}  # cond: [B, 16, h, w]
+
+
 # A ControlNet (runtime/control.py) is exported on its own (export/controlnet_export.py), beside a
 # model's export: one record, outside TABLE (not every model has one). residuals: [R, B, h*w/4, D].
 CONTROLNET = Component(
@@ -149,8 +154,7 @@ CONTROLNET = Component(
                           Tensor("timestep", _B, "float32", "timestep"), Tensor("encoder_hidden_states", {0: "B", 1: "S"}),
                           Tensor("pooled_projections", _B)),
     outputs=(Tensor("residuals", {1: "B", 2: "N"}),),
-    input_shapes=lambda c, r: {**_transformer(c, r), "controlnet_cond": c.latent_shape(r.batch, r.height, r.width)},
-    cfg_doubled=True, optional=True, runtime=False, engine=False)
+    input_shapes=lambda c, r: _controlnet(c, r), cfg_doubled=True, optional=True, runtime=False, engine=False)
 BY_NAME: dict[str, Component] = {c.name: c for c in (*TABLE, CONTROLNET)}
 # The components the backends load (optional ones where present).
 RUNTIME: tuple[Component, ...] = tuple(c for c in TABLE if c.runtime)

@@ -10,14 +10,16 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 from PIL import Image, PngImagePlugin
 
 from .errors import InvalidInputError
 from .files import atomic_write
-from .guidance import SkipLayerGuidance
+
+if TYPE_CHECKING:  # guidance imports torch: the CLI's flag checks read EXTENSIONS from here before torch
+    from .guidance import SkipLayerGuidance
 
 FORMATS = ("png", "jpeg", "webp")
 EXTENSIONS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}

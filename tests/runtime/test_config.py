@@ -22,9 +22,10 @@ def test_real_shapes() -> None:
     assert VARIANTS["sd3.5-medium"].transformer.dual_attention_layers == tuple(range(13))
 
 
-def test_engine_profiles_double_the_batch_under_cfg_but_for_the_vae() -> None:
+def test_engine_profiles_double_the_batch_under_cfg_but_for_the_vae_and_the_slg_pass() -> None:
     prof = VARIANTS["sd3.5-large"].engine_profiles(sizes=(512, 1024, 1536), batches=(1, 1, 4))
-    assert prof["transformer"]["hidden_states"] == ((2, 16, 64, 64), (2, 16, 128, 128), (8, 16, 192, 192))
+    # the transformer's minimum is the image batch: the skip-layer pass runs on the prompts' rows alone
+    assert prof["transformer"]["hidden_states"] == ((1, 16, 64, 64), (2, 16, 128, 128), (8, 16, 192, 192))
     assert prof["transformer"]["encoder_hidden_states"][2] == (8, 333, 4096)
     # the prompt encoders see [negatives; prompts] in one batch (runtime/text.py, pipeline._conditioning)
     assert prof["clip_l"]["input_ids"] == ((2, 77), (2, 77), (8, 77))
