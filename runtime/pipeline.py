@@ -14,7 +14,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from .edits import start as start_from_image
 from .errors import ClosedError, GenerationCancelled, InvalidInputError, NonFiniteImageError
 from .guidance import guided
 from .image import to_pil
+from .lora import LoraMixin
 from .requests import Request, normalize_request
 from .sampling import StepHook, Transformer, chain, initial_noise, run
 from .text import PromptEncoder, load_tokenizers
@@ -75,7 +76,7 @@ def sample(encode: PromptEncoder, transformer: Transformer, device: torch.device
                generator)
 
 
-class Pipeline:
+class Pipeline(LoraMixin):
     # Threads of the pool behind `generate_async` (calls beyond that wait for a free thread).
     async_workers = 4
 
@@ -88,6 +89,7 @@ class Pipeline:
         self._running = 0  # calls in progress
         self._closed = False
         self._pool: ThreadPoolExecutor | None = None
+        self._init_loras()
 
     @classmethod
     def from_pretrained(
@@ -131,7 +133,8 @@ class Pipeline:
         the backend's own error for a request it cannot take, e.g. outside an engine's profile);
         returns the request with every default resolved."""
         kwargs.pop("callback_on_step_end", None), kwargs.pop("progress", None)
-        req = normalize_request(self.config, prompt, **kwargs)
+        loras = kwargs.pop("loras", None)
+        req = self.with_loras(normalize_request(self.config, prompt, **kwargs), loras)
         b = self.backend
         if req.image is not None and getattr(b, "vae_encoder", None) is None:
             raise InvalidInputError(f"image= ({req.mode}) needs the VAE encoder, which backend {b.name!r} has not "
@@ -213,11 +216,13 @@ class Pipeline:
         skip_layer_guidance_scale: float = 2.8,
         skip_layer_guidance_start: float = 0.01,
         skip_layer_guidance_stop: float = 0.2,
+        loras: Mapping[str, float] | Sequence[Mapping[str, float]] | None = None,
     ) -> PipelineOutput:
         """diffusers' arguments: text-to-image; `image` -> image-to-image (StableDiffusion3Img2ImgPipeline,
         `strength` trims the schedule); `image` + `mask_image` -> inpainting (StableDiffusion3InpaintPipeline);
         `skip_guidance_layers` -> skip-layer guidance (StableDiffusion3Pipeline). `latents` with an image:
-        the starting latents as they are (image-to-image) or the noise (inpainting), as diffusers."""
+        the starting latents as they are (image-to-image) or the noise (inpainting), as diffusers.
+        `loras={"style": 0.7}` (or one such dict per image): strengths of LoRAs loaded with `load_lora`."""
         req = self.check_request(  # raises before any heavy work
             prompt, prompt_2=prompt_2, prompt_3=prompt_3, negative_prompt=negative_prompt,
             negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3, height=height, width=width,
@@ -226,7 +231,8 @@ class Pipeline:
             max_sequence_length=max_sequence_length, output_type=output_type, sampler=sampler, image=image,
             mask_image=mask_image, strength=strength, padding_mask_crop=padding_mask_crop,
             skip_guidance_layers=skip_guidance_layers, skip_layer_guidance_scale=skip_layer_guidance_scale,
-            skip_layer_guidance_start=skip_layer_guidance_start, skip_layer_guidance_stop=skip_layer_guidance_stop)
+            skip_layer_guidance_start=skip_layer_guidance_start, skip_layer_guidance_stop=skip_layer_guidance_stop,
+            loras=loras)
         self._enter()
         try:
             return self._generate(req, generator, latents, callback_on_step_end, progress)
@@ -236,7 +242,8 @@ class Pipeline:
     def _generate(self, req: Request, generator: Any, latents: torch.Tensor | None,
                   callback_on_step_end: StepCallback | None, progress: bool) -> PipelineOutput:
         b = self.backend
-        x = sample(self.encode, b.transformer, b.device, req, generator, latents, self._hook(callback_on_step_end),
+        encode, transformer = self.lora_calls(req)
+        x = sample(encode, transformer, b.device, req, generator, latents, self._hook(callback_on_step_end),
                    progress, b.name, getattr(b, "vae_encoder", None))
         info = {"mode": req.mode, "steps": len(req.schedule), "sampler": req.sampler.name, "guidance": req.guidance,
                 "height": req.height, "width": req.width, "backend": self.backend.name, "variant": self.config.name}
