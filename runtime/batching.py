@@ -5,7 +5,8 @@
         image = ticket.result(timeout=60).images[0]              # or: await batcher.generate(job)
 
 Requests are grouped by everything that shapes the computation (height, width, sampler, steps,
-guidance, T5 length, output type); prompts, negative prompts and seeds differ freely inside a batch.
+guidance, T5 length, output type); prompts, negative prompts, seeds and LoRA strengths differ freely
+inside a batch.
 Image i of a job draws its noise (a stochastic sampler's too) from
 `torch.Generator().manual_seed(seed + i)` (`seed_generators`), one generator per image as diffusers
 does for a generator list, so every image equals what `pipe(**job.call_kwargs())` gives alone.
@@ -46,6 +47,7 @@ class Job:
     max_sequence_length: int = 256
     output_type: str = "pil"
     sampler: str = "euler"
+    loras: tuple[tuple[str, float], ...] = ()  # (name, strength) of LoRAs loaded on the pipeline
 
     def call_kwargs(self) -> dict[str, Any]:
         """The arguments of the unbatched call that gives this job's images."""
@@ -53,7 +55,7 @@ class Job:
                     width=self.width, num_inference_steps=self.steps, guidance_scale=self.guidance,
                     num_images_per_prompt=self.n, generator=seed_generators(self.seed, self.n),
                     max_sequence_length=self.max_sequence_length, output_type=self.output_type,
-                    sampler=self.sampler)
+                    sampler=self.sampler, loras=dict(self.loras) or None)
 
 
 @dataclass(eq=False)  # identity: two tickets of equal jobs are distinct
@@ -258,6 +260,8 @@ def _batch_kwargs(batch: list[Ticket]) -> dict[str, Any]:
     kw["negative_prompt"] = [t.job.negative_prompt or "" for t in batch for _ in range(t.job.n)]
     kw["generator"] = [g for t in batch for g in seed_generators(t.job.seed, t.job.n)]
     kw["num_images_per_prompt"] = 1
+    if any(t.job.loras for t in batch):  # strengths per image: jobs with different LoRAs share a batch
+        kw["loras"] = [dict(t.job.loras) for t in batch for _ in range(t.job.n)]
     return kw
 
 
