@@ -19,7 +19,7 @@ import math
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -102,6 +102,13 @@ def fuse_lora(models: Mapping[str, nn.Module], lora: LoraFile, scale: float) -> 
     return len(steps)
 
 
+def attach(models: Mapping[str, nn.Module], lora: LoraFile, slot: int, bank_for: Any) -> None:
+    """Put `lora` into slot `slot` of the side path of every layer it touches (wrapping the layer on
+    first use); `bank_for(component, model)` gives the component's LoraBank."""
+    for comp, target, group, groups, part in plan(models, lora):
+        install(models[comp], target, bank_for(comp, models[comp]), groups).set_slot(slot, group, part.down, part.up)
+
+
 def check_scale(where: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or abs(value) > MAX_SCALE:
@@ -170,7 +177,7 @@ class LoraMixin:
                                     f"pass another name= (loaded: {self.loras})")
         scale = check_scale("scale", scale)
         lora = read_lora(path, self.config.transformer.num_layers)
-        steps = plan(models, lora)  # every shape checked before anything changes
+        plan(models, lora)  # every shape checked before anything changes
         with self._state:
             self._state.wait_for(lambda: self._running == 0)  # new calls wait on _state meanwhile
             if fuse:
@@ -178,9 +185,7 @@ class LoraMixin:
                 self._loras[name] = LoadedLora(name, lora, None, scale)
                 return name
             slot = self._free_slot(name, lora)
-            for comp, target, group, groups, part in steps:
-                bank = self._bank(comp, models[comp])
-                install(models[comp], target, bank, groups).set_slot(slot, group, part.down, part.up)
+            attach(models, lora, slot, self._bank)
             self._loras[name] = LoadedLora(name, lora, slot)
         return name
 

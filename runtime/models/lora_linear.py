@@ -94,7 +94,7 @@ def fuse_delta(layer: nn.Module, group: int, groups: int, delta: torch.Tensor) -
         w = layer.weight_t.t().float() * layer.scale_w  # [out, in]
         w[rows] += delta.to(w.device, torch.float32)
         scale = max(float(w.abs().max()), 1e-12) / E4M3_MAX
-        layer.weight_t = to_e4m3(w, scale).t()  # [in, out] column-major again
+        layer.weight_t.copy_(to_e4m3(w, scale).t())  # in place: [in, out] column-major, same address
         layer.scale_w.fill_(scale)
     elif isinstance(layer, nn.Linear):
         with torch.no_grad():
@@ -116,6 +116,20 @@ def install(model: nn.Module, name: str, bank: LoraBank, groups: int) -> LoraLin
     else:
         setattr(owner, leaf, wrapped)
     return wrapped
+
+
+def uninstall(model: nn.Module) -> int:
+    """Put every LoraLinear's base back in its place (the side paths dropped); returns how many."""
+    names = [n for n, m in model.named_modules() if isinstance(m, LoraLinear)]
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        base = model.get_submodule(name).base
+        if isinstance(owner, nn.ModuleList):
+            owner[int(leaf)] = base
+        else:
+            setattr(owner, leaf, base)
+    return len(names)
 
 
 def is_linear(module: nn.Module) -> bool:

@@ -1,0 +1,54 @@
+"""GPU: switching LoRAs and strengths on a compiled torch-fp8 pipeline (compile="reduce-overhead",
+CUDA graphs) compiles nothing new and records no new CUDA graph."""
+
+from __future__ import annotations
+
+import gc
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sd35trt.runtime import Pipeline
+from sd35trt.runtime.models.fp8 import HIGH_PRECISION, max_calibrate
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lora_writers import write_kohya_lora  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+
+def _graph_nodes() -> int:
+    from torch._inductor.cudagraph_trees import CUDAGraphNode
+
+    return sum(isinstance(o, CUDAGraphNode) for o in gc.get_objects())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (FP8 GEMMs, CUDA graphs)")
+def test_two_loras_three_strengths_no_recompile_no_recapture(tiny_models: dict[str, Path], tmp_path: Path,
+                                                             capsys) -> None:
+    from torch._dynamo.utils import counters
+
+    path = tiny_models["large"]
+    kw = dict(prompt="a red fox", negative_prompt="blurry", height=64, width=64, num_inference_steps=3,
+              guidance_scale=4.0, output_type="latent", progress=False)
+    ref = Pipeline.from_pretrained(path, device="cuda", dtype=torch.bfloat16)
+    amax = max_calibrate(ref.backend.modules["transformer"], lambda m: ref(**kw), HIGH_PRECISION)
+    pipe = Pipeline.from_pretrained(path, backend="torch-fp8", device="cuda", calibration=amax,
+                                    compile="reduce-overhead")
+    for name, seed in (("a", 1), ("b", 2)):
+        write_kohya_lora(path, tmp_path / f"{name}.safetensors", seed=seed)
+        pipe.load_lora(tmp_path / f"{name}.safetensors")
+    pipe(**kw, generator=torch.Generator().manual_seed(0))  # compile + capture once
+    pipe(**kw, generator=torch.Generator().manual_seed(0), loras={"a": 1.0})
+    graphs, frames, nodes = counters["stats"]["unique_graphs"], counters["frames"]["ok"], _graph_nodes()
+    outs = {}
+    for lora in ("a", "b"):
+        for s in (0.3, 1.0, -0.8):
+            outs[lora, s] = pipe(**kw, generator=torch.Generator().manual_seed(0), loras={lora: s}).images.clone()
+    new = (counters["stats"]["unique_graphs"] - graphs, counters["frames"]["ok"] - frames, _graph_nodes() - nodes)
+    with capsys.disabled():
+        print(f"\n[6 switches: new dynamo graphs {new[0]}, new frames {new[1]}, new CUDA graph nodes {new[2]}]")
+    assert new == (0, 0, 0)
+    assert not torch.equal(outs["a", 0.3], outs["a", 1.0]) and not torch.equal(outs["a", 1.0], outs["b", 1.0])
