@@ -32,6 +32,8 @@ from ..runtime.errors import (ClosedError, InvalidInputError, NonFiniteLatentsEr
 from ..runtime.image import MEDIA_TYPES, encode_image
 
 from .metrics import CONTENT_TYPE, Metrics, RequestMetrics
+from .loras import describe as describe_loras
+from .loras import with_loras
 from .schema import FieldError, GenerationRequest, Rendering, check_model, describe_validation, rendering, to_job
 from .state import ModelHost, ServeSettings
 
@@ -167,6 +169,10 @@ def create_app(settings: ServeSettings, pipeline: Pipeline | None = None) -> Fas
                          "invalid_request_error", "model", code="model_not_found")
         return JSONResponse(model_card())
 
+    @app.get("/v1/loras")
+    async def loras() -> JSONResponse:
+        return JSONResponse(describe_loras(host.pipe if host.ready else None))
+
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
@@ -180,7 +186,8 @@ def create_app(settings: ServeSettings, pipeline: Pipeline | None = None) -> Fas
             seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
             caps = pipe.backend.limits
             sizes = (caps.min_size or 0, caps.max_size or limits.max_size) if caps.max_size else None
-            job = to_job(body, limits, pipe.config, seed, sizes, raw=how.raw)
+            job = with_loras(to_job(body, limits, pipe.config, seed, sizes, raw=how.raw), body.loras, pipe.loras,
+                             settings.lora_limits)
             out = await wait_for_result(batcher.submit(job), request, limits.timeout_s)
             return await run_in_threadpool(render, how, job, out, str(settings.model))
         except Exception as exc:

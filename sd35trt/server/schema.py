@@ -16,7 +16,7 @@ OpenAI fields and what they do here:
   background       "auto" | "opaque" accepted (SD3.5 makes opaque images); "transparent" refused
   quality, style, moderation, complexity, user, safety_identifier   accepted and ignored
   stream, partial_images, frame_count, frame_duration_ms, svg       refused unless off / unset
-Our own: negative_prompt, steps, guidance, seed.
+Our own: negative_prompt, steps, guidance, seed, sampler, loras ([{name, scale}], server/loras.py).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from ..runtime.batching import Job
 from ..runtime.config import VariantConfig
 from ..runtime.errors import InvalidInputError
 from ..runtime.samplers import SAMPLER_NAMES
+from .loras import LoraRef
 
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
@@ -92,6 +93,7 @@ class GenerationRequest(BaseModel):
     guidance: float | None = Field(None, ge=0, allow_inf_nan=False, description="CFG scale; <= 1 disables CFG")
     seed: int | None = Field(None, ge=0, lt=2**63, description="image i uses seed + i; default: random")
     sampler: str | None = Field(None, description="euler (default), dpmpp_2m, dpmpp_2m_sde, heun")
+    loras: list[LoraRef] | None = Field(None, description="[{name, scale}] of LoRAs listed by GET /v1/loras")
 
 
 FIELDS = tuple(GenerationRequest.model_fields)
