@@ -11,6 +11,8 @@ from pathlib import Path
 
 from . import cli_checks as check
 from .cli_checks import UsageError, flagged
+from .cli_lora import lora_arg
+from .cli_lora import resolve as resolve_loras
 from .quiet import library_stdout, quiet_onnxruntime, third_party_quiet
 
 # One vocabulary across flags, arguments, manifests and errors:
@@ -56,6 +58,7 @@ def _generate(args: argparse.Namespace) -> int:
         raise UsageError(f"--quality applies to JPEG and WebP; {args.out} is a PNG (lossless): drop --quality")
     check.require_cuda(options, backend)
     modes = _mode_arguments(args)  # sampler, image / mask / strength, skip-layer guidance (no torch yet)
+    loras = resolve_loras(args.lora, args.lora_dir)
     quiet_onnxruntime(backend == "onnxruntime" and not args.verbose)
 
     import torch
@@ -72,6 +75,8 @@ def _generate(args: argparse.Namespace) -> int:
     backend_limits(backend, ckpt, ckpt.config)  # an engine set's manifest is read before any engine
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     with Pipeline.from_pretrained(args.model, backend=backend, family=args.family, **options) as pipe:
+        if loras:
+            modes["loras"] = {pipe.load_lora(f, name=f"{f.stem}-{i}"): s for i, (f, s) in enumerate(loras)}
         out = pipe(
             args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
             guidance_scale=args.guidance, height=args.height, width=args.width,
@@ -80,7 +85,8 @@ def _generate(args: argparse.Namespace) -> int:
     meta = {"prompt": args.prompt, "negative_prompt": args.negative_prompt or "", "seed": seed,
             "steps": out.info["steps"], "guidance": out.info["guidance"], "model": str(args.model),
             "variant": out.info["variant"], "backend": out.info["backend"],
-            "size": f"{out.info['width']}x{out.info['height']}"}
+            "size": f"{out.info['width']}x{out.info['height']}",
+            **({"loras": ",".join(f"{f.name}:{s:g}" for f, s in loras)} if loras else {})}
     path = save_image(out.images[0], args.out, meta, quality=args.quality)
     print(f"wrote {path} ({out.info['width']}x{out.info['height']}, seed {seed}, "
           f"{out.info['steps']} steps, guidance {out.info['guidance']}, backend {out.info['backend']})")
@@ -305,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mask", type=Path, help="inpainting mask: white = repaint, black = keep (the image's size)")
     g.add_argument("--strength", type=float, help="--image: how much to change it, (0, 1] (default 0.6)")
     g.add_argument("--slg", help="skip-layer guidance: transformer blocks to skip, e.g. 7,8,9 (SD3.5 Medium)")
+    g.add_argument("--lora", type=lora_arg, action="append", default=[], metavar="NAME_OR_FILE[:SCALE]",
+                   help="torch backends: a LoRA .safetensors (or its name in --lora-dir) at SCALE (default 1.0); "
+                        "repeatable")
+    g.add_argument("--lora-dir", type=Path, help="folder that --lora names are looked up in")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--out", type=check.image_path, required=True,
                    help="image path: .png, .jpg/.jpeg or .webp (the format; metadata in PNG text chunks or EXIF)")
@@ -333,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-steps", type=pos, default=100)
     v.add_argument("--max-n", type=pos, help="images per request (default and at most: --max-batch)")
     v.add_argument("--max-prompt-chars", type=pos, default=2000)
+    v.add_argument("--lora-dir", type=Path, help="torch backends: load every *.safetensors LoRA in this folder; "
+                                                 "requests pick them by name (GET /v1/loras)")
     v.set_defaults(func=_serve)
     for sp in sub.choices.values():
         _common(sp)
