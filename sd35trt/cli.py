@@ -135,7 +135,8 @@ def _export(args: argparse.Namespace) -> int:
 
     calib = CalibSettings(num_prompts=args.calib_size, steps=args.calib_steps, seed=args.calib_seed)
     dtype = {"dtype": args.dtype} if args.dtype else {}
-    opts = ExportOptions(precision=args.precision, calib=calib, t5=not args.no_t5, **dtype)
+    loras = tuple((str(f), s) for f, s in resolve_loras(args.lora, None))
+    opts = ExportOptions(precision=args.precision, calib=calib, t5=not args.no_t5, loras=loras, **dtype)
     t0 = time.perf_counter()
     with library_stdout(not args.verbose):  # ModelOpt's and polygraphy's prints
         rows = export_model(args.model, args.out, opts, progress=not args.quiet)
@@ -251,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--calib-steps", type=pos, help="denoising steps per calibration prompt (default: the family's)")
     e.add_argument("--calib-seed", type=seed, default=0)
     e.add_argument("--no-t5", action="store_true", help="skip T5 (the runtime then uses zeros, as SD3 allows)")
+    e.add_argument("--lora", type=lora_arg, action="append", default=[], metavar="FILE[:SCALE]",
+                   help="fuse this LoRA (.safetensors) at SCALE (default 1.0) before calibration; repeatable, "
+                        "recorded in the manifest")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=_export)
 
