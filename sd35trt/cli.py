@@ -146,6 +146,14 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refit(args: argparse.Namespace) -> int:
+    from .export.refit import refit_engines
+
+    done = refit_engines(args.engines, args.onnx)
+    print(f"refit {', '.join(done) or 'nothing (every engine matches its graph)'} in {args.engines}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .bench import bench_transformer
 
@@ -296,6 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--family", choices=FAMILIES, help="override the exported family (Turbo: no CFG batch)")
     b.add_argument("--quiet", action="store_true", help="no progress lines")
     b.set_defaults(func=_build, dynamic=False)
+
+    r = sub.add_parser("refit", help="enterprise TensorRT: swap a re-export's weights (other --lora) into "
+                                     "refittable engines (never executed here)")
+    r.add_argument("--engines", type=Path, required=True, help="engine set built with --flavor tensorrt --refit")
+    r.add_argument("--onnx", type=Path, required=True, help="the new `sd35trt export` folder (same model)")
+    r.set_defaults(func=_refit)
 
     g = sub.add_parser("generate", help="generate one image (PNG, JPEG or WebP by the --out extension)")
     g.add_argument("--model", type=Path, required=True, help=MODEL_HELP)
