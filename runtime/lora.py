@@ -172,14 +172,13 @@ class LoraMixin:
         the name. `fuse=True` adds it into the weights at `scale` for good (unload refuses it)."""
         models = self._lora_models()
         name = Path(path).stem if name is None else name
-        if not isinstance(name, str) or not name or name in self._loras:
-            raise InvalidInputError(f"LoRA name={name!r} is {'taken' if name in self._loras else 'not a name'}; "
-                                    f"pass another name= (loaded: {self.loras})")
+        self._check_name(name)
         scale = check_scale("scale", scale)
         lora = read_lora(path, self.config.transformer.num_layers)
         plan(models, lora)  # every shape checked before anything changes
         with self._state:
             self._state.wait_for(lambda: self._running == 0)  # new calls wait on _state meanwhile
+            self._check_name(name)  # again: another thread may have loaded it meanwhile
             if fuse:
                 fuse_lora(models, lora, scale)
                 self._loras[name] = LoadedLora(name, lora, None, scale)
@@ -188,6 +187,11 @@ class LoraMixin:
             attach(models, lora, slot, self._bank)
             self._loras[name] = LoadedLora(name, lora, slot)
         return name
+
+    def _check_name(self, name: Any) -> None:
+        if not isinstance(name, str) or not name or name in self._loras:
+            raise InvalidInputError(f"LoRA name={name!r} is {'taken' if name in self._loras else 'not a name'}; "
+                                    f"pass another name= (loaded: {self.loras})")
 
     def _free_slot(self, name: str, lora: LoraFile) -> int:
         if lora.rank > self.lora_max_rank:
@@ -225,12 +229,9 @@ class LoraMixin:
     def lora_rows(self, loras: Any, batch: int) -> torch.Tensor | None:
         """`loras` of a call ({name: strength}, or one such dict per image) as strengths
         [batch, slots]; None when the call names none. InvalidInputError naming the bad entry."""
-        if loras is None or loras == {} or loras == []:
+        per_image = self._per_image(loras, batch)
+        if per_image is None:
             return None
-        per_image = list(loras) if isinstance(loras, (list, tuple)) else [loras] * batch
-        if len(per_image) != batch or not all(isinstance(d, Mapping) for d in per_image):
-            raise InvalidInputError(f"loras={loras!r}: pass one dict {{name: strength}}, or a list of {batch} "
-                                    f"such dicts (one per image)")
         rows = torch.zeros(batch, self.lora_slots)  # [B, S]
         for i, d in enumerate(per_image):
             for key, value in d.items():
@@ -242,15 +243,30 @@ class LoraMixin:
                 rows[i, entry.slot] = check_scale(f"loras[{key!r}]", value)
         return rows
 
+    @staticmethod
+    def _per_image(loras: Any, batch: int) -> tuple[dict, ...] | None:
+        if loras is None or loras == {} or loras == []:
+            return None
+        per_image = list(loras) if isinstance(loras, (list, tuple)) else [loras] * batch
+        if len(per_image) != batch or not all(isinstance(d, Mapping) for d in per_image):
+            raise InvalidInputError(f"loras={loras!r}: pass one dict {{name: strength}}, or a list of {batch} "
+                                    f"such dicts (one per image)")
+        return tuple(dict(d) for d in per_image)
+
     def with_loras(self, req: Any, loras: Any) -> Any:
-        return req if loras is None else replace(req, loras=self.lora_rows(loras, req.batch))
+        """`req` with the call's LoRAs checked (names, strengths) and kept per image; the slots are
+        looked up again when the call runs (load/unload cannot happen while it does)."""
+        if self.lora_rows(loras, req.batch) is None:
+            return req
+        return replace(req, loras=self._per_image(loras, req.batch))
 
     def lora_calls(self, req: Any) -> tuple[PromptEncoder, Any]:
         """The (prompt encoder, transformer) of one call: with the call's strengths where LoRAs are in place."""
         b = self.backend
         if not self._banks:
             return self.encode, b.transformer
-        rows = req.loras if getattr(req, "loras", None) is not None else torch.zeros(req.batch, self.lora_slots)
+        rows = self.lora_rows(getattr(req, "loras", None), req.batch)
+        rows = rows if rows is not None else torch.zeros(req.batch, self.lora_slots)  # [B, S]
         lock = self._lora_call_lock
         calls = {c: _Banked(getattr(b, c), self._banks[c], rows, lock) for c in self._banks}
         transformer = calls.pop("transformer", b.transformer)

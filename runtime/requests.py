@@ -40,7 +40,7 @@ class Request:
     mask: torch.Tensor | None = field(default=None, compare=False)  # [M, 1, H, W] in {0, 1} (1: repaint)
     strength: float = 1.0  # image modes: the schedule above is already trimmed to it
     slg: SkipLayerGuidance | None = None
-    loras: torch.Tensor | None = field(default=None, compare=False)  # [B, slots] LoRA strengths (runtime/lora.py)
+    loras: tuple[dict[str, float], ...] | None = field(default=None, compare=False)  # per image {LoRA: strength} (runtime/lora.py)
 
     @property
     def batch(self) -> int:
