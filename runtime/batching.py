@@ -4,12 +4,14 @@
         ticket = batcher.submit(Job("a red fox", seed=7))        # from any thread
         image = ticket.result(timeout=60).images[0]              # or: await batcher.generate(job)
 
-Requests are grouped by everything that shapes the computation (height, width, sampler, steps,
-guidance, T5 length, output type); prompts, negative prompts, seeds and LoRA strengths differ freely
-inside a batch.
+Requests are grouped by everything that shapes the computation (mode: text-to-image /
+image-to-image / inpainting, height, width, sampler, steps, guidance, T5 length, output type,
+strength, the input image's own size and kind, skip-layer guidance settings); prompts, negative
+prompts, seeds, input images, masks and LoRA strengths differ freely inside a batch.
 Image i of a job draws its noise (a stochastic sampler's too) from
 `torch.Generator().manual_seed(seed + i)` (`seed_generators`), one generator per image as diffusers
-does for a generator list, so every image equals what `pipe(**job.call_kwargs())` gives alone.
+does for a generator list (an edit's VAE posterior too), so every image equals what
+`pipe(**job.call_kwargs())` gives alone.
 
 Threads: `workers` threads (default 1) take batches off one queue and call the pipeline. A waiting
 job counts against `max_queue` (QueueFullError beyond it). Cancelling a waiting job removes it; a
@@ -29,12 +31,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ClosedError, GenerationCancelled, InvalidInputError, QueueFullError, is_out_of_memory
+from .guidance import SkipLayerGuidance
+from .images_in import source_sizes
 from .pipeline import Pipeline, PipelineOutput, seed_generators
+from .requests import Request
 
 
 @dataclass(frozen=True)
 class Job:
-    """One request: `n` images of `prompt` from seeds seed, seed+1, ... (None: the variant's default)."""
+    """One request: `n` images of `prompt` from seeds seed, seed+1, ... (None: the variant's default).
+    `image` (one PIL image / array / tensor, or a list of them dividing n) makes it image-to-image,
+    `mask` too inpainting (the Pipeline's image= / mask_image=, same conventions); the
+    `skip_guidance_layers` fields are the Pipeline's skip-layer guidance."""
 
     prompt: str
     negative_prompt: str | None = None
@@ -47,7 +55,21 @@ class Job:
     max_sequence_length: int = 256
     output_type: str = "pil"
     sampler: str = "euler"
+    image: Any = field(default=None, compare=False)
+    mask: Any = field(default=None, compare=False)
+    strength: float = 0.6
+    skip_guidance_layers: tuple[int, ...] | None = None
+    skip_layer_guidance_scale: float = 2.8
+    skip_layer_guidance_start: float = 0.01
+    skip_layer_guidance_stop: float = 0.2
     loras: tuple[tuple[str, float], ...] = ()  # (name, strength) of LoRAs loaded on the pipeline
+
+    @property
+    def skip_layer_guidance(self) -> SkipLayerGuidance | None:
+        if self.skip_guidance_layers is None:
+            return None
+        return SkipLayerGuidance(tuple(self.skip_guidance_layers), self.skip_layer_guidance_scale,
+                                 self.skip_layer_guidance_start, self.skip_layer_guidance_stop)
 
     def call_kwargs(self) -> dict[str, Any]:
         """The arguments of the unbatched call that gives this job's images."""
@@ -55,7 +77,11 @@ class Job:
                     width=self.width, num_inference_steps=self.steps, guidance_scale=self.guidance,
                     num_images_per_prompt=self.n, generator=seed_generators(self.seed, self.n),
                     max_sequence_length=self.max_sequence_length, output_type=self.output_type,
-                    sampler=self.sampler, loras=dict(self.loras) or None)
+                    sampler=self.sampler, image=self.image, mask_image=self.mask, strength=self.strength,
+                    skip_guidance_layers=self.skip_guidance_layers,
+                    skip_layer_guidance_scale=self.skip_layer_guidance_scale,
+                    skip_layer_guidance_start=self.skip_layer_guidance_start,
+                    skip_layer_guidance_stop=self.skip_layer_guidance_stop, loras=dict(self.loras) or None)
 
 
 @dataclass(eq=False)  # identity: two tickets of equal jobs are distinct
@@ -64,6 +90,7 @@ class Ticket:
 
     job: Job
     key: tuple
+    mode: tuple[str, str] = ("text-to-image", "off")  # (mode, skip-layer guidance on|off), for the stats
     arrived: float = field(default_factory=time.monotonic)
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -82,7 +109,8 @@ class Ticket:
 
 @dataclass(frozen=True)
 class BatcherStats:
-    """Counters since start: batches run, images per batch {size: batches}, jobs by outcome."""
+    """Counters since start: batches run, images per batch {size: batches}, jobs by outcome,
+    batches and images by (mode, skip-layer guidance "on" | "off")."""
 
     batches: int
     batch_sizes: dict[int, int]
@@ -94,6 +122,8 @@ class BatcherStats:
     queue_depth: int  # jobs waiting now
     running: int  # jobs in the batch(es) running now
     retried_alone: int = 0  # jobs of batches that ran out of memory, run again one by one
+    mode_batches: dict[tuple[str, str], int] = field(default_factory=dict)  # {("inpainting", "off"): batches}
+    mode_images: dict[tuple[str, str], int] = field(default_factory=dict)  # images of completed jobs
 
 
 def check_batching(max_batch: int, window_ms: float, max_queue: int, workers: int) -> None:
@@ -116,6 +146,8 @@ class MicroBatcher:
         self._closing = False
         self._counts: Counter[str] = Counter()
         self._sizes: Counter[int] = Counter()
+        self._mode_batches: Counter[tuple[str, str]] = Counter()
+        self._mode_images: Counter[tuple[str, str]] = Counter()
         self._running = 0
         self._threads = [threading.Thread(target=self._work, name=f"sd35trt-batcher-{i}", daemon=True)
                          for i in range(workers)]
@@ -130,9 +162,7 @@ class MicroBatcher:
         if req.batch > self.max_batch:
             raise InvalidInputError(f"n={job.n} images exceed max_batch={self.max_batch}; ask for at most "
                                     f"{self.max_batch} images per request")
-        key = (req.height, req.width, req.sampler.name, len(req.schedule), req.guidance, req.max_sequence_length,
-               req.output_type)
-        ticket = Ticket(job, key, _batcher=self)
+        ticket = Ticket(job, batch_key(req, job), (req.mode, "off" if req.slg is None else "on"), _batcher=self)
         with self._cond:
             if self._closing:
                 raise ClosedError("the micro-batcher is shutting down and takes no new jobs")
@@ -158,7 +188,7 @@ class MicroBatcher:
             c = self._counts
             return BatcherStats(c["batches"], dict(self._sizes), c["completed"], c["failed"], c["cancelled"],
                                 c["stopped_mid_run"], c["rejected"], len(self._pending), self._running,
-                                c["retried_alone"])
+                                c["retried_alone"], dict(self._mode_batches), dict(self._mode_images))
 
     def close(self) -> None:
         """Take no new jobs, run the queued ones, wait for the workers to finish."""
@@ -227,6 +257,9 @@ class MicroBatcher:
                            else "failed" if isinstance(r, BaseException) else "completed")
                 self._counts[outcome] += 1
                 self._counts["cancelled"] += outcome == "stopped_mid_run"
+            for t, r in zip(batch, results):
+                if not isinstance(r, BaseException):
+                    self._mode_images[t.mode] += t.job.n
         for t, r in zip(batch, results):
             if isinstance(r, BaseException):
                 t.future.set_exception(r)
@@ -239,6 +272,7 @@ class MicroBatcher:
         with self._cond:
             self._counts["batches"] += 1
             self._sizes[sum(t.job.n for t in batch)] += 1
+            self._mode_batches[batch[0].mode] += 1
         try:
             out = self.pipe(**_batch_kwargs(batch), callback_on_step_end=_stop_when_all_cancelled(batch),
                             progress=False)
@@ -253,13 +287,36 @@ class MicroBatcher:
             return [exc] * len(batch)
 
 
+def batch_key(req: Request, job: Job) -> tuple:
+    """What jobs must share to run as one call: the mode and everything shaping the computation
+    (strength trims the schedule; the input images' own size and kind, as a list of them must
+    agree; skip-layer guidance adds passes)."""
+    source = None
+    if job.image is not None:
+        items = job.image if isinstance(job.image, (list, tuple)) else [job.image]
+        source = (type(items[0]).__name__, tuple(sorted(set(source_sizes("image", job.image)))))
+    return (req.mode, req.height, req.width, req.sampler.name, len(req.schedule), req.guidance,
+            req.max_sequence_length, req.output_type, req.strength, source, req.slg)
+
+
+def _per_image(value: Any, n: int) -> list:
+    """A job's image (or mask) as one entry per image of the job, tiled as the Pipeline tiles a
+    list that divides the batch ([a, b] -> [a, b, a, b])."""
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    return items * (n // len(items))
+
+
 def _batch_kwargs(batch: list[Ticket]) -> dict[str, Any]:
-    """One call for the whole batch: one prompt, negative and generator per image, in job order."""
+    """One call for the whole batch: one prompt, negative, generator (and input image / mask) per
+    image, in job order."""
     kw = batch[0].job.call_kwargs()
     kw["prompt"] = [t.job.prompt for t in batch for _ in range(t.job.n)]
     kw["negative_prompt"] = [t.job.negative_prompt or "" for t in batch for _ in range(t.job.n)]
     kw["generator"] = [g for t in batch for g in seed_generators(t.job.seed, t.job.n)]
     kw["num_images_per_prompt"] = 1
+    for name, attr in (("image", "image"), ("mask_image", "mask")):
+        if kw[name] is not None:
+            kw[name] = [item for t in batch for item in _per_image(getattr(t.job, attr), t.job.n)]
     if any(t.job.loras for t in batch):  # strengths per image: jobs with different LoRAs share a batch
         kw["loras"] = [dict(t.job.loras) for t in batch for _ in range(t.job.n)]
     return kw

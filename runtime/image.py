@@ -17,6 +17,7 @@ from PIL import Image, PngImagePlugin
 
 from .errors import InvalidInputError
 from .files import atomic_write
+from .guidance import SkipLayerGuidance
 
 FORMATS = ("png", "jpeg", "webp")
 EXTENSIONS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
@@ -96,3 +97,16 @@ def read_metadata(image: Image.Image) -> dict[str, str]:
     except ValueError:
         return {}
     return {k: v for k, v in doc.items() if k.startswith("sd35trt:")} if isinstance(doc, dict) else {}
+
+
+
+def mode_metadata(mode: str, strength: float | None = None, slg: SkipLayerGuidance | None = None) -> dict[str, str]:
+    """The metadata keys that say which mode ran: `mode` (text-to-image | image-to-image |
+    inpainting), `strength` (image modes only) and `slg` ("off", or "7,8,9 scale=2.8 start=0.01
+    stop=0.2": skip-layer guidance's blocks, scale and window)."""
+    meta = {"mode": mode}
+    if mode != "text-to-image" and strength is not None:
+        meta["strength"] = f"{strength:g}"
+    meta["slg"] = "off" if slg is None else (f"{','.join(str(k) for k in slg.layers)} scale={slg.scale:g} "
+                                             f"start={slg.start:g} stop={slg.stop:g}")
+    return meta

@@ -208,7 +208,8 @@ class LoraMixin:
         if comp not in self._banks:
             p = next(model.parameters())  # the compute dtype (FP8 models keep norms/embeddings in bf16)
             dtype = torch.bfloat16 if p.dtype not in (torch.float32, torch.float16) else p.dtype
-            self._banks[comp] = LoraBank(self.lora_slots, self.lora_max_rank, p.device, dtype)
+            # the backend's device: under memory="low" the weights may sit in host memory right now
+            self._banks[comp] = LoraBank(self.lora_slots, self.lora_max_rank, self.backend.device, dtype)
         return self._banks[comp]
 
     def unload_lora(self, name: str) -> None:
@@ -271,4 +272,6 @@ class LoraMixin:
         calls = {c: _Banked(getattr(b, c), self._banks[c], rows, lock) for c in self._banks}
         transformer = calls.pop("transformer", b.transformer)
         e = self.encode
+        while not hasattr(e, "tok_l"):  # a prompt cache (memory modes) wraps the encoder: its results
+            e = e.encode  # hold no LoRA, so a LoRA pipeline encodes afresh
         return PromptEncoder(e.config, (e.tok_l, e.tok_g, e.tok_t5), _View(b, **calls)), transformer

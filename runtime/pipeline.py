@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .backends import Backend, load_backend
+from .backends.base import backend_class
 from .checkpoint import Checkpoint
 from .config import VariantConfig
 from .edits import start as start_from_image
@@ -27,6 +28,7 @@ from .errors import ClosedError, GenerationCancelled, InvalidInputError, NonFini
 from .guidance import guided
 from .image import to_pil
 from .lora import LoraMixin
+from .memory import MemorySettings, apply_memory
 from .requests import Request, normalize_request
 from .sampling import StepHook, Transformer, chain, initial_noise, run
 from .text import PromptEncoder, load_tokenizers
@@ -101,14 +103,18 @@ class Pipeline(LoraMixin):
         onnxruntime for export folders, an engine set's flavor. `family` (large|medium|large-turbo)
         overrides the one detected from the configs or shapes; `clip_l=`, `clip_g=`,
         `t5=`, `tokenizers=` point a single file at its other parts; the remaining options (device,
-        dtype, load_t5, ...) go to the backend."""
+        dtype, load_t5, ...) go to the backend. `memory=` default|balanced|low (with `vae_tiling`,
+        `vae_tile_size`, `prompt_cache`) says which weights stay on the device (runtime/memory.py)."""
+        memory = MemorySettings.pop(options)  # a bad memory= fails before anything is read
         files = {k: options.pop(k) for k in CHECKPOINT_OPTIONS if k in options}
         if options.get("load_t5") is False:
             files["t5"] = False
         ckpt = Checkpoint.open(path, family=family, **files)
         tokenizers = load_tokenizers(ckpt)  # before any weights: a missing tokenizer fails fast
         name = backend or ckpt.default_backend
-        return cls(ckpt.config, load_backend(name, ckpt, ckpt.config, **options), tokenizers, ckpt.path)
+        memory.prepare(backend_class(name), name, options)  # refuses a backend that cannot move its weights
+        pipe = cls(ckpt.config, load_backend(name, ckpt, ckpt.config, **options), tokenizers, ckpt.path)
+        return apply_memory(pipe, memory)
 
     def close(self) -> None:
         """Refuse new calls (ClosedError), wait for the running ones, then free the backend."""

@@ -66,11 +66,11 @@ def _generate(args: argparse.Namespace) -> int:
     from .runtime import Pipeline
     from .runtime.backends import backend_limits
     from .runtime.checkpoint import Checkpoint
-    from .runtime.image import save_image
+    from .runtime.image import mode_metadata, save_image
     from .runtime.requests import normalize_request
 
     ckpt = Checkpoint.open(args.model, family=args.family)  # configs and headers only
-    normalize_request(ckpt.config, args.prompt, negative_prompt=args.negative_prompt, height=args.height,
+    req = normalize_request(ckpt.config, args.prompt, negative_prompt=args.negative_prompt, height=args.height,
                       width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance, **modes)
     backend_limits(backend, ckpt, ckpt.config)  # an engine set's manifest is read before any engine
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
@@ -85,7 +85,7 @@ def _generate(args: argparse.Namespace) -> int:
     meta = {"prompt": args.prompt, "negative_prompt": args.negative_prompt or "", "seed": seed,
             "steps": out.info["steps"], "guidance": out.info["guidance"], "model": str(args.model),
             "variant": out.info["variant"], "backend": out.info["backend"],
-            "size": f"{out.info['width']}x{out.info['height']}",
+            "size": f"{out.info['width']}x{out.info['height']}", **mode_metadata(req.mode, req.strength, req.slg),
             **({"loras": ",".join(f"{f.name}:{s:g}" for f, s in loras)} if loras else {})}
     path = save_image(out.images[0], args.out, meta, quality=args.quality)
     print(f"wrote {path} ({out.info['width']}x{out.info['height']}, seed {seed}, "
@@ -160,6 +160,15 @@ def _bench(args: argparse.Namespace) -> int:
     configs = args.configs.split(",")
     if set(configs) - {"e2e", "text"}:
         bench_transformer(args.preset, args.size, args.batch, configs, args.attention, args.json, args.fidelity)
+    if "e2e" in configs and args.memory:
+        bad = sorted(set(args.memory.split(",")) - set(check.MEMORY_MODES))
+        if bad:
+            raise UsageError(f"--memory {args.memory}: {bad} not among {list(check.MEMORY_MODES)}")
+        from .bench_memory import bench_memory
+
+        configs = [c for c in configs if c != "e2e"]
+        bench_memory(args.preset, args.size, args.steps, args.memory.split(","), t5=not args.no_t5,
+                     out=args.json.with_name(f"{args.json.stem}_memory.json"))
     for part in [c for c in ("text", "e2e") if c in configs]:
         from .bench import Runner
         from .bench_e2e import bench_e2e, bench_text
@@ -234,6 +243,8 @@ def _backend_flags(p: argparse.ArgumentParser) -> None:
                    help="tensorrt/tensorrt-rtx: requests run at the same time, each with its own contexts")
     p.add_argument("--weight-streaming-budget", type=check.int_at_least(0), metavar="BYTES",
                    help="tensorrt/tensorrt-rtx: GPU memory for weights of engines built with --weight-streaming")
+    p.add_argument("--memory", choices=check.MEMORY_MODES, help="default: every weight stays on the GPU; balanced: "
+                   "text encoders leave it between requests; low: one stage at a time, tiled VAE (torch backends)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -279,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "e2e rows always compare the final image (cosine, PSNR)")
     b.add_argument("--attention", choices=("default", "cudnn", "flash"), default="cudnn",
                    help="SDPA backend for our configs (the peer keeps diffusers' default)")
+    b.add_argument("--memory", help="e2e: memory modes to compare, comma list in this order: default,balanced,low "
+                                    "(peak GPU memory and seconds per image on a repeated and a new prompt)")
+    b.add_argument("--no-t5", action="store_true", help="--memory: run without T5-XXL (zeros, as SD3 allows)")
     b.add_argument("--json", type=Path, default=Path("bench.json"))
     b.set_defaults(func=_bench)
 

@@ -25,6 +25,7 @@ TORCH_BACKENDS = ("torch", "torch-fp8")
 ENGINE_BACKENDS = ("tensorrt", "tensorrt-rtx")
 # Samplers by name, as runtime/samplers.py defines them (tests/test_cli_errors.py keeps the two equal).
 SAMPLERS = ("euler", "dpmpp_2m", "dpmpp_2m_sde", "heun")
+MEMORY_MODES = ("default", "balanced", "low")  # runtime/memory.py MODES (kept equal by a test)
 COMPILE_MODES = ("off", "default", "reduce-overhead")  # torch-fp8 compile= False / True / "reduce-overhead"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
@@ -273,6 +274,16 @@ def backend_options(args: argparse.Namespace, backend: str) -> dict[str, Any]:
                 raise UsageError(f"{flag} applies to the engine backends (tensorrt, tensorrt-rtx), not {backend}; "
                                  f"drop it")
             opts[key] = value
+    memory = getattr(args, "memory", None)
+    if memory not in (None, "default"):
+        if backend == "onnxruntime":
+            raise UsageError(f"--memory {memory} applies to the backends that hold weights on the GPU (torch, "
+                             f"torch-fp8, tensorrt); onnxruntime keeps its sessions as loaded: drop --memory")
+        if memory == "low" and opts.get("compile") == "reduce-overhead":
+            raise UsageError("--memory low with --compile reduce-overhead: CUDA graphs hold the weights' addresses, "
+                             "which low frees after every stage; use --compile default")
+    if memory is not None:
+        opts["memory"] = memory
     threads = getattr(args, "intra_op_threads", None)
     if threads:
         if backend != "onnxruntime":

@@ -1,12 +1,45 @@
-"""Shared fixtures: tiny SD3.5 checkpoints generated once per test session."""
+"""Shared fixtures: tiny SD3.5 checkpoints generated once per test session. Under CI (env `CI` set,
+as `.ci/run` does) a skipped test fails the session: a broken extra is a red run, not a quiet one."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from sd35trt.export.tiny_model import write_tiny_model
+
+
+# --- CI: no silent skips ------------------------------------------------------------------------
+_SKIPPED: list[tuple[str, str]] = []  # (test or module id, reason) of every skip this session
+
+
+def _skip_reason(report: pytest.CollectReport | pytest.TestReport) -> str:
+    longrepr = report.longrepr
+    return str(longrepr[2] if isinstance(longrepr, tuple) else longrepr).removeprefix("Skipped: ")
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    if report.skipped:  # a module-level importorskip: the whole file
+        _SKIPPED.append((report.nodeid, _skip_reason(report)))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        _SKIPPED.append((report.nodeid, _skip_reason(report)))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if os.environ.get("CI") and _SKIPPED and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    if os.environ.get("CI") and _SKIPPED:
+        terminalreporter.section(f"CI is set: {len(_SKIPPED)} skipped (a test or a whole file) fail the run", sep="=", red=True)
+        for nodeid, reason in _SKIPPED:
+            terminalreporter.line(f"SKIPPED {nodeid}: {reason}", red=True)
 
 
 @pytest.fixture(scope="session")

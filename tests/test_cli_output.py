@@ -134,8 +134,8 @@ def test_generate_torch_fp8_from_the_cli(tiny_medium: Path, onnx_fp8: Path, tmp_
 
 
 def test_generate_with_a_sampler_and_from_an_image(tiny_medium: Path, tmp_path: Path, capsys) -> None:
-    """--sampler and --image/--mask/--strength reach the pipeline: the CLI's image equals the
-    pipeline's for the same arguments and seed."""
+    """--sampler, --image/--mask/--strength and --slg reach the pipeline: the CLI's image equals the
+    pipeline's for the same arguments and seed, and its metadata names the mode."""
     import numpy as np
     import torch
 
@@ -148,15 +148,22 @@ def test_generate_with_a_sampler_and_from_an_image(tiny_medium: Path, tmp_path: 
     base = ["generate", "--model", str(tiny_medium), "--device", "cpu", "--dtype", "fp32", "--prompt", "a fox",
             "--seed", "5", "--steps", "4", "--height", "64", "--width", "64", "--quiet"]
     cases = {"dpm.png": ["--sampler", "dpmpp_2m"], "edit.png": ["--image", str(src), "--mask", str(mask),
-                                                                 "--strength", "0.5"]}
+                                                                 "--strength", "0.5"],
+             "slg.png": ["--slg", "1,2"]}
     for name, extra in cases.items():
         assert main(base + extra + ["--out", str(tmp_path / name)]) == 0, capsys.readouterr().err
     pipe = Pipeline.from_pretrained(tiny_medium, device="cpu", dtype=torch.float32)
     kw = dict(num_inference_steps=4, height=64, width=64, output_type="np", progress=False)
     want = {"dpm.png": pipe("a fox", sampler="dpmpp_2m", generator=torch.Generator().manual_seed(5), **kw),
             "edit.png": pipe("a fox", image=Image.open(src).convert("RGB"), mask_image=Image.open(mask).convert("L"),
-                             strength=0.5, generator=torch.Generator().manual_seed(5), **kw)}
+                             strength=0.5, generator=torch.Generator().manual_seed(5), **kw),
+            "slg.png": pipe("a fox", skip_guidance_layers=[1, 2], generator=torch.Generator().manual_seed(5), **kw)}
     for name, out in want.items():
         ref = (out.images[0] * 255).round().astype(np.int16)
         got = np.asarray(Image.open(tmp_path / name).convert("RGB")).astype(np.int16)
         assert np.abs(got - ref).max() <= 1, name  # 8-bit rounding
+    meta = {name: Image.open(tmp_path / name).text for name in cases}
+    assert (meta["dpm.png"]["sd35trt:mode"], meta["dpm.png"]["sd35trt:slg"]) == ("text-to-image", "off")
+    assert "sd35trt:strength" not in meta["dpm.png"]
+    assert (meta["edit.png"]["sd35trt:mode"], meta["edit.png"]["sd35trt:strength"]) == ("inpainting", "0.5")
+    assert meta["slg.png"]["sd35trt:slg"] == "1,2 scale=2.8 start=0.01 stop=0.2"

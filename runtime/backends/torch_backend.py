@@ -62,6 +62,7 @@ class TorchBackend(BackendBase):
 
     name = "torch"
     skip_layers = True  # our MMDiT skips blocks on request (skip-layer guidance)
+    stages_weights = True  # takes load_device= and has weight_handles(): memory modes (runtime/memory.py)
 
     def __init__(
         self,
@@ -70,14 +71,18 @@ class TorchBackend(BackendBase):
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
         load_t5: bool = True,
+        load_device: str | torch.device | None = None,
     ) -> None:
+        """`load_device`: where the weights are made (default `device`); memory modes load them on
+        the CPU and move each component to `device` when its stage runs."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = resolve_dtype(dtype, self.device)
         ckpt = checkpoint
         if not isinstance(ckpt, Checkpoint):
             ckpt = Checkpoint.open(ckpt, family=config.family, t5=None if load_t5 else False)
         names = [c.name for c in RUNTIME if c.name != "t5" or load_t5]
-        self.modules: dict[str, nn.Module] = load_modules(ckpt, names, self.device, self.dtype)
+        self.modules: dict[str, nn.Module] = load_modules(ckpt, names, torch.device(load_device or self.device),
+                                                          self.dtype)
         self._choose_attention()
 
     @classmethod
@@ -101,6 +106,12 @@ class TorchBackend(BackendBase):
             ctx = self.attention.context if c.name == "transformer" else nullcontext
             call = None if module is None else ComponentCall(ModuleRun(module, self.dtype, ctx), c.name, inner_model(module))
             setattr(self, c.name, call)
+
+    def weight_handles(self) -> dict:
+        """component -> its module's weights, moved to the host now (memory modes move them back per stage)."""
+        from ..models.offload import ModuleWeights
+
+        return {name: ModuleWeights(m, self.device) for name, m in self.modules.items()}
 
     def close(self) -> None:
         self.modules = {}

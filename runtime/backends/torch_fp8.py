@@ -2,7 +2,8 @@
 
 For GPUs without TensorRT, and the runtime's reference for FP8 fidelity. The calibration is the
 one `sd35trt export --precision fp8` saved (ModelOpt max calibration); q/k/v are fused, weights
-kept only in FP8, activations quantized with the static calibrated scales, everything else bf16.
+kept only in FP8, activations quantized with the static calibrated scales, everything else bf16; T5-XXL's Linears
+are weight-only FP8 (bf16 GEMMs: its activations have outliers), about 4.4 GiB instead of 8.8.
 Attention is the torch backend's choice at load (FlashAttention-4 on sm90/sm100 when
 `flash_attn.cute` imports, `sd35trt[hopper]`; cuDNN SDPA on other GPUs; SDPA off CUDA);
 `self.attention` says which and why (BENCHMARKS.md has the measurements). GELU(tanh)
@@ -22,7 +23,7 @@ import torch
 from ..checkpoint import Checkpoint
 from ..config import VariantConfig
 from ..errors import CheckpointError, InvalidInputError
-from ..models.fp8 import FP8Linear, load_amax, to_fp8
+from ..models.fp8 import FP8Linear, fp8_weights_only, load_amax, to_fp8
 from ..models.mmdit import use_sigmoid_gelu
 from .torch_backend import TorchBackend
 
@@ -51,6 +52,7 @@ class TorchFP8Backend(TorchBackend):
         load_t5: bool = True,
         compile: bool | str = False,
         fast_accum: bool = False,
+        load_device: str | torch.device | None = None,
     ) -> None:
         options = compile_options(compile)
         if calibration is None:
@@ -59,11 +61,13 @@ class TorchFP8Backend(TorchBackend):
         if dtype not in (None, torch.bfloat16, "bf16"):
             raise InvalidInputError(f"torch-fp8 runs FP8 GEMMs with bf16 outputs; dtype={dtype!r} is not "
                                     f"supported: drop it (bf16)")
-        super().__init__(checkpoint, config, device, torch.bfloat16, load_t5)
+        super().__init__(checkpoint, config, device, torch.bfloat16, load_t5, load_device)
         amax = dict(calibration) if isinstance(calibration, Mapping) else load_amax(calibration)
         mmdit = to_fp8(self.modules["transformer"], amax, fast_accum=fast_accum)  # bf16 weights dropped
         use_sigmoid_gelu(mmdit)
         self.fp8_layers = sum(isinstance(m, FP8Linear) for m in mmdit.modules())
+        if "t5" in self.modules:  # weight-only FP8 (activation outliers keep T5's GEMMs in bf16): half the memory
+            fp8_weights_only(self.modules["t5"])
         vae = self.modules["vae_decoder"]
         if self.device.type == "cuda":
             vae = vae.to(memory_format=torch.channels_last)

@@ -16,6 +16,9 @@ the same time); inputs and outputs are preallocated CUDA tensors at the profile'
 once with `set_tensor_address`; a call copies its inputs in, sets the input shapes, enqueues
 `execute_async_v3` on the current torch stream and copies the outputs out on that stream. A slot
 carries an event, so the next user of the slot waits on the GPU, never on the host.
+Memory modes (`memory="balanced"|"low"`, runtime/memory.py) move the engines built with
+`--weight-streaming` between a streaming budget of 0 and their own (`StreamedWeights`), recreating
+their contexts, on the same stage plan as the torch backends; engines without it stay resident.
 TODO(cuda-graphs): capture the transformer step of static engines (TensorRT-RTX also offers
 IRuntimeConfig.cuda_graph_strategy = WHOLE_GRAPH_CAPTURE); not written yet.
 """
@@ -103,6 +106,7 @@ class TrtBackend(BackendBase):
         with torch.cuda.device(self.device):
             self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))  # outlives the engines
             self._engines = {c: self._deserialize(trt, self._runtime, c, weight_streaming_budget) for c in comps}
+            self.budget, self.n_slots = weight_streaming_budget, slots
             self._slots: queue.Queue[_Slot] = queue.Queue()
             for _ in range(slots):
                 self._slots.put(_Slot(trt, self._engines, self.device))
@@ -143,6 +147,12 @@ class TrtBackend(BackendBase):
         finally:
             self._slots.put(slot)
 
+    def weight_handles(self) -> dict:
+        """Memory modes: the engines built with weight streaming, each moved between a streaming
+        budget of 0 (only its non-streamable weights on the device) and its own budget."""
+        return {c: StreamedWeights(self, c) for c, (e, _) in self._engines.items()
+                if self.doc.components[c].flags.get("weight_streaming")}
+
     def close(self) -> None:
         self._slots = queue.Queue()
         self._engines, self._runtime = {}, None
@@ -158,18 +168,24 @@ class _Slot:
         size = max([256] + [e.device_memory_size_v2 for e, _ in engines.values()])
         self.memory = torch.empty(size, dtype=torch.uint8, device=device)  # [bytes], 256-byte aligned
         self.ready: torch.cuda.Event | None = None
+        self.trt, self.device = trt, device
         self.contexts, self.buffers = {}, {}
         for comp, (engine, table) in engines.items():
-            ctx = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
-            ctx.set_device_memory(self.memory.data_ptr(), engine.device_memory_size_v2)
-            bufs = {}
-            for b in table:  # inputs first (component-table order), so output max shapes resolve
-                if b.is_input:
-                    ctx.set_input_shape(b.name, b.profile[2])
-                shape = tuple(ctx.get_tensor_shape(b.name))  # max input shape / its output shape
-                bufs[b.name] = torch.empty(shape, dtype=getattr(torch, b.dtype), device=device)
-                ctx.set_tensor_address(b.name, bufs[b.name].data_ptr())
-            self.contexts[comp], self.buffers[comp] = ctx, bufs
+            self.make_context(comp, engine, table)
+
+    def make_context(self, comp: str, engine: Any, table: tuple[Binding, ...]) -> None:
+        """(Re)create the execution context of `comp` (after a weight-streaming budget change too)."""
+        self.contexts.pop(comp, None)
+        ctx = engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        ctx.set_device_memory(self.memory.data_ptr(), engine.device_memory_size_v2)
+        bufs = {}
+        for b in table:  # inputs first (component-table order), so output max shapes resolve
+            if b.is_input:
+                ctx.set_input_shape(b.name, b.profile[2])
+            shape = tuple(ctx.get_tensor_shape(b.name))  # max input shape / its output shape
+            bufs[b.name] = torch.empty(shape, dtype=getattr(torch, b.dtype), device=self.device)
+            ctx.set_tensor_address(b.name, bufs[b.name].data_ptr())
+        self.contexts[comp], self.buffers[comp] = ctx, bufs
 
     def run(self, comp: str, inputs: list[Binding], args: tuple[torch.Tensor, ...],
             shapes: Mapping[str, tuple[int, ...]], stream: torch.cuda.Stream) -> list[torch.Tensor]:
@@ -209,6 +225,41 @@ def _check_engine_io(engine: Any, trt: Any, table: tuple[Binding, ...], path: Pa
     if got != want:
         raise EngineSetError(f"{path} binds {sorted(got.values(), key=str)}, the backend expects "
                              f"{sorted(want.values(), key=str)}; rebuild: {rebuild_command(doc, path.parent)}")
+
+
+class StreamedWeights:
+    """One engine's weights for the memory modes (runtime/memory.py): `load` raises its streaming
+    budget to the backend's weight_streaming_budget (or all its streamable weights), `unload` drops
+    it to 0; every slot's context of the engine is recreated after a change, as TensorRT requires."""
+
+    def __init__(self, backend: TrtBackend, comp: str) -> None:
+        self.backend, self.comp = backend, comp
+        self.engine, self.table = backend._engines[comp]
+        self.full = self.backend.budget if self.backend.budget is not None else self.engine.streamable_weights_size
+        self.nbytes = self.full
+        self._set(0)
+
+    def _set(self, budget: int) -> None:
+        slots = [self.backend._slots.get() for _ in range(self.backend.n_slots)]  # waits until none runs
+        try:
+            self.engine.weight_streaming_budget_v2 = budget
+            for slot in slots:
+                slot.make_context(self.comp, self.engine, self.table)
+        finally:
+            for slot in slots:
+                self.backend._slots.put(slot)
+
+    def load(self, stream: Any = None) -> None:
+        self._set(self.full)
+
+    def wait(self) -> None:
+        """Budget changes are synchronous."""
+
+    def unload(self) -> None:
+        self._set(0)
+
+    def resident(self) -> bool:
+        return self.engine.weight_streaming_budget_v2 > 0
 
 
 class TensorRTBackend(TrtBackend):

@@ -51,7 +51,8 @@ class FP8Linear(nn.Module):
         pad = (-m) % 16  # _scaled_mm wants M a multiple of 16 (adaLN inputs have M = batch)
         if pad:
             x2 = F.pad(x2, (0, 0, 0, pad))
-        xq = (x2.float() * self.inv_scale_x).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)  # [M, K] e4m3
+        xq = x2.to(torch.float32, copy=True)  # [M, K]: one fp32 temporary, scaled and clamped in place (eager
+        xq = xq.mul_(self.inv_scale_x).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3)  # peaks: 1 not 3 copies), e4m3
         y = torch._scaled_mm(xq, self.weight_t, scale_a=self.scale_x, scale_b=self.scale_w, bias=self.bias,
                              out_dtype=torch.bfloat16, use_fast_accum=self.fast_accum)  # [M, N]
         return y[:m].reshape(*lead, self.out_features)

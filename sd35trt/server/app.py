@@ -1,5 +1,5 @@
-"""The FastAPI app: POST /v1/images/generations (OpenAI's Images API), GET /v1/models,
-/v1/models/{id}, /healthz, /readyz, /metrics.
+"""The FastAPI app: POST /v1/images/generations and /v1/images/edits (OpenAI's Images API; edits:
+server/edits.py), GET /v1/models, /v1/models/{id}, /healthz, /readyz, /metrics.
 
 Status codes and error bodies follow OpenAI's (`{"error": {"message", "type", "param", "code"}}`),
 so the official clients raise their typed errors: 400 `invalid_request_error` (body not JSON, a
@@ -29,8 +29,10 @@ from ..runtime import Pipeline, PipelineOutput
 from ..runtime.batching import Job, Ticket
 from ..runtime.errors import (ClosedError, InvalidInputError, NonFiniteLatentsError, QueueFullError,
                                     is_out_of_memory)
-from ..runtime.image import MEDIA_TYPES, encode_image
+from ..runtime.image import MEDIA_TYPES, encode_image, mode_metadata
 
+from .edits import EDITS, auto_size, edit_inputs, read_edit
+from .fields import field_error
 from .metrics import CONTENT_TYPE, Metrics, RequestMetrics
 from .loras import describe as describe_loras
 from .loras import with_loras
@@ -106,13 +108,15 @@ def render(how: Rendering, job: Job, out: PipelineOutput, model: str) -> Respons
     info = out.info
     meta = {"prompt": job.prompt, "negative_prompt": job.negative_prompt or "", "steps": info["steps"],
             "guidance": info["guidance"], "size": f"{info['width']}x{info['height']}", "model": model,
-            "variant": info["variant"], "backend": info["backend"]}
+            "variant": info["variant"], "backend": info["backend"],
+            **mode_metadata(info["mode"], job.strength, job.skip_layer_guidance)}
     images = [encode_image(img, how.fmt, {**meta, "seed": job.seed + i}, how.quality) for i, img in enumerate(out.images)]
     if how.raw:
         headers = {"X-Seed": str(job.seed), "X-Batch-Images": str(info["batch_images"])}
         return Response(images[0], media_type=MEDIA_TYPES[how.fmt], headers=headers)
     data = [{"b64_json": base64.b64encode(b).decode("ascii"), "seed": job.seed + i} for i, b in enumerate(images)]
-    summary = {k: meta[k] for k in ("steps", "guidance", "size", "variant", "backend")}
+    summary = {k: meta[k] for k in ("steps", "guidance", "size", "variant", "backend", "mode", "strength", "slg")
+               if k in meta}
     return JSONResponse({"created": int(time.time()), "data": data, "output_format": how.fmt, "size": meta["size"],
                          "background": "opaque", "info": {**summary, "batch_images": info["batch_images"]}})
 
@@ -121,7 +125,10 @@ def create_app(settings: ServeSettings, pipeline: Pipeline | None = None) -> Fas
     """The server app. With `pipeline`, serve that (already loaded) pipeline and leave it open at
     shutdown; otherwise load `settings.model` in the background at startup and close it at shutdown."""
     host = ModelHost(settings, pipeline)
-    metrics = Metrics(host.stats, lambda: host.ready, lambda: host.max_batch, gpu=torch.cuda.is_available())
+    mode = lambda: getattr(getattr(host.pipe, "memory", None), "mode", None) or settings.backend_options.get(  # noqa: E731
+        "memory", "default")
+    metrics = Metrics(host.stats, lambda: host.ready, lambda: host.max_batch, gpu=torch.cuda.is_available(),
+                      memory_mode=mode)
     limits = settings.limits
 
     @asynccontextmanager
@@ -132,7 +139,7 @@ def create_app(settings: ServeSettings, pipeline: Pipeline | None = None) -> Fas
 
     app = FastAPI(title="sd35trt", summary="Stable Diffusion 3.5 image generation", lifespan=lifespan)
     app.state.host, app.state.metrics = host, metrics
-    app.add_middleware(RequestMetrics, metrics=metrics, path=GENERATIONS)
+    app.add_middleware(RequestMetrics, metrics=metrics, paths=(GENERATIONS, EDITS))
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -177,19 +184,40 @@ def create_app(settings: ServeSettings, pipeline: Pipeline | None = None) -> Fas
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    async def answer(body: GenerationRequest, request: Request, **edit: Any) -> Response:
+        """Check the request against the limits and the model, queue it, render its images."""
+        pipe, batcher = host.require_ready()
+        check_model(body.model, host.model_id, host.model_names())
+        how = rendering(body, request.headers.get("accept"))
+        seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+        caps = pipe.backend.limits
+        sizes = (caps.min_size or 0, caps.max_size or limits.max_size) if caps.max_size else None
+        job = with_loras(to_job(body, limits, pipe.config, seed, sizes, raw=how.raw, **edit), body.loras, pipe.loras,
+                         settings.lora_limits)
+        try:
+            ticket = batcher.submit(job)
+        except InvalidInputError as exc:  # the Pipeline's own check: name the field it came from
+            raise field_error(exc) from exc
+        out = await wait_for_result(ticket, request, limits.timeout_s)
+        return await run_in_threadpool(render, how, job, out, str(settings.model))
+
     @app.post(GENERATIONS, response_model=None)
     async def generations(body: GenerationRequest, request: Request) -> Response:
         try:
-            pipe, batcher = host.require_ready()
-            check_model(body.model, host.model_id, host.model_names())
-            how = rendering(body, request.headers.get("accept"))
-            seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-            caps = pipe.backend.limits
-            sizes = (caps.min_size or 0, caps.max_size or limits.max_size) if caps.max_size else None
-            job = with_loras(to_job(body, limits, pipe.config, seed, sizes, raw=how.raw), body.loras, pipe.loras,
-                             settings.lora_limits)
-            out = await wait_for_result(batcher.submit(job), request, limits.timeout_s)
-            return await run_in_threadpool(render, how, job, out, str(settings.model))
+            return await answer(body, request)
+        except Exception as exc:
+            return error_response(exc, limits.timeout_s)
+
+    @app.post(EDITS, response_model=None)
+    async def edits(request: Request) -> Response:
+        try:
+            host.require_ready()
+            edit = await read_edit(request, limits)
+            inputs = await run_in_threadpool(edit_inputs, edit, limits)
+            body = edit.body
+            if body.size in (None, "auto"):
+                body = body.model_copy(update={"size": auto_size(inputs["image"])})
+            return await answer(body, request, **inputs)
         except Exception as exc:
             return error_response(exc, limits.timeout_s)
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..runtime.batching import Job
 from ..runtime.errors import InvalidInputError
+from .fields import FieldError
 
 
 class LoraRef(BaseModel):
@@ -58,8 +59,6 @@ def load_lora_dir(pipe: Any, folder: Path) -> list[str]:
 
 def check_loras(refs: Sequence[LoraRef] | None, available: Sequence[str], limits: LoraLimits) -> tuple:
     """The request's ((name, scale), ...), or FieldError('loras', ...) naming the first bad entry."""
-    from .schema import FieldError
-
     if not refs:
         return ()
     if len(refs) > limits.max_count:

@@ -22,13 +22,18 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 class _Runtime(Collector):
     """Batcher counters and readiness, read when scraped."""
 
-    def __init__(self, stats: Callable[[], BatcherStats | None], ready: Callable[[], bool], max_batch: Callable[[], int]):
-        self.stats, self.ready, self.max_batch = stats, ready, max_batch
+    def __init__(self, stats: Callable[[], BatcherStats | None], ready: Callable[[], bool], max_batch: Callable[[], int],
+                 memory_mode: Callable[[], str] = lambda: "default"):
+        self.stats, self.ready, self.max_batch, self.memory_mode = stats, ready, max_batch, memory_mode
 
     def collect(self) -> Iterator[Metric]:
         s = self.stats()
         yield GaugeMetricFamily("sd35trt_ready", "1 when the model is loaded and the server takes requests",
                                 value=1.0 if self.ready() else 0.0)
+        mode = GaugeMetricFamily("sd35trt_memory_mode", "1 for the memory mode the pipeline runs in "
+                                 "(default, balanced, low)", labels=["mode"])
+        mode.add_metric([self.memory_mode()], 1.0)
+        yield mode
         yield GaugeMetricFamily("sd35trt_queue_depth", "requests waiting for a batch", value=s.queue_depth if s else 0)
         yield GaugeMetricFamily("sd35trt_running_requests", "requests in the batch being generated",
                                 value=s.running if s else 0)
@@ -40,6 +45,24 @@ class _Runtime(Collector):
         yield CounterMetricFamily("sd35trt_jobs_retried_alone", "requests of out-of-memory batches run again one by one",
                                   value=s.retried_alone if s else 0)
         yield _batch_histogram(s.batch_sizes if s else {}, self.max_batch())
+        yield from _by_mode(s)
+
+
+MODES = ("text-to-image", "image-to-image", "inpainting")
+
+
+def _by_mode(s: BatcherStats | None) -> Iterator[Metric]:
+    """Batches and images by mode and skip-layer guidance (every pair listed, 0 until it runs)."""
+    for name, doc, counts in (
+            ("sd35trt_mode_batches", "pipeline calls by mode and skip-layer guidance (on/off)",
+             s.mode_batches if s else {}),
+            ("sd35trt_mode_images", "images of completed requests by mode and skip-layer guidance (on/off)",
+             s.mode_images if s else {})):
+        family = CounterMetricFamily(name, doc, labels=["mode", "slg"])
+        for mode in MODES:
+            for slg in ("off", "on"):
+                family.add_metric([mode, slg], counts.get((mode, slg), 0))
+        yield family
 
 
 def _batch_histogram(sizes: dict[int, int], max_batch: int) -> HistogramMetricFamily:
@@ -65,18 +88,19 @@ class _GpuMemory(Collector):
             free, total = torch.cuda.mem_get_info(i)
             g.add_metric([str(i), "used"], total - free)
             g.add_metric([str(i), "total"], total)
+            g.add_metric([str(i), "peak_allocated"], torch.cuda.max_memory_allocated(i))  # torch's, since start
         yield g
 
 
 class Metrics:
     def __init__(self, stats: Callable[[], BatcherStats | None], ready: Callable[[], bool],
-                 max_batch: Callable[[], int], gpu: bool) -> None:
+                 max_batch: Callable[[], int], gpu: bool, memory_mode: Callable[[], str] = lambda: "default") -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("sd35trt_requests", "image generation requests by HTTP status", ["status"],
+        self.requests = Counter("sd35trt_requests", "image requests (generations and edits) by HTTP status", ["status"],
                                 registry=self.registry)
-        self.latency = Histogram("sd35trt_request_latency_seconds", "time until the response to an image generation request starts",
+        self.latency = Histogram("sd35trt_request_latency_seconds", "time until the response to an image request starts",
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.registry.register(_Runtime(stats, ready, max_batch))
+        self.registry.register(_Runtime(stats, ready, max_batch, memory_mode))
         if gpu:
             self.registry.register(_GpuMemory())
 
@@ -89,15 +113,15 @@ class Metrics:
 
 
 class RequestMetrics:
-    """ASGI middleware: counts and times every request to `path` (whatever answers it: the route,
+    """ASGI middleware: counts and times every request to `paths` (whatever answers it: the route,
     FastAPI's validation, an error) when its response starts, so a client holding a response also
     finds it counted. Pure ASGI, so the route still sees client disconnects."""
 
-    def __init__(self, app, metrics: Metrics, path: str) -> None:
-        self.app, self.metrics, self.path = app, metrics, path
+    def __init__(self, app, metrics: Metrics, paths: tuple[str, ...]) -> None:
+        self.app, self.metrics, self.paths = app, metrics, paths
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] != self.path:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
             return await self.app(scope, receive, send)
         t0, recorded = time.perf_counter(), False
 

@@ -16,7 +16,9 @@ OpenAI fields and what they do here:
   background       "auto" | "opaque" accepted (SD3.5 makes opaque images); "transparent" refused
   quality, style, moderation, complexity, user, safety_identifier   accepted and ignored
   stream, partial_images, frame_count, frame_duration_ms, svg       refused unless off / unset
-Our own: negative_prompt, steps, guidance, seed, sampler, loras ([{name, scale}], server/loras.py).
+Our own: negative_prompt, steps, guidance, seed, sampler, and skip-layer guidance
+(skip_guidance_layers, skip_layer_guidance_scale / _start / _stop: the Pipeline's arguments; checked
+in server/modes.py); loras ([{name, scale}], server/loras.py). POST /v1/images/edits takes the same fields as a multipart form (server/edits.py).
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ from ..runtime.config import VariantConfig
 from ..runtime.errors import InvalidInputError
 from ..runtime.samplers import SAMPLER_NAMES
 from .loras import LoraRef
+
+from .fields import FieldError
+from .modes import skip_layer_fields
 
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
@@ -50,9 +55,11 @@ class Limits:
     max_n: int | None = None
     max_prompt_chars: int = 2000
     timeout_s: float = 300.0
+    max_image_bytes: int = 16 * 2**20  # an edit's image or mask file
+    max_image_pixels: int = 4096 * 4096  # an edit's image or mask, before it is resized to `size`
 
     def __post_init__(self) -> None:
-        for name in ("max_size", "max_steps", "max_n", "max_prompt_chars"):
+        for name in ("max_size", "max_steps", "max_n", "max_prompt_chars", "max_image_bytes", "max_image_pixels"):
             value = getattr(self, name)
             if name == "max_n" and value is None:
                 continue
@@ -93,19 +100,15 @@ class GenerationRequest(BaseModel):
     guidance: float | None = Field(None, ge=0, allow_inf_nan=False, description="CFG scale; <= 1 disables CFG")
     seed: int | None = Field(None, ge=0, lt=2**63, description="image i uses seed + i; default: random")
     sampler: str | None = Field(None, description="euler (default), dpmpp_2m, dpmpp_2m_sde, heun")
+    skip_guidance_layers: list[int] | None = Field(None, description="skip-layer guidance: blocks skipped in a "
+                                                   "third pass (SD3.5 Medium: [7, 8, 9]); needs guidance > 1")
+    skip_layer_guidance_scale: float | None = Field(None, ge=0, allow_inf_nan=False, description="default 2.8")
+    skip_layer_guidance_start: float | None = Field(None, ge=0, le=1, description="fraction of the steps; default 0.01")
+    skip_layer_guidance_stop: float | None = Field(None, ge=0, le=1, description="fraction of the steps; default 0.2")
     loras: list[LoraRef] | None = Field(None, description="[{name, scale}] of LoRAs listed by GET /v1/loras")
 
 
 FIELDS = tuple(GenerationRequest.model_fields)
-
-
-class FieldError(InvalidInputError):
-    """A request field is out of the server's limits; `field` names it, `code` says how (OpenAI's
-    codes: invalid_value, unsupported_value, model_not_found, ...)."""
-
-    def __init__(self, field: str, message: str, code: str = "invalid_value") -> None:
-        super().__init__(f"{field}: {message}")
-        self.field, self.code = field, code
 
 
 @dataclass(frozen=True)
@@ -181,10 +184,10 @@ def rendering(body: GenerationRequest, accept: str | None) -> Rendering:
 
 
 def to_job(body: GenerationRequest, limits: Limits, config: VariantConfig, seed: int,
-           engine_sizes: tuple[int, int] | None = None, raw: bool = False) -> Job:
+           engine_sizes: tuple[int, int] | None = None, raw: bool = False, **edit: Any) -> Job:
     """The batcher job for a request, or FieldError naming the first field out of limits.
     `engine_sizes`: (min, max) side of an engine set's profile, when serving one; `raw`: the answer
-    is one raw image."""
+    is one raw image; `edit`: an edit's image / mask / strength (Job fields)."""
     for name in ("prompt", "negative_prompt"):
         text = getattr(body, name)
         if text is not None and len(text) > limits.max_prompt_chars:
@@ -207,7 +210,8 @@ def to_job(body: GenerationRequest, limits: Limits, config: VariantConfig, seed:
     if sampler not in SAMPLER_NAMES:
         raise FieldError("sampler", f"{sampler!r} is not one of {', '.join(SAMPLER_NAMES)}", code="unsupported_value")
     return Job(body.prompt, body.negative_prompt, seed=seed, n=n, height=height, width=width,
-               steps=body.steps, guidance=body.guidance, output_type="pil", sampler=sampler)
+               steps=body.steps, guidance=body.guidance, output_type="pil", sampler=sampler,
+               **skip_layer_fields(body, config), **edit)
 
 
 def describe_validation(errors: list[dict[str, Any]]) -> tuple[str | None, str, str]:

@@ -23,6 +23,57 @@ TARGETS = ("sm89", "sm120")
 CC_BIT = {"sm89": 0x08, "sm120": 0x10}
 
 
+# Expected (min, opt, max) shapes written out by hand for the tiny medium variant, not derived from
+# `EngineShapes`/`engine_profiles`: default 128 px = 16x16 latents, positional table up to 512 px,
+# 16 latent channels, CLIP 77 tokens, T5 256 tokens, T5 width (joint dim) 96, pooled CLIP-L 32 +
+# CLIP-G 48 = 80; Medium uses CFG, which doubles every batch but the VAE's.
+def _same(shape: tuple) -> tuple:
+    return (shape,) * 3
+
+
+STATIC_PROFILES = {  # static 128x128, 1 image
+    "clip_l": {"input_ids": _same((2, 77))},
+    "clip_g": {"input_ids": _same((2, 77))},
+    "t5": {"input_ids": _same((2, 256))},
+    "transformer": {"hidden_states": _same((2, 16, 16, 16)), "timestep": _same((2,)),
+                    "encoder_hidden_states": _same((2, 77 + 256, 96)), "pooled_projections": _same((2, 80))},
+    "vae_decoder": {"latent": _same((1, 16, 16, 16))},
+}
+DYNAMIC_PROFILES = {  # 64 / 128 / 192 px (half to 1.5x the default), 1 / 1 / 2 images
+    "clip_l": {"input_ids": ((2, 77), (2, 77), (4, 77))},
+    "clip_g": {"input_ids": ((2, 77), (2, 77), (4, 77))},
+    "t5": {"input_ids": ((2, 256), (2, 256), (4, 256))},
+    "transformer": {"hidden_states": ((2, 16, 8, 8), (2, 16, 16, 16), (4, 16, 24, 24)),
+                    "timestep": ((2,), (2,), (4,)),
+                    "encoder_hidden_states": ((2, 333, 96), (2, 333, 96), (4, 333, 96)),
+                    "pooled_projections": ((2, 80), (2, 80), (4, 80))},
+    "vae_decoder": {"latent": ((1, 16, 8, 8), (1, 16, 16, 16), (2, 16, 24, 24))},
+}
+
+
+def _onnx_dims(graph: Path) -> dict[str, list[int | str]]:
+    """Input name -> dims of an exported graph: an int where fixed, the axis symbol where dynamic."""
+    import onnx
+
+    model = onnx.load(str(graph), load_external_data=False)
+    return {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+
+
+def _assert_graphs_take(onnx_dir: Path, profiles: dict) -> None:
+    """Each ONNX graph has exactly the profiled inputs; a dim a profile varies is a dynamic axis of
+    the graph, and a dim the graph fixes is that size at min, opt and max."""
+    for comp, profile in profiles.items():
+        dims = _onnx_dims(onnx_dir / f"{comp}.onnx")
+        assert set(dims) == set(profile), comp
+        for name, (lo, opt, hi) in profile.items():
+            assert len(dims[name]) == len(lo), (comp, name)
+            for i, d in enumerate(dims[name]):
+                if lo[i] != hi[i]:
+                    assert isinstance(d, str), (comp, name, i, d)
+                if isinstance(d, int):
+                    assert d == lo[i] == opt[i] == hi[i], (comp, name, i, d)
+
+
 def _doc(folder: Path) -> dict:
     return json.loads((folder / "manifest.json").read_text())
 
@@ -54,10 +105,13 @@ def test_all_five_tiny_engines_build(engines_fp8: dict, cc: str) -> None:
 
 
 @pytest.mark.parametrize("cc", TARGETS)
-def test_built_networks_are_what_the_backend_binds(engines_fp8: dict, cc: str) -> None:
-    """Names, dtypes and profile ranges read from each built network == the backend's binding table."""
+def test_built_networks_are_what_the_backend_binds(engines_fp8: dict, onnx_fp8: Path, cc: str) -> None:
+    """Names, dtypes and profile ranges read from each built network == the backend's binding table,
+    and the profiles the builder set == the hand-written STATIC_PROFILES."""
     out, rows = engines_fp8[cc]
     doc = _doc(out)
+    assert {r.component: dict(r.report.profile) for r in rows} == STATIC_PROFILES
+    _assert_graphs_take(onnx_fp8, STATIC_PROFILES)
     for r in rows:
         table = binding_table(r.component, EngineManifest.load(out))  # what TrtBackend binds (COMPONENT_IO + dtype policy + config)
         ins = [(b.name, b.dtype) for b in table if b.is_input]
@@ -144,8 +198,10 @@ def test_dynamic_engines_cover_the_derived_size_range(onnx_fp8: Path, tmp_path: 
     rows = build_engines(onnx_fp8, out, gpu="sm89", dynamic=True, batch=(1, 2))
     doc = _doc(out)
     assert doc["shapes"] == {"dynamic": True, "sizes": [64, 128, 192], "batches": [1, 1, 2], "cfg": True}
-    assert doc["components"]["transformer"]["built_profiles"]["hidden_states"] == [[2, 16, 8, 8], [2, 16, 16, 16], [4, 16, 24, 24]]
-    assert doc["components"]["vae_decoder"]["built_profiles"]["latent"] == [[1, 16, 8, 8], [1, 16, 16, 16], [2, 16, 24, 24]]
+    assert {r.component: dict(r.report.profile) for r in rows} == DYNAMIC_PROFILES  # what the builder set
+    assert {c: e["built_profiles"] for c, e in doc["components"].items()} == {
+        c: {n: [list(s) for s in mom] for n, mom in p.items()} for c, p in DYNAMIC_PROFILES.items()}
+    _assert_graphs_take(onnx_fp8, DYNAMIC_PROFILES)
     assert {r.status for r in rows} == {"built"}
     assert "--dynamic --batch 1-2 --min-size 64 --max-size 192" in rebuild_command(doc)
 

@@ -40,7 +40,12 @@ def _torch_module(pipe: Pipeline, comp: str):
     return pipe.backend.modules[comp]  # the module the torch backend runs (the table's signature)
 
 
-@pytest.mark.parametrize("comp", ["clip_l", "clip_g", "t5", "transformer", "vae_decoder"])
+# rel. L2 of each fp32 graph's outputs vs torch, bounds ~15x above what is seen:
+# seen clip_l 3.0e-7, clip_g 3.4e-7, t5 3.0e-7, transformer 1.7e-7, vae_decoder 1.7e-6
+FP32_REL_L2 = {"clip_l": 5e-6, "clip_g": 5e-6, "t5": 5e-6, "transformer": 3e-6, "vae_decoder": 3e-5}
+
+
+@pytest.mark.parametrize("comp", list(FP32_REL_L2))
 def test_fp32_graph_matches_torch(onnx_fp32: Path, tiny_medium: Path, comp: str) -> None:
     pipe = Pipeline.from_pretrained(tiny_medium, device="cpu", dtype=torch.float32)
     args = _inputs(pipe, comp)
@@ -52,7 +57,7 @@ def test_fp32_graph_matches_torch(onnx_fp32: Path, tiny_medium: Path, comp: str)
     outs = sess.run(list(names_out), {n: a.numpy() for n, a in zip(names_in, args)})
     for o, r in zip(outs, ref):
         assert o.shape == tuple(r.shape)
-        assert _rel_l2(o, r.numpy()) <= 1e-4
+        assert _rel_l2(o, r.numpy()) <= FP32_REL_L2[comp]
 
 
 def test_fp8_transformer_matches_modelopt_fake_quant(onnx_fp8: Path, tiny_medium: Path) -> None:
@@ -67,8 +72,9 @@ def test_fp8_transformer_matches_modelopt_fake_quant(onnx_fp8: Path, tiny_medium
     sess = ort.InferenceSession(str(onnx_fp8 / "transformer.onnx"), providers=["CPUExecutionProvider"])
     out = sess.run(["velocity"], {n: a.numpy() for n, a in zip(component("transformer").input_names, args)})[0]
     err = _rel_l2(out, ref)
-    assert err <= 1e-2
-    assert _rel_l2(ref, high) > 10 * err  # the graph really quantizes: FP8 differs from fp32 more
+    assert err <= 1e-5  # seen 6.5e-7
+    # the fake quant's own effect must be >= 100x that bound (seen 5.9e-3): an unquantized graph fails above
+    assert _rel_l2(ref, high) >= 100 * 1e-5
 
 
 def test_fp8_graph_has_qdq_on_every_block_linear_and_none_on_exclusions(onnx_fp8: Path, tiny_medium: Path) -> None:

@@ -4,13 +4,14 @@ folder's exact tensors; the released files' dtypes; atomic, deterministic output
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from sd35trt.export.single_file import write_single_file
+from sd35trt.export.single_file import T5_FILES, write_single_file
 from sd35trt.runtime import InvalidInputError
 from sd35trt.runtime.weights import load_state_dict
 
@@ -28,6 +29,31 @@ def test_diffusers_reads_our_single_file_as_the_folder(variant: str, tiny_models
         ours, ref = model.state_dict(), load_state_dict(folder / sub)  # the VAE includes its encoder
         assert sorted(ours) == sorted(ref), sub
         assert all(torch.equal(ours[k], ref[k]) for k in ref), sub
+
+
+@pytest.mark.parametrize("t5_dtype", ["fp16", "fp8"])
+def test_transformers_reads_our_text_encoder_files_as_the_folder(t5_dtype: str, tiny_medium: Path, tmp_path: Path) -> None:
+    """clip_l / clip_g / t5xxl_* read by transformers' own `from_pretrained` (each file as the
+    `model.safetensors` beside the folder's config.json): no key missing, unexpected or mismatched,
+    and every tensor == transformers' reading of the folder (T5 cast as the released files are)."""
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    out = write_single_file(tiny_medium, tmp_path / "single", t5_dtype=t5_dtype).parent
+    t5_cast = torch.float16 if t5_dtype == "fp16" else torch.float8_e4m3fn
+    for cls, file, sub, cast in ((CLIPTextModelWithProjection, "clip_l.safetensors", "text_encoder", None),
+                                 (CLIPTextModelWithProjection, "clip_g.safetensors", "text_encoder_2", None),
+                                 (T5EncoderModel, T5_FILES[t5_dtype], "text_encoder_3", t5_cast)):
+        hf = tmp_path / "hf" / sub
+        hf.mkdir(parents=True)
+        shutil.copy(tiny_medium / sub / "config.json", hf / "config.json")
+        (hf / "model.safetensors").symlink_to(out / file)
+        model, info = cls.from_pretrained(hf, output_loading_info=True, dtype=torch.float32)
+        assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), (file, info)
+        ours, ref = model.state_dict(), cls.from_pretrained(tiny_medium / sub, dtype=torch.float32).state_dict()
+        assert sorted(ours) == sorted(ref), file
+        for k, t in ref.items():
+            want = t if cast is None else t.to(cast if cast is torch.float16 or t.dim() == 2 else torch.float16).float()
+            assert torch.equal(ours[k], want), (file, k)
 
 
 def test_released_layout_names_and_dtypes(tiny_medium: Path, tmp_path: Path) -> None:

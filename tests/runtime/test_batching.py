@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from sd35trt.runtime import GenerationCancelled, InvalidInputError, Pipeline
 from sd35trt.runtime.batching import Job, MicroBatcher
@@ -23,8 +24,12 @@ def pipe(onnx_fp32: Path) -> Pipeline:
 
 
 def _twin(pipe: Pipeline, job: Job) -> np.ndarray:
-    """The job run alone, with the same per-image seeds (seed, seed+1, ...)."""
-    return pipe(**job.call_kwargs(), progress=False).images
+    """The job run alone by a direct call, image i drawn from `torch.Generator().manual_seed(seed + i)`
+    (not through `Job.call_kwargs`/`seed_generators`, which the batcher itself uses)."""
+    generators = [torch.Generator().manual_seed(job.seed + i) for i in range(job.n)]
+    return pipe(job.prompt, negative_prompt=job.negative_prompt, height=job.height, width=job.width,
+                num_inference_steps=job.steps, num_images_per_prompt=job.n, generator=generators,
+                output_type=job.output_type, sampler=job.sampler, progress=False).images
 
 
 def _submit_together(batcher: MicroBatcher, jobs: list[Job]) -> list:
@@ -66,7 +71,7 @@ def test_n_images_use_consecutive_seeds_in_a_batch_and_alone(pipe: Pipeline) -> 
     for o, j in zip(outs, jobs):
         assert np.abs(o.images - _twin(pipe, j)).max() <= 1e-5
     # image 1 of seed 40 is the single image of seed 41 (same prompt): the documented convention
-    same = pipe(**Job("two foxes", seed=41, **SHAPE).call_kwargs(), progress=False).images
+    same = _twin(pipe, Job("two foxes", seed=41, **SHAPE))
     assert np.abs(outs[0].images[1] - same[0]).max() <= 1e-5
 
 
@@ -163,3 +168,69 @@ def test_a_batch_that_runs_out_of_memory_is_rerun_job_by_job(onnx_fp32: Path) ->
     assert got["sizes"] == {"4": 1, "1": 4}, got  # the batch of 4 ran, then each job alone
     assert got["retried_alone"] == 4 and got["completed"] == 4 and got["failed"] == 0, got
     assert got["max_diff"] == 0.0, got
+
+
+def _picture(seed: int, size: int = 64):
+    """A deterministic RGB PIL picture (smooth noise, upsampled)."""
+    from PIL import Image
+
+    small = np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((size, size), Image.BILINEAR)
+
+
+def _mask(top: int):
+    from PIL import Image
+
+    m = np.zeros((64, 64), np.uint8)
+    m[top:top + 24, 16:48] = 255  # white = repaint
+    return Image.fromarray(m, "L")
+
+
+def test_edits_batch_by_mode_strength_and_image_size_and_equal_their_twins(pipe: Pipeline) -> None:
+    edit = dict(SHAPE, steps=4)
+    jobs = [Job("a fox", seed=1, n=2, image=_picture(1), **edit),  # these two share a batch (3 images) ...
+            Job("a cat", seed=7, image=_picture(2), **edit),
+            Job("a cat", seed=7, image=_picture(2), strength=0.8, **edit),  # ... the others each run alone
+            Job("a cat", seed=7, image=_picture(2), mask=_mask(8), **edit),
+            Job("a cat", seed=7, image=_picture(2, size=80), **edit),  # another source size
+            Job("a cat", seed=7, **edit)]
+    with MicroBatcher(pipe, max_batch=4, window_ms=500) as batcher:
+        outs = [t.result(60) for t in _submit_together(batcher, jobs)]
+        stats = batcher.stats()
+    assert stats.batches == 5 and stats.batch_sizes == {3: 1, 1: 4}
+    assert stats.mode_batches == {("image-to-image", "off"): 3, ("inpainting", "off"): 1, ("text-to-image", "off"): 1}
+    assert stats.mode_images == {("image-to-image", "off"): 5, ("inpainting", "off"): 1, ("text-to-image", "off"): 1}
+    assert [o.info["mode"] for o in outs] == ["image-to-image"] * 3 + ["inpainting", "image-to-image", "text-to-image"]
+    diffs = [float(np.abs(o.images - _twin(pipe, j)).max()) for o, j in zip(outs, jobs)]
+    assert max(diffs) <= 1e-5, diffs
+    # strength, mask and no image each change the image (the 80x80 source resized is about the same picture)
+    assert min(float(np.abs(outs[1].images - outs[k].images).max()) for k in (2, 3, 5)) > 0.01
+
+
+def test_inpainting_edits_with_different_images_and_masks_batch_together(pipe: Pipeline) -> None:
+    jobs = [Job(p, seed=20 + i, image=_picture(10 + i), mask=_mask(4 + 10 * i), strength=0.75, **dict(SHAPE, steps=4))
+            for i, p in enumerate(["a hat", "a door", "snow", "a bird"])]
+    with MicroBatcher(pipe, max_batch=4, window_ms=2000) as batcher:
+        outs = [t.result(60) for t in _submit_together(batcher, jobs)]
+        stats = batcher.stats()
+    assert stats.batches == 1 and stats.batch_sizes == {4: 1} and stats.mode_images == {("inpainting", "off"): 4}
+    diffs = [float(np.abs(o.images - _twin(pipe, j)).max()) for o, j in zip(outs, jobs)]
+    assert max(diffs) <= 1e-5, diffs
+
+
+def test_skip_layer_guidance_settings_are_part_of_the_batch_key(tiny_medium: Path) -> None:
+    import torch
+
+    slg = dict(SHAPE, steps=6, guidance=4.0, skip_guidance_layers=(1, 2), skip_layer_guidance_stop=0.6)
+    jobs = [Job("a fox", seed=1, **slg), Job("a cat", seed=2, **slg),
+            Job("a cat", seed=2, **{**slg, "skip_layer_guidance_scale": 1.0}),
+            Job("a cat", seed=2, **{**slg, "skip_guidance_layers": None, "skip_layer_guidance_stop": 0.2})]
+    with Pipeline.from_pretrained(tiny_medium, backend="torch", device="cpu", dtype=torch.float32) as tp:
+        with MicroBatcher(tp, max_batch=4, window_ms=500) as batcher:
+            outs = [t.result(60) for t in _submit_together(batcher, jobs)]
+            stats = batcher.stats()
+        diffs = [float(np.abs(o.images - _twin(tp, j)).max()) for o, j in zip(outs, jobs)]
+    assert stats.batch_sizes == {2: 1, 1: 2}
+    assert stats.mode_images == {("text-to-image", "on"): 3, ("text-to-image", "off"): 1}
+    assert max(diffs) <= 1e-5, diffs
+    assert float(np.abs(outs[1].images - outs[2].images).max()) > 0.01  # the scale changed the image

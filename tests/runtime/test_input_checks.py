@@ -29,6 +29,13 @@ def pipe(tiny_medium: Path):
     return p
 
 
+NAMES = ("clip_l", "clip_g", "t5", "transformer", "vae_decoder")
+
+
+def _calls(pipe) -> dict[str, int]:
+    return {n: getattr(pipe.backend, n).calls for n in NAMES}
+
+
 BAD = [
     # (kwargs, text the message must contain)
     (dict(height=100), "height=100"),
@@ -64,13 +71,22 @@ BAD = [
 ]
 
 
+def test_the_call_counters_count_a_good_request(pipe) -> None:
+    """Positive control for the test below: a valid request goes through every counted component."""
+    before = _calls(pipe)
+    pipe("a cat", height=64, width=64, num_inference_steps=2, guidance_scale=3.0, progress=False)
+    ran = {n: c - before[n] for n, c in _calls(pipe).items()}
+    assert ran == {"clip_l": 1, "clip_g": 1, "t5": 1, "transformer": 2, "vae_decoder": 1}  # CFG: one batch of 2 per step
+
+
 @pytest.mark.parametrize("kwargs,needle", BAD, ids=[n for _, n in BAD])
-def test_bad_input_is_rejected_before_work(pipe, kwargs: dict, needle: str) -> None:
+def test_bad_input_raises_naming_the_value_and_calls_no_component(pipe, kwargs: dict, needle: str) -> None:
     kwargs = {"prompt": "a cat", "height": 64, "width": 64, **kwargs}
+    before = _calls(pipe)
     with pytest.raises(InvalidInputError) as info:
         pipe(progress=False, **kwargs)
     assert needle in str(info.value)
-    assert all(getattr(pipe.backend, n).calls == 0 for n in ("clip_l", "clip_g", "t5", "transformer", "vae_decoder"))
+    assert _calls(pipe) == before
 
 
 def test_error_suggests_valid_sizes(pipe) -> None:

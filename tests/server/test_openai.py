@@ -11,11 +11,11 @@ import io
 import httpx
 import numpy as np
 import pytest
+import torch
 from harness import GENERATIONS
 from PIL import Image
 
 from sd35trt.runtime import Pipeline
-from sd35trt.runtime.batching import Job
 from sd35trt.runtime.image import read_metadata
 from sd35trt.server import BackgroundServer
 
@@ -28,8 +28,9 @@ def _image(b64: str) -> Image.Image:
 
 
 def _expected(pipe: Pipeline, prompt: str, seed: int, steps: int) -> np.ndarray:
-    job = Job(prompt, seed=seed, height=64, width=64, steps=steps, output_type="pil")
-    return np.asarray(pipe(**job.call_kwargs(), progress=False).images[0])
+    """A direct pipeline call with `torch.Generator().manual_seed(seed)` (not via `Job.call_kwargs`)."""
+    gen = torch.Generator().manual_seed(seed)
+    return np.asarray(pipe(prompt, height=64, width=64, num_inference_steps=steps, generator=gen, progress=False).images[0])
 
 
 def test_sync_client_defaults_errors_and_models(server: BackgroundServer, ort_pipe: Pipeline) -> None:

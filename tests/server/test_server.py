@@ -20,7 +20,6 @@ from harness import GENERATIONS, SMALL, metric, settings, wait_until
 from PIL import Image
 
 from sd35trt.runtime import Pipeline
-from sd35trt.runtime.batching import Job
 from sd35trt.runtime.errors import (BackendError, ClosedError, InvalidInputError, NonFiniteLatentsError,
                                     OutOfMemoryError, QueueFullError)
 from sd35trt.server import BackgroundServer, Limits, ServeSettings, create_app
@@ -32,10 +31,14 @@ def _png(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
-def _expected(pipe: Pipeline, prompt: str, seed: int, n: int = 1, negative: str | None = None) -> list[np.ndarray]:
-    """What the pipeline gives for the request alone (seeds seed..seed+n-1), as 8-bit images."""
-    job = Job(prompt, negative, seed=seed, n=n, height=64, width=64, steps=2, output_type="pil")
-    return [np.asarray(img) for img in pipe(**job.call_kwargs(), progress=False).images]
+def _expected(pipe: Pipeline, prompt: str, seed: int, n: int = 1, negative: str | None = None,
+              sampler: str = "euler") -> list[np.ndarray]:
+    """What a direct pipeline call gives for the request alone (SMALL: 64x64, 2 steps), image i drawn
+    from `torch.Generator().manual_seed(seed + i)`, as 8-bit images; not via `Job.call_kwargs`."""
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(n)]
+    images = pipe(prompt, negative_prompt=negative, height=64, width=64, num_inference_steps=2, num_images_per_prompt=n,
+                  generator=generators, output_type="pil", sampler=sampler, progress=False).images
+    return [np.asarray(img) for img in images]
 
 
 def test_health_and_readiness(client: httpx.Client) -> None:
@@ -66,18 +69,15 @@ def test_b64_json_returns_n_images_with_consecutive_seeds(client: httpx.Client, 
 def test_the_sampler_field_reaches_the_pipeline(client: httpx.Client, ort_pipe: Pipeline) -> None:
     r = client.post(GENERATIONS, json={"prompt": "a fox", "seed": 3, "sampler": "dpmpp_2m_sde", **SMALL})
     assert r.status_code == 200
-    job = Job("a fox", None, seed=3, n=1, height=64, width=64, steps=2, output_type="pil", sampler="dpmpp_2m_sde")
-    want = np.asarray(ort_pipe(**job.call_kwargs(), progress=False).images[0])
+    want = _expected(ort_pipe, "a fox", 3, sampler="dpmpp_2m_sde")[0]
     assert np.array_equal(_png(r.content), want)
     assert not np.array_equal(want, _expected(ort_pipe, "a fox", 3)[0])  # the sampler changed the image
     r = client.post(GENERATIONS, json={**SMALL, "prompt": "a fox", "seed": 3, "n": 2, "sampler": "dpmpp_2m_sde",
                                        "response_format": "b64_json"})  # one batch of two SDE images
     assert r.status_code == 200
     for d in r.json()["data"]:  # each equals its twin run alone with its own seed
-        twin = Job("a fox", None, seed=d["seed"], n=1, height=64, width=64, steps=2, output_type="pil",
-                   sampler="dpmpp_2m_sde")
-        assert np.array_equal(_png(base64.b64decode(d["b64_json"])),
-                              np.asarray(ort_pipe(**twin.call_kwargs(), progress=False).images[0]))
+        assert np.array_equal(_png(base64.b64decode(d["b64_json"])), _expected(ort_pipe, "a fox", d["seed"],
+                                                                                 sampler="dpmpp_2m_sde")[0])
 
 
 # (case, body: dict or raw bytes, field named, OpenAI error code, fragment of the message); all answer 400

@@ -25,7 +25,7 @@ def test_fp32_graphs_reproduce_the_torch_image(onnx_fp32: Path, tiny_medium: Pat
     ours = _run(Pipeline.from_pretrained(onnx_fp32, backend="onnxruntime"))
     ref = _run(Pipeline.from_pretrained(tiny_medium, backend="torch", device="cpu", dtype=torch.float32))
     assert ours.shape == ref.shape == (1, 64, 96, 3)
-    assert np.abs(ours - ref).max() <= 1e-3
+    assert np.abs(ours - ref).max() <= 5e-5  # seen 3.1e-6
 
 
 def test_each_sampler_on_the_graphs_reproduces_the_torch_image(onnx_fp32: Path, tiny_medium: Path) -> None:
@@ -34,7 +34,7 @@ def test_each_sampler_on_the_graphs_reproduces_the_torch_image(onnx_fp32: Path, 
           Pipeline.from_pretrained(tiny_medium, backend="torch", device="cpu", dtype=torch.float32) as ref):
         for sampler in ("dpmpp_2m", "dpmpp_2m_sde", "heun"):
             a, b = (p(**kw, generator=torch.Generator().manual_seed(5), sampler=sampler).images for p in (ort, ref))
-            assert np.abs(a - b).max() <= 1e-3, sampler
+            assert np.abs(a - b).max() <= 5e-5, sampler  # seen 3.0e-6 / 3.4e-6 / 2.7e-6
 
 
 def test_fp8_pipeline_close_to_fp32_pipeline(onnx_fp8: Path, onnx_fp32: Path, capsys) -> None:
@@ -43,7 +43,7 @@ def test_fp8_pipeline_close_to_fp32_pipeline(onnx_fp8: Path, onnx_fp32: Path, ca
     cos = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
     with capsys.disabled():
         print(f"\n[fp8 vs fp32 final-latent cosine: {cos:.5f}]")
-    assert cos >= 0.99
+    assert 1 - cos <= 1e-3  # seen 0.99996 (1 - cos = 4e-5)
     assert not torch.equal(a, b)  # FP8 is really in the graph
 
 
