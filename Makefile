@@ -11,6 +11,8 @@ PYTEST_ARGS ?=
 # export (build/onnx/<model>-<precision>/, the non-FP8 part in DTYPE, default `sd35trt export`'s fp16)
 # then build (engines/<preset or custom-family>-<precision>-<gpu>/). FAMILY only overrides the family
 # read from the checkpoint (Large and Large Turbo share one architecture; Turbo engines need no CFG batch).
+# FLAVOR=torch-fp8 (run on the GPU itself, e.g. GPU=sm90): the export's FP8 calibration, then
+# engines/<preset>-fp8-<gpu>-torch/ (FP8 weights + torch's compile artifacts, `sd35trt build --flavor torch-fp8`).
 GPU ?=
 MODEL ?=
 FAMILY ?=
@@ -44,9 +46,9 @@ demo: $(STAMP)
 	$(VENV)/bin/sd35trt build --onnx $(DEMO)/onnx-fp8 --out $(DEMO)/engines-fp8-sm89 --gpu sm89 --flavor tensorrt-rtx --quiet
 
 engines: $(STAMP)
-	@test -n "$(GPU)" -a -n "$(MODEL)" || { echo "usage: make engines GPU=sm89 MODEL=path/to/sd3.5 [FAMILY=large|medium|large-turbo] [PRECISION=fp8|fp16|bf16] [DTYPE=fp16|bf16|fp32] [FLAVOR=tensorrt-rtx|tensorrt]"; exit 2; }
+	@test -n "$(GPU)" -a -n "$(MODEL)" || { echo "usage: make engines GPU=sm89 MODEL=path/to/sd3.5 [FAMILY=large|medium|large-turbo] [PRECISION=fp8|fp16|bf16] [DTYPE=fp16|bf16|fp32] [FLAVOR=tensorrt-rtx|tensorrt|torch-fp8]"; exit 2; }
 	$(VENV)/bin/sd35trt export --model $(MODEL) --out $(ONNX_DIR) --precision $(PRECISION) $(if $(and $(DTYPE),$(filter fp8,$(PRECISION))),--dtype $(DTYPE))
-	$(VENV)/bin/sd35trt build --onnx $(ONNX_DIR) --gpu $(GPU) --flavor $(FLAVOR) $(if $(FAMILY),--family $(FAMILY)) $(ENGINE_ARGS)
+	$(if $(filter torch-fp8,$(FLAVOR)),$(VENV)/bin/sd35trt build --model $(MODEL) --calibration $(ONNX_DIR)/calibration,$(VENV)/bin/sd35trt build --onnx $(ONNX_DIR)) --gpu $(GPU) --flavor $(FLAVOR) $(if $(FAMILY),--family $(FAMILY)) $(ENGINE_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)

@@ -101,8 +101,9 @@ def _plan(ckpt: Checkpoint, opts: ExportOptions, calib: CalibState | None, loras
     for comp in comps:
         fp8 = opts.precision == "fp8" and comp == "transformer"
         amax = (calib.amax if calib else None) if fp8 else "-"
+        io = (component(comp).input_names, component(comp).output_names)  # a graph of other I/O is stale
         lora = fingerprint_part(loras, comp)
-        plan[comp] = _fingerprint(EXPORTER_VERSION, comp, opts.dtype, fp8, amax, source_fingerprint(ckpt, comp),
+        plan[comp] = _fingerprint(EXPORTER_VERSION, comp, io, opts.dtype, fp8, amax, source_fingerprint(ckpt, comp),
                                   *([lora] if lora else []))
     return plan
 

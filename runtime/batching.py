@@ -30,6 +30,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from .errors import ClosedError, GenerationCancelled, InvalidInputError, QueueFullError, is_out_of_memory
 from .guidance import SkipLayerGuidance
 from .images_in import source_sizes
@@ -63,6 +65,9 @@ class Job:
     skip_layer_guidance_start: float = 0.01
     skip_layer_guidance_stop: float = 0.2
     loras: tuple[tuple[str, float], ...] = ()  # (name, strength) of LoRAs loaded on the pipeline
+    # ControlNet call arguments (control_image, controlnet_conditioning_scale; runtime/control.py);
+    # a job with them runs in a batch of its own, its control posterior drawn from its seed.
+    controls: dict[str, Any] | None = field(default=None, compare=False)
 
     @property
     def skip_layer_guidance(self) -> SkipLayerGuidance | None:
@@ -73,6 +78,8 @@ class Job:
 
     def call_kwargs(self) -> dict[str, Any]:
         """The arguments of the unbatched call that gives this job's images."""
+        control = {} if self.controls is None else {**self.controls,
+                                                    "control_generator": torch.Generator().manual_seed(self.seed)}
         return dict(prompt=self.prompt, negative_prompt=self.negative_prompt, height=self.height,
                     width=self.width, num_inference_steps=self.steps, guidance_scale=self.guidance,
                     num_images_per_prompt=self.n, generator=seed_generators(self.seed, self.n),
@@ -81,7 +88,8 @@ class Job:
                     skip_guidance_layers=self.skip_guidance_layers,
                     skip_layer_guidance_scale=self.skip_layer_guidance_scale,
                     skip_layer_guidance_start=self.skip_layer_guidance_start,
-                    skip_layer_guidance_stop=self.skip_layer_guidance_stop, loras=dict(self.loras) or None)
+                    skip_layer_guidance_stop=self.skip_layer_guidance_stop, loras=dict(self.loras) or None,
+                    **control)
 
 
 @dataclass(eq=False)  # identity: two tickets of equal jobs are distinct
@@ -296,7 +304,8 @@ def batch_key(req: Request, job: Job) -> tuple:
         items = job.image if isinstance(job.image, (list, tuple)) else [job.image]
         source = (type(items[0]).__name__, tuple(sorted(set(source_sizes("image", job.image)))))
     return (req.mode, req.height, req.width, req.sampler.name, len(req.schedule), req.guidance,
-            req.max_sequence_length, req.output_type, req.strength, source, req.slg)
+            req.max_sequence_length, req.output_type, req.strength, source, req.slg,
+            id(job) if job.controls is not None else None)  # a ControlNet job runs alone
 
 
 def _per_image(value: Any, n: int) -> list:

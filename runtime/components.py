@@ -30,7 +30,7 @@ class Tensor:
     name: str
     axes: Mapping[int, str]  # dynamic axes: dim -> symbol ("B" batch, "h"/"w" latent, "T" tokens, ...)
     dtype: str | None = None  # fixed dtype name, or None: the component's float precision
-    kind: str = "float"  # how a tracing sample is drawn: "float", "ids", "timestep", "image"
+    kind: str = "float"  # how a tracing sample is drawn: "float", "ids", "timestep", "image", "skip"
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,11 @@ class Component:
     optional: bool = False  # the pipeline runs without it (T5: zeros)
     runtime: bool = True  # loaded by the backends (False: exported for later use only)
     engine: bool = True  # in TensorRT engine sets (`sd35trt build`, the TensorRT backends)
+
+    @property
+    def skips_blocks(self) -> bool:
+        """It takes a per-block skip input (skip-layer guidance: one graph for plain and skip passes)."""
+        return any(t.kind == "skip" for t in self.inputs)
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -87,6 +92,8 @@ class Component:
                 out.append(torch.randint(0, vocab, shape, generator=g))
             elif t.kind == "timestep":
                 out.append(torch.tensor([1000.0, 500.0]))  # timesteps stay fp32
+            elif t.kind == "skip":
+                out.append(torch.zeros(shape))  # no block skipped; the flags stay fp32
             elif t.kind == "image":
                 out.append(torch.rand(shape, generator=g).to(dtype) * 2 - 1)  # [-1, 1]
             else:
@@ -102,7 +109,8 @@ def _transformer(c: VariantConfig, r: RequestShape) -> dict[str, Shape]:
     latent = c.latent_shape(r.batch, r.height, r.width)  # [B, 16, H/8, W/8]
     return {"hidden_states": latent, "timestep": (r.batch,),
             "encoder_hidden_states": (r.batch, c.text_tokens(r.t5_tokens), c.joint_dim),  # [B, 77+T, 4096]
-            "pooled_projections": (r.batch, c.pooled_dim)}  # [B, 2048]
+            "pooled_projections": (r.batch, c.pooled_dim),  # [B, 2048]
+            "skip_layers": (c.transformer.num_layers,)}  # [L] 1.0 = block skipped (skip-layer guidance)
 
 
 _B = {0: "B"}
@@ -122,19 +130,28 @@ TABLE: tuple[Component, ...] = (
               input_shapes=lambda c, r: _ids(c, r, r.t5_tokens), cfg_doubled=True, optional=True),
     Component("transformer",
               inputs=(Tensor("hidden_states", _LATENT), Tensor("timestep", _B, "float32", "timestep"),
-                      Tensor("encoder_hidden_states", {0: "B", 1: "S"}), Tensor("pooled_projections", _B)),
+                      Tensor("encoder_hidden_states", {0: "B", 1: "S"}), Tensor("pooled_projections", _B),
+                      Tensor("skip_layers", {}, "float32", "skip")),
               outputs=(Tensor("velocity", _LATENT),),  # [B, 16, h, w]
               input_shapes=_transformer, cfg_doubled=True),
     Component("vae_decoder", inputs=(Tensor("latent", _LATENT),), outputs=(Tensor("image", _IMAGE),),
               input_shapes=lambda c, r: {"latent": c.latent_shape(r.batch, r.height, r.width)},
               cfg_doubled=False),
     # moments = mean ++ log-variance of the posterior [B, 32, H/8, W/8] (unscaled); the runtime samples it.
-    # Not in engine sets yet: image modes run on torch and ONNX Runtime.
     Component("vae_encoder", inputs=(Tensor("image", _IMAGE, kind="image"),), outputs=(Tensor("moments", _LATENT),),
               input_shapes=lambda c, r: {"image": (r.batch, 3, r.height, r.width)},
-              cfg_doubled=False, optional=True, engine=False),
+              cfg_doubled=False, optional=True),
 )
-BY_NAME: dict[str, Component] = {c.name: c for c in TABLE}
+# A ControlNet (runtime/control.py) is exported on its own (export/controlnet_export.py), beside a
+# model's export: one record, outside TABLE (not every model has one). residuals: [R, B, h*w/4, D].
+CONTROLNET = Component(
+    "controlnet", inputs=(Tensor("hidden_states", _LATENT), Tensor("controlnet_cond", _LATENT),
+                          Tensor("timestep", _B, "float32", "timestep"), Tensor("encoder_hidden_states", {0: "B", 1: "S"}),
+                          Tensor("pooled_projections", _B)),
+    outputs=(Tensor("residuals", {1: "B", 2: "N"}),),
+    input_shapes=lambda c, r: {**_transformer(c, r), "controlnet_cond": c.latent_shape(r.batch, r.height, r.width)},
+    cfg_doubled=True, optional=True, runtime=False, engine=False)
+BY_NAME: dict[str, Component] = {c.name: c for c in (*TABLE, CONTROLNET)}
 # The components the backends load (optional ones where present).
 RUNTIME: tuple[Component, ...] = tuple(c for c in TABLE if c.runtime)
 # The components engine sets hold, in build order (`COMPONENTS`: their names).
@@ -157,8 +174,12 @@ def request_shapes(config: VariantConfig, batch: int, height: int, width: int, t
 
 def engine_profiles(config: VariantConfig, sizes: tuple[int, int, int], batches: tuple[int, int, int],
                     cfg: bool) -> dict[str, dict[str, tuple[Shape, Shape, Shape]]]:
-    """(min, opt, max) shapes per engine-set component input for square sizes and image batches."""
+    """(min, opt, max) shapes per engine-set component input for square sizes and image batches.
+    A component that skips blocks also runs the skip-layer pass on the prompts' rows alone ([B],
+    not [2B] under CFG), so its minimum batch is not doubled."""
     for s in sizes:
         config.check_size(s, s)
     points = [request_shapes(config, b, s, s, cfg=cfg) for b, s in zip(batches, sizes)]
-    return {c.name: {n: tuple(p[c.name][n] for p in points) for n in c.input_names} for c in ENGINES}
+    single = request_shapes(config, batches[0], sizes[0], sizes[0])  # [B] rows at the smallest point
+    return {c.name: {n: ((single if c.skips_blocks else points[0])[c.name][n], points[1][c.name][n],
+                         points[2][c.name][n]) for n in c.input_names} for c in ENGINES}

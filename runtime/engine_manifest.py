@@ -122,6 +122,7 @@ class BuildArgs:
     refit: bool = False
     weight_streaming: bool = False
     timing_cache: str | None = None
+    calibration: str | None = None  # torch-fp8 sets: built from `onnx` = the checkpoint, with this calibration
 
 
 @dataclass(frozen=True)
@@ -219,7 +220,9 @@ def rebuild_command(m: EngineManifest | Mapping[str, Any], folder: str | Path | 
     if folder is not None:
         changes.setdefault("out", str(folder))
     b = replace(m.build, **changes)
-    argv = ["sd35trt", "build", "--onnx", b.onnx, "--out", b.out, "--gpu", b.gpu, "--flavor", b.flavor]
+    source = ["--model", b.onnx, "--calibration", b.calibration or "CALIBRATION_DIR"] if b.flavor == "torch-fp8" \
+        else ["--onnx", b.onnx]  # a torch-fp8 set is built from the checkpoint and its FP8 calibration
+    argv = ["sd35trt", "build", *source, "--out", b.out, "--gpu", b.gpu, "--flavor", b.flavor]
     if b.family:
         argv += ["--family", b.family]
     argv.append("--dynamic" if b.dynamic else "--static")

@@ -16,6 +16,8 @@ from typing import Callable
 import torch
 
 Predict = Callable[[torch.Tensor, int, float], torch.Tensor]
+# (x_in, call index, timestep [B']) -> extra keyword arguments of the main transformer pass
+Residuals = Callable[[torch.Tensor, int, torch.Tensor], dict]
 Transformer = Callable[..., torch.Tensor]  # (x, timestep, context, pooled[, skip_layers=]) -> v
 
 
@@ -31,9 +33,10 @@ class SkipLayerGuidance:
 
 
 def guided(transformer: Transformer, context: torch.Tensor, pooled: torch.Tensor, guidance: float,
-           slg: SkipLayerGuidance | None = None, steps: int = 0) -> Predict:
+           slg: SkipLayerGuidance | None = None, steps: int = 0, residuals: Residuals | None = None) -> Predict:
     """The predict callable of a request: `context`/`pooled` are [2B, ...] ([neg; pos]) under CFG
-    (guidance > 1), else [B, ...]; `steps` is what the SLG window is a fraction of."""
+    (guidance > 1), else [B, ...]; `steps` is what the SLG window is a fraction of; `residuals`
+    (ControlNets, runtime/control.py) gives the main pass's extra transformer arguments."""
     cfg = guidance > 1.0
     half = context.shape[0] // 2
     pos_context, pos_pooled = context[half:], pooled[half:]  # [B, 77+T, 4096], [B, 2048]
@@ -41,7 +44,8 @@ def guided(transformer: Transformer, context: torch.Tensor, pooled: torch.Tensor
     def predict(x: torch.Tensor, i: int, timestep: float) -> torch.Tensor:
         x_in = torch.cat([x, x]) if cfg else x  # [2B or B, 16, h, w]
         t = torch.full((x_in.shape[0],), timestep, dtype=torch.float32, device=x.device)
-        v = transformer(x_in, t, context, pooled).float()
+        extra = residuals(x_in, i, t) if residuals is not None else {}
+        v = transformer(x_in, t, context, pooled, **extra).float()
         if not cfg:
             return v
         v_uncond, v_cond = v.chunk(2)

@@ -9,6 +9,7 @@ pipelines configure it (facts, not code, taken from it):
          [B, H, W] or [B, H, W, 1] / torch [H, W], [B, H, W], [B, 1, H, W] in [0, 1], nearest;
          never normalized; binarized (< 0.5 -> 0, else 1) -> [M, 1, H, W]. 1 = repaint.
 A list of images is a batch. Bad input raises InvalidInputError naming the argument and the fix.
+With padding_mask_crop (PIL only) both are first cropped to its box and resized "fill" (runtime/crop.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .crop import Box, resize_fill
 from .errors import InvalidInputError
 
 ImageInput = Any  # PIL.Image | np.ndarray | torch.Tensor | a list of one kind
@@ -80,10 +82,13 @@ def _batch_array(name: str, item: np.ndarray | torch.Tensor, mask: bool) -> torc
     return t
 
 
-def _pil(name: str, item: Image.Image, height: int, width: int, mask: bool) -> torch.Tensor:
+def _pil(name: str, item: Image.Image, height: int, width: int, mask: bool, box: Box | None) -> torch.Tensor:
     if not mask and item.mode != "RGB":
         raise InvalidInputError(f"{name} is a PIL image in mode {item.mode!r}; pass image.convert('RGB')")
-    resized = item.resize((width, height), resample=Image.LANCZOS)
+    if box is None:
+        resized = item.resize((width, height), resample=Image.LANCZOS)
+    else:
+        resized = resize_fill(item.crop(box), width, height)
     if mask:
         resized = resized.convert("L")
     arr = np.array(resized).astype(np.float32) / 255.0  # [H, W] or [H, W, 3]
@@ -91,11 +96,13 @@ def _pil(name: str, item: Image.Image, height: int, width: int, mask: bool) -> t
     return t[None, None] if mask else t.permute(2, 0, 1)[None]  # [1, C, H, W]
 
 
-def preprocess(name: str, value: ImageInput, height: int, width: int, mask: bool = False) -> torch.Tensor:
-    """`value` as [K, 3, H, W] in [-1, 1] (image) or [M, 1, H, W] in {0, 1} (mask), fp32, CPU."""
+def preprocess(name: str, value: ImageInput, height: int, width: int, mask: bool = False,
+               box: Box | None = None) -> torch.Tensor:
+    """`value` as [K, 3, H, W] in [-1, 1] (image) or [M, 1, H, W] in {0, 1} (mask), fp32, CPU;
+    `box`: padding_mask_crop's region (PIL inputs)."""
     items = _items(name, value)
     if isinstance(items[0], Image.Image):
-        out = torch.cat([_pil(name, i, height, width, mask) for i in items])
+        out = torch.cat([_pil(name, i, height, width, mask, box) for i in items])
     else:
         arrays = [_batch_array(name, i, mask) for i in items]
         if len({tuple(a.shape[1:]) for a in arrays}) > 1:

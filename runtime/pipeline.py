@@ -23,6 +23,7 @@ from .backends import Backend, load_backend
 from .backends.base import backend_class
 from .checkpoint import Checkpoint
 from .config import VariantConfig
+from .control import CONTROL_ARGS, ControlNets, ControlRequest, open_controlnets, plan, request_control
 from .edits import start as start_from_image
 from .errors import ClosedError, GenerationCancelled, InvalidInputError, NonFiniteImageError
 from .guidance import guided
@@ -55,16 +56,19 @@ def seed_generators(seed: int, n: int = 1) -> list[torch.Generator]:
 
 def sample(encode: PromptEncoder, transformer: Transformer, device: torch.device, req: Request,
            generator: Any = None, latents: torch.Tensor | None = None, on_step: StepHook | None = None,
-           progress: bool = False, backend_name: str = "", vae_encoder: Any = None) -> torch.Tensor:
+           progress: bool = False, backend_name: str = "", vae_encoder: Any = None,
+           control: Callable | None = None) -> torch.Tensor:
     """The final latents [B, 16, H/8, W/8] of a request: prompts encoded (negatives first under CFG),
     the start made (noise drawn, or `latents`; image modes: the image encoded by `vae_encoder` and
     noised, runtime/edits.py), the request's sampler run with its guidance (its noise, if any, from
-    `generator`). The FP8 calibration drives it too."""
+    `generator`; `control`: (context, pooled) -> ControlNet residuals, runtime/control.py). The FP8
+    calibration drives it too."""
     p, p2, p3 = req.prompts, req.prompts_2, req.prompts_3
     if req.negatives is not None:
         n, n2, n3 = req.negatives
         p, p2, p3 = n + p, n2 + p2, n3 + p3
     context, pooled = encode(p, p2, p3, req.max_sequence_length)  # [B or 2B, 77+T, 4096], [B or 2B, 2048]
+    residuals = control(context, pooled) if control is not None else None
     shape = encode.config.latent_shape(req.batch, req.height, req.width)  # [B, 16, H/8, W/8]
     blend = None
     if req.image is not None:
@@ -73,7 +77,7 @@ def sample(encode: PromptEncoder, transformer: Transformer, device: torch.device
         x, blend = start.latents, start.on_step
     else:
         x = latents if latents is not None else initial_noise(shape, generator, device)
-    predict = guided(transformer, context, pooled, req.guidance, req.slg, len(req.schedule))
+    predict = guided(transformer, context, pooled, req.guidance, req.slg, len(req.schedule), residuals)
     return run(predict, x.to(device), req.schedule, chain(blend, on_step), progress, backend_name, req.sampler,
                generator)
 
@@ -92,6 +96,7 @@ class Pipeline(LoraMixin):
         self._closed = False
         self._pool: ThreadPoolExecutor | None = None
         self._init_loras()
+        self.controlnets: ControlNets | None = None  # from_pretrained(controlnet=...)
 
     @classmethod
     def from_pretrained(
@@ -102,9 +107,11 @@ class Pipeline(LoraMixin):
         folder or an engine set. `backend` defaults to what the path holds: torch for checkpoints,
         onnxruntime for export folders, an engine set's flavor. `family` (large|medium|large-turbo)
         overrides the one detected from the configs or shapes; `clip_l=`, `clip_g=`,
-        `t5=`, `tokenizers=` point a single file at its other parts; the remaining options (device,
-        dtype, load_t5, ...) go to the backend. `memory=` default|balanced|low (with `vae_tiling`,
+        `t5=`, `tokenizers=` point a single file at its other parts; `controlnet=` a ControlNet
+        folder or a list of them (runtime/control.py); the remaining options (device, dtype,
+        load_t5, ...) go to the backend. `memory=` default|balanced|low (with `vae_tiling`,
         `vae_tile_size`, `prompt_cache`) says which weights stay on the device (runtime/memory.py)."""
+        controlnet = options.pop("controlnet", None)
         memory = MemorySettings.pop(options)  # a bad memory= fails before anything is read
         files = {k: options.pop(k) for k in CHECKPOINT_OPTIONS if k in options}
         if options.get("load_t5") is False:
@@ -114,6 +121,12 @@ class Pipeline(LoraMixin):
         name = backend or ckpt.default_backend
         memory.prepare(backend_class(name), name, options)  # refuses a backend that cannot move its weights
         pipe = cls(ckpt.config, load_backend(name, ckpt, ckpt.config, **options), tokenizers, ckpt.path)
+        if controlnet is not None:
+            try:
+                pipe.controlnets = open_controlnets(controlnet, pipe.backend)
+            except BaseException:
+                pipe.close()
+                raise
         return apply_memory(pipe, memory)
 
     def close(self) -> None:
@@ -140,7 +153,9 @@ class Pipeline(LoraMixin):
         returns the request with every default resolved."""
         kwargs.pop("callback_on_step_end", None), kwargs.pop("progress", None)
         loras = kwargs.pop("loras", None)
+        control = {k: kwargs.pop(k) for k in CONTROL_ARGS if k in kwargs}
         req = self.with_loras(normalize_request(self.config, prompt, **kwargs), loras)
+        request_control(self.controlnets, req, prompt, **control)  # the ControlNet arguments (runtime/control.py)
         b = self.backend
         if req.image is not None and getattr(b, "vae_encoder", None) is None:
             raise InvalidInputError(f"image= ({req.mode}) needs the VAE encoder, which backend {b.name!r} has not "
@@ -223,12 +238,20 @@ class Pipeline(LoraMixin):
         skip_layer_guidance_start: float = 0.01,
         skip_layer_guidance_stop: float = 0.2,
         loras: Mapping[str, float] | Sequence[Mapping[str, float]] | None = None,
+        control_image: Any = None,
+        controlnet_conditioning_scale: float | Sequence[float] = 1.0,
+        control_guidance_start: float | Sequence[float] = 0.0,
+        control_guidance_end: float | Sequence[float] = 1.0,
+        control_generator: torch.Generator | None = None,
     ) -> PipelineOutput:
         """diffusers' arguments: text-to-image; `image` -> image-to-image (StableDiffusion3Img2ImgPipeline,
         `strength` trims the schedule); `image` + `mask_image` -> inpainting (StableDiffusion3InpaintPipeline);
         `skip_guidance_layers` -> skip-layer guidance (StableDiffusion3Pipeline). `latents` with an image:
         the starting latents as they are (image-to-image) or the noise (inpainting), as diffusers.
-        `loras={"style": 0.7}` (or one such dict per image): strengths of LoRAs loaded with `load_lora`."""
+        `loras={"style": 0.7}` (or one such dict per image): strengths of LoRAs loaded with `load_lora`.
+        `control_image` (+ `controlnet_conditioning_scale`, `control_guidance_start`/`_end`) with the
+        loaded ControlNets: StableDiffusion3ControlNetPipeline; `control_generator` draws the control
+        images' posterior noise (None: torch's global RNG, as diffusers)."""
         req = self.check_request(  # raises before any heavy work
             prompt, prompt_2=prompt_2, prompt_3=prompt_3, negative_prompt=negative_prompt,
             negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3, height=height, width=width,
@@ -239,18 +262,22 @@ class Pipeline(LoraMixin):
             skip_guidance_layers=skip_guidance_layers, skip_layer_guidance_scale=skip_layer_guidance_scale,
             skip_layer_guidance_start=skip_layer_guidance_start, skip_layer_guidance_stop=skip_layer_guidance_stop,
             loras=loras)
+        creq = request_control(self.controlnets, req, prompt, control_image, controlnet_conditioning_scale,
+                               control_guidance_start, control_guidance_end, control_generator)
         self._enter()
         try:
-            return self._generate(req, generator, latents, callback_on_step_end, progress)
+            return self._generate(req, generator, latents, callback_on_step_end, progress, creq)
         finally:
             self._exit()
 
     def _generate(self, req: Request, generator: Any, latents: torch.Tensor | None,
-                  callback_on_step_end: StepCallback | None, progress: bool) -> PipelineOutput:
+                  callback_on_step_end: StepCallback | None, progress: bool,
+                  creq: ControlRequest | None = None) -> PipelineOutput:
         b = self.backend
         encode, transformer = self.lora_calls(req)
+        control = None if creq is None else plan(self.controlnets, creq, b.vae_encoder, self.config.vae, req, b.device)
         x = sample(encode, transformer, b.device, req, generator, latents, self._hook(callback_on_step_end),
-                   progress, b.name, getattr(b, "vae_encoder", None))
+                   progress, b.name, getattr(b, "vae_encoder", None), control)
         info = {"mode": req.mode, "steps": len(req.schedule), "sampler": req.sampler.name, "guidance": req.guidance,
                 "height": req.height, "width": req.width, "backend": self.backend.name, "variant": self.config.name}
         return PipelineOutput(self._decode(x, req), info)
@@ -276,4 +303,7 @@ class Pipeline(LoraMixin):
             raise NonFiniteImageError(self.backend.name, float(x.abs().max()))
         image = (image.float() / 2 + 0.5).clamp(0, 1)
         array: np.ndarray = image.cpu().permute(0, 2, 3, 1).numpy()  # [B, H, W, 3]
+        if req.overlay is not None:  # padding_mask_crop: into the original's frame (PIL, as diffusers)
+            pil = req.overlay.apply(to_pil(array))
+            return pil if req.output_type == "pil" else np.stack([np.asarray(p, np.float32) / 255.0 for p in pil])
         return array if req.output_type == "np" else to_pil(array)

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from .config import VariantConfig
+from .crop import Overlay, prepare as prepare_crop
 from .errors import InvalidInputError
 from .guidance import SkipLayerGuidance
 from .images_in import preprocess, source_sizes
@@ -41,6 +42,7 @@ class Request:
     strength: float = 1.0  # image modes: the schedule above is already trimmed to it
     slg: SkipLayerGuidance | None = None
     loras: tuple[dict[str, float], ...] | None = field(default=None, compare=False)  # per image {LoRA: strength} (runtime/lora.py)
+    overlay: Overlay | None = field(default=None, compare=False)  # padding_mask_crop: pasted back after decoding
 
     @property
     def batch(self) -> int:
@@ -185,9 +187,8 @@ def _edit(image: Any, mask_image: Any, strength: Any, padding_mask_crop: Any, sc
         if mask_image is not None:
             raise InvalidInputError("mask_image was given without image; pass the image to inpaint as image=")
         return {}
-    if padding_mask_crop is not None:
-        raise InvalidInputError(f"padding_mask_crop={padding_mask_crop!r} is not supported yet; drop it (the "
-                                f"whole image is inpainted at height x width)")
+    overlay = None if padding_mask_crop is None else prepare_crop(image, mask_image, padding_mask_crop, width, height)
+    box = None if overlay is None else overlay.box
     strength = _number("strength", strength)
     if not 0.0 < strength <= 1.0:
         raise InvalidInputError(f"strength={strength} must be in (0, 1] (1: the image is fully re-noised)")
@@ -195,11 +196,11 @@ def _edit(image: Any, mask_image: Any, strength: Any, padding_mask_crop: Any, sc
     if len(trimmed) == 0:
         raise InvalidInputError(f"strength={strength} leaves 0 of {len(schedule)} steps; pass strength >= "
                                 f"{1 / len(schedule):.3g} or more num_inference_steps")
-    pixels = preprocess("image", image, height, width)  # [K, 3, H, W]
-    out: dict[str, Any] = {"schedule": trimmed, "image": pixels, "strength": strength}
+    pixels = preprocess("image", image, height, width, box=box)  # [K, 3, H, W]
+    out: dict[str, Any] = {"schedule": trimmed, "image": pixels, "strength": strength, "overlay": overlay}
     _check_count("image", pixels.shape[0], batch)
     if mask_image is not None:
-        mask = preprocess("mask_image", mask_image, height, width, mask=True)  # [M, 1, H, W]
+        mask = preprocess("mask_image", mask_image, height, width, mask=True, box=box)  # [M, 1, H, W]
         sizes, mask_sizes = source_sizes("image", image), source_sizes("mask_image", mask_image, mask=True)
         if set(mask_sizes) != set(sizes) or len(set(sizes)) > 1:
             raise InvalidInputError(f"mask_image is {sorted(set(mask_sizes))} (height, width) but image is "

@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 
 from . import cli_checks as check
+from . import cli_control
 from .cli_checks import UsageError, flagged
 from .cli_lora import lora_arg
 from .cli_lora import resolve as resolve_loras
+from .cli_ray import add_flags as add_ray_flags
 from .quiet import library_stdout, quiet_onnxruntime, third_party_quiet
 
 # One vocabulary across flags, arguments, manifests and errors:
@@ -52,13 +54,14 @@ def _generate(args: argparse.Namespace) -> int:
     # Everything that needs no torch first: a bad flag answers at once.
     info = check.inspect_model(args.model, family=args.family)
     backend = check.check_backend(info, args.backend)
-    options = check.backend_options(args, backend)
+    options = check.backend_options(args, backend, info.kind)
     check.check_size(info, args.height, args.width)
     if args.quality is not None and args.out.suffix.lower() == ".png":
         raise UsageError(f"--quality applies to JPEG and WebP; {args.out} is a PNG (lossless): drop --quality")
     check.require_cuda(options, backend)
     modes = _mode_arguments(args)  # sampler, image / mask / strength, skip-layer guidance (no torch yet)
     loras = resolve_loras(args.lora, args.lora_dir)
+    control = cli_control.control_arguments(args)  # --controlnet / --control-image (no torch yet)
     quiet_onnxruntime(backend == "onnxruntime" and not args.verbose)
 
     import torch
@@ -74,13 +77,16 @@ def _generate(args: argparse.Namespace) -> int:
                       width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance, **modes)
     backend_limits(backend, ckpt, ckpt.config)  # an engine set's manifest is read before any engine
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
-    with Pipeline.from_pretrained(args.model, backend=backend, family=args.family, **options) as pipe:
+    side = ckpt.config.default_size
+    controls = cli_control.call_arguments(control, args.height or side, args.width or side, seed)
+    with Pipeline.from_pretrained(args.model, backend=backend, family=args.family, **options,
+                                  **cli_control.pipeline_option(control)) as pipe:
         if loras:
             modes["loras"] = {pipe.load_lora(f, name=f"{f.stem}-{i}"): s for i, (f, s) in enumerate(loras)}
         out = pipe(
             args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
             guidance_scale=args.guidance, height=args.height, width=args.width,
-            generator=torch.Generator().manual_seed(seed), progress=not args.quiet, **modes,
+            generator=torch.Generator().manual_seed(seed), progress=not args.quiet, **modes, **controls,
         )
     meta = {"prompt": args.prompt, "negative_prompt": args.negative_prompt or "", "seed": seed,
             "steps": out.info["steps"], "guidance": out.info["guidance"], "model": str(args.model),
@@ -158,7 +164,7 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench import bench_transformer
 
     configs = args.configs.split(",")
-    if set(configs) - {"e2e", "text"}:
+    if set(configs) - {"e2e", "text", "modes"}:
         bench_transformer(args.preset, args.size, args.batch, configs, args.attention, args.json, args.fidelity)
     if "e2e" in configs and args.memory:
         bad = sorted(set(args.memory.split(",")) - set(check.MEMORY_MODES))
@@ -169,12 +175,16 @@ def _bench(args: argparse.Namespace) -> int:
         configs = [c for c in configs if c != "e2e"]
         bench_memory(args.preset, args.size, args.steps, args.memory.split(","), t5=not args.no_t5,
                      out=args.json.with_name(f"{args.json.stem}_memory.json"))
-    for part in [c for c in ("text", "e2e") if c in configs]:
+    for part in [c for c in ("text", "e2e", "modes") if c in configs]:
         from .bench import Runner
         from .bench_e2e import bench_e2e, bench_text
+        from .bench_modes import bench_modes
 
         runner = Runner(args.json.with_name(f"{args.json.stem}_{part}.json"))
-        bench_text(runner) if part == "text" else bench_e2e(args.preset, args.size, args.steps, runner)
+        if part == "modes":
+            bench_modes(args.preset, args.size, args.steps, args.strength, runner)
+        else:
+            bench_text(runner) if part == "text" else bench_e2e(args.preset, args.size, args.steps, runner)
         print(runner.table(runner.rows[0]["name"]))
     return 0
 
@@ -189,6 +199,12 @@ def _batch_range(text: str) -> tuple[int, int]:
 
 
 def _build(args: argparse.Namespace) -> int:
+    if args.flavor == "torch-fp8":
+        from .cli_build_torch import build_torch
+
+        return build_torch(args)
+    if args.onnx is None:
+        raise UsageError(f"--flavor {args.flavor} builds from an exported folder: pass --onnx ONNX_DIR")
     info = check.inspect_model(args.onnx, flag="--onnx")
     if info.kind != "export":
         raise UsageError(f"--onnx {args.onnx} is not an `sd35trt export` folder; export first: sd35trt export "
@@ -282,9 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="released shapes with random weights")
     b.add_argument("--size", type=int, default=1024)
     b.add_argument("--batch", type=int, default=1, help="images per step (the transformer sees 2x: CFG)")
-    b.add_argument("--steps", type=int, default=28, help="denoising steps of the end-to-end image (e2e)")
+    b.add_argument("--steps", type=int, default=28, help="denoising steps of the end-to-end image (e2e, modes)")
+    b.add_argument("--strength", type=float, default=0.6, help="image-to-image / inpainting strength (modes)")
     b.add_argument("--configs", default="peer-eager,peer-compile,bf16,fp8,fp8-compile-default",
-                   help="comma list: attention, vae, peer-eager, peer-compile, bf16, peer-ao, fp8[-compile-<mode>][+fast][+gelu][+tune][+mk][+fa4], profile, text, e2e")
+                   help="comma list: attention, vae, peer-eager, peer-compile, bf16, peer-ao, fp8[-compile-<mode>][+fast][+gelu][+tune][+mk][+fa4], profile, text, e2e, modes (image-to-image / inpainting / SLG)")
     b.add_argument("--fidelity", action="store_true",
                    help="compare every FP8 row with BF16 (cosine, rel. L2) even without a peer/bf16 row; "
                         "e2e rows always compare the final image (cosine, PSNR)")
@@ -297,12 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_bench)
 
     b = sub.add_parser("build", help="build TensorRT / TensorRT-RTX engines from an exported ONNX folder")
-    b.add_argument("--onnx", type=Path, required=True, help="folder written by `sd35trt export`")
+    b.add_argument("--onnx", type=Path, help="folder written by `sd35trt export` (TensorRT flavors)")
+    b.add_argument("--model", type=Path, help="checkpoint (--flavor torch-fp8)")
+    b.add_argument("--calibration", help="FP8 calibration dir of `sd35trt export --precision fp8` (--flavor torch-fp8)")
     b.add_argument("--out", type=Path, help="engine folder (default engines/<preset or custom-family>-<precision>-<gpu>)")
     b.add_argument("--gpu", type=check.gpu, required=True,
                    help="target compute capability: sm80, sm86, sm89, sm90, sm100, sm120, ...")
-    b.add_argument("--flavor", choices=("tensorrt-rtx", "tensorrt"), default="tensorrt-rtx",
-                   help="tensorrt-rtx builds on any machine (CPU AOT); tensorrt builds on the target GPU")
+    b.add_argument("--flavor", choices=("tensorrt-rtx", "tensorrt", "torch-fp8"), default="tensorrt-rtx",
+                   help="tensorrt-rtx builds on any machine (CPU AOT); tensorrt and torch-fp8 build on the target GPU")
     shape = b.add_mutually_exclusive_group()
     shape.add_argument("--static", dest="dynamic", action="store_false", help="the model's default size (default)")
     shape.add_argument("--dynamic", dest="dynamic", action="store_true",
@@ -347,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch backends: a LoRA .safetensors (or its name in --lora-dir) at SCALE (default 1.0); "
                         "repeatable")
     g.add_argument("--lora-dir", type=Path, help="folder that --lora names are looked up in")
+    cli_control.add_flags(g)
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--out", type=check.image_path, required=True,
                    help="image path: .png, .jpg/.jpeg or .webp (the format; metadata in PNG text chunks or EXIF)")
@@ -360,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--model-id", help="the name GET /v1/models lists and requests pass as model "
                                       "(default: the variant's, e.g. sd3.5-large)")
     v.add_argument("--model-alias", action="append", default=[], help="another name accepted as model (repeatable)")
+    v.add_argument("--controlnet", type=cli_control.named_path, action="append", default=[], metavar="NAME=PATH",
+                   help="a ControlNet to load at start, requests pick it by NAME (repeatable)")
     v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     v.add_argument("--port", type=check.port, default=8000, help="0 picks a free port (printed)")
     v.add_argument("--max-batch", type=pos, default=4, help="images per pipeline call (capped by an engine set)")
@@ -377,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-prompt-chars", type=pos, default=2000)
     v.add_argument("--lora-dir", type=Path, help="torch backends: load every *.safetensors LoRA in this folder; "
                                                  "requests pick them by name (GET /v1/loras)")
+    add_ray_flags(v)
     v.set_defaults(func=_serve)
     for sp in sub.choices.values():
         _common(sp)

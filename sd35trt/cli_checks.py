@@ -40,7 +40,8 @@ FLAGS = {
     "max_size": "--max-size", "max_steps": "--max-steps", "max_n": "--max-n", "limits.max_n": "--max-n",
     "max_prompt_chars": "--max-prompt-chars", "timeout_s": "--timeout-s", "intra_op_threads": "--intra-op-threads",
     "gpu": "--gpu", "flavor": "--flavor", "sampler": "--sampler", "image": "--image", "mask_image": "--mask",
-    "strength": "--strength", "skip_guidance_layers": "--slg",
+    "strength": "--strength", "skip_guidance_layers": "--slg", "control_image": "--control-image",
+    "controlnet_conditioning_scale": "--control-scale", "controlnet": "--controlnet",
 }
 _ARG = re.compile(r"(?<![\w.-])(" + "|".join(sorted(map(re.escape, FLAGS), key=len, reverse=True)) + r")=")
 
@@ -200,6 +201,8 @@ def check_backend(info: ModelInfo, backend: str | None, flag: str = "--model") -
     """The backend to use (`backend`, or what the path holds), refusing one that cannot run it."""
     name = backend or info.default_backend
     p = info.path
+    if name == "torch-fp8" and info.kind == "engines" and info.manifest.flavor == name:
+        return name  # a torch-fp8 engine set
     if name in TORCH_BACKENDS and info.kind in ("export", "engines"):
         what = "an `sd35trt export` folder" if info.kind == "export" else "an engine set"
         fix = f"{flag} {info.source}" if info.kind == "export" else f"{flag} <the checkpoint>"
@@ -240,8 +243,9 @@ def calibration_dir(text: str | None, backend: str) -> Path | None:
                      f"`sd35trt export --precision fp8` and pass its output folder")
 
 
-def backend_options(args: argparse.Namespace, backend: str) -> dict[str, Any]:
-    """Backend keyword options from the flags, refusing the ones this backend does not take."""
+def backend_options(args: argparse.Namespace, backend: str, kind: str | None = None) -> dict[str, Any]:
+    """Backend keyword options from the flags, refusing the ones this backend does not take
+    (`kind`: what --model holds; a torch-fp8 engine set carries its own calibration)."""
     opts: dict[str, Any] = {}
     dev = getattr(args, "device", None)
     if backend == "onnxruntime" and dev not in (None, "cpu"):
@@ -264,7 +268,9 @@ def backend_options(args: argparse.Namespace, backend: str) -> dict[str, Any]:
         if backend != "torch-fp8":
             raise UsageError(f"--compile applies to --backend torch-fp8 only (not {backend}); drop it")
         opts["compile"] = {"off": False, "default": True}.get(compile_mode, compile_mode)
-    calib = calibration_dir(getattr(args, "calibration", None), backend)
+    if kind == "engines" and getattr(args, "calibration", None) is not None:
+        raise UsageError("--calibration does not apply to an engine set (a torch-fp8 set carries its own); drop it")
+    calib = None if kind == "engines" else calibration_dir(getattr(args, "calibration", None), backend)
     if calib is not None:
         opts["calibration"] = calib
     for flag, key in (("--slots", "slots"), ("--weight-streaming-budget", "weight_streaming_budget")):
@@ -302,12 +308,13 @@ def check_size(info: ModelInfo, height: int | None, width: int | None) -> None:
     h = info.config.default_size if height is None else height
     w = info.config.default_size if width is None else width
     lo = hi = None
-    if info.kind == "engines":
+    fixed = info.kind == "engines" and info.manifest.flavor != "torch-fp8"  # a torch set compiles other sizes
+    if fixed:
         lo, _, hi = info.manifest.shapes.sizes
     try:
         info.config.check_size(h, w, min_size=lo, max_size=hi)
     except InvalidInputError as exc:
-        where = f" ({info.path} is built for {lo}-{hi} px)" if info.kind == "engines" else ""
+        where = f" ({info.path} is built for {lo}-{hi} px)" if fixed else ""
         raise UsageError(flagged(str(exc)) + where) from None
 
 

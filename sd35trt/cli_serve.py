@@ -13,18 +13,22 @@ import argparse
 import sys
 
 from . import cli_checks as check
+from . import cli_control
 from .cli_checks import UsageError
+from .cli_ray import check_flags as check_ray_flags
+from .cli_ray import serve_ray
 from .quiet import quiet_onnxruntime
 
 
 def serve(args: argparse.Namespace) -> int:
+    on_ray = check_ray_flags(args)
     path, flag = (args.engines, "--engines") if args.engines is not None else (args.model, "--model")
     info = check.inspect_model(path, flag=flag)  # before any heavy import: a wrong path answers at once
     if args.engines is not None and info.kind != "engines":
         raise UsageError(f"--engines {path} is not an engine set (no engine manifest); serve it with --model, or "
                          f"build one with `sd35trt build --onnx EXPORT_DIR --gpu smXX`")
     backend = check.check_backend(info, args.backend, flag)
-    options = check.backend_options(args, backend)
+    options = check.backend_options(args, backend, info.kind)
     try:
         from .server import Limits, ServeSettings, bind, create_app, run
     except ImportError as exc:
@@ -34,7 +38,8 @@ def serve(args: argparse.Namespace) -> int:
     settings = ServeSettings(model=path, backend=backend, engines=args.engines is not None, backend_options=options,
                              max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, max_queue=args.max_queue,
                              workers=args.workers, limits=limits, model_id=args.model_id,
-                             model_aliases=tuple(args.model_alias), lora_dir=args.lora_dir)
+                             model_aliases=tuple(args.model_alias), lora_dir=args.lora_dir,
+                             controlnets=cli_control.serve_controlnets(args.controlnet))
     if args.lora_dir is not None:
         from .server.loras import lora_files
 
@@ -50,6 +55,8 @@ def serve(args: argparse.Namespace) -> int:
 
     ckpt = Checkpoint.open(path)  # configs and headers: a broken folder is refused before binding
     backend_limits(backend, ckpt, ckpt.config)
+    if on_ray:
+        return serve_ray(args, settings)
     try:
         sock = bind(args.host, args.port)
     except OSError as exc:

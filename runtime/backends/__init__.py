@@ -25,9 +25,9 @@ def _tensorrt(flavor: str):
 
 
 def _torch_fp8():
-    from .torch_fp8 import TorchFP8Backend
+    from .torch_fp8_set import torch_fp8_factory  # a checkpoint or a torch-fp8 engine set
 
-    return TorchFP8Backend
+    return torch_fp8_factory
 
 
 register("torch", _torch)

@@ -10,7 +10,10 @@ Shapes (B = model batch; with CFG the transformer sees 2x the image batch):
   vae_encoder(image [B, 3, 8h, 8w] in [-1, 1]) -> moments [B, 32, h, w] (mean ++ log-variance,
               unscaled)            (None: not exported / not in the engine set)
 A backend whose `skip_layers` is True takes `transformer(..., skip_layers=(7, 8, 9))` (skip-layer
-guidance); the others refuse SLG requests before any component runs.
+guidance; every backend here: torch skips the blocks, exported graphs and engines take the table's
+`skip_layers` input [num_layers], see `ComponentCall`); others refuse SLG before any component runs.
+One whose `controlnet` is True takes `transformer(..., controlnet_residuals=[R, B, N, D])` and loads
+ControlNets (`load_controlnet(folder) -> (spec, callable)`, runtime/control.py).
 Inputs arrive on `backend.device`; outputs may be any float dtype on that device. Input and output
 names and order are the component table's (`runtime/components.py`). `limits` says what one call
 can take beyond the model's own range; `check_request` refuses, before any component runs, a
@@ -63,7 +66,8 @@ class BackendBase:
     """Defaults for backends without limits of their own (torch, ONNX Runtime)."""
 
     limits = Limits()
-    skip_layers = False  # the transformer callable takes skip_layers= (torch backends)
+    skip_layers = False  # the transformer callable takes skip_layers=
+    controlnet = False  # the transformer takes controlnet_residuals= and load_controlnet(folder) exists
     vae_encoder = None
 
     @classmethod
@@ -75,17 +79,37 @@ class BackendBase:
         """Nothing beyond the request checks every backend shares."""
 
 
+def skip_vector(layers: Sequence[int] | None, num_layers: int, device: torch.device) -> torch.Tensor:
+    """The per-block skip input of an exported transformer: float32 [num_layers], 1.0 = skipped."""
+    flags = torch.zeros(num_layers, dtype=torch.float32)  # [L]
+    if layers:
+        flags[list(layers)] = 1.0
+    return flags.to(device)
+
+
 class ComponentCall:
     """The Backend protocol's callable for one component over `run(*inputs) -> outputs` (table
-    order): a one-output component returns its tensor as float32, a multi-output one the tuple."""
+    order): a one-output component returns its tensor as float32, a multi-output one the tuple.
+    `graph_layers`: for a graph with the table's per-block skip input (exported transformers,
+    engines), the block count; the `skip_layers=(7, 8, 9)` option becomes that input (none: zeros)."""
 
-    def __init__(self, run: Callable[..., Sequence[torch.Tensor]], name: str, model: Any = None) -> None:
+    def __init__(self, run: Callable[..., Sequence[torch.Tensor]], name: str, model: Any = None,
+                 graph_layers: int | None = None) -> None:
         self.run, self.name, self.n_outputs = run, name, len(component(name).outputs)
         self.model = model  # what runs it, for inspection (torch backends: the nn.Module)
+        self.graph_layers = graph_layers
 
     def __call__(self, *args: torch.Tensor, **options: object) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        if self.graph_layers is not None:
+            skip = options.pop("skip_layers", None)
+            args = (*args, skip_vector(skip, self.graph_layers, args[0].device))  # type: ignore[arg-type]
         outs = self.run(*args, **options)  # options: the transformer's skip_layers on torch
         return outs[0].float() if self.n_outputs == 1 else tuple(outs)
+
+
+def graph_layers(name: str, config: VariantConfig) -> int | None:
+    """`ComponentCall`'s graph_layers for component `name` of an exported graph or engine set."""
+    return config.transformer.num_layers if component(name).skips_blocks else None
 
 
 BackendLoader = Callable[..., Backend]

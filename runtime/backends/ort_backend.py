@@ -28,7 +28,7 @@ from ..components import RUNTIME, component
 from ..config import VariantConfig
 from ..errors import BackendError, CheckpointError, InvalidInputError, OutOfMemoryError
 from ..manifest import ExportEntry, ExportManifest, HashCache, hash_stamped
-from .base import BackendBase, ComponentCall
+from .base import BackendBase, ComponentCall, graph_layers
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
        "tensor(int32)": np.int32, "tensor(double)": np.float64}
@@ -132,6 +132,7 @@ class OrtBackend(BackendBase):
     which files were hashed and which were vouched for by their unchanged stamp)."""
 
     name = "onnxruntime"
+    skip_layers = True  # the exported transformer takes the per-block skip input
 
     def __init__(
         self,
@@ -175,7 +176,8 @@ class OrtBackend(BackendBase):
                                  lambda comp, e: _Session(folder / e.file, comp, providers, options, fix), fix, verify)
         for c in RUNTIME:
             session = sessions.get(c.name)
-            setattr(self, c.name, ComponentCall(session, c.name, session) if session else None)
+            call = ComponentCall(session, c.name, session, graph_layers(c.name, config)) if session else None
+            setattr(self, c.name, call)
 
     def close(self) -> None:
         for c in RUNTIME:

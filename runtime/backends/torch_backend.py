@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -18,6 +18,8 @@ from ..checkpoint import Checkpoint
 from ..components import RUNTIME
 from ..config import VariantConfig
 from ..models.flash_attention import AttentionChoice, choose_attention, set_attention_core
+from ..models.controlnet import ControlNetSpec
+from ..models.controlnet_file import load_any
 from ..models.loader import inner_model, load_modules
 from .base import BackendBase, ComponentCall
 
@@ -62,6 +64,7 @@ class TorchBackend(BackendBase):
 
     name = "torch"
     skip_layers = True  # our MMDiT skips blocks on request (skip-layer guidance)
+    controlnet = True  # our MMDiT takes controlnet_residuals= (runtime/control.py)
     stages_weights = True  # takes load_device= and has weight_handles(): memory modes (runtime/memory.py)
 
     def __init__(
@@ -106,6 +109,23 @@ class TorchBackend(BackendBase):
             ctx = self.attention.context if c.name == "transformer" else nullcontext
             call = None if module is None else ComponentCall(ModuleRun(module, self.dtype, ctx), c.name, inner_model(module))
             setattr(self, c.name, call)
+
+    def load_controlnet(self, folder: Path) -> tuple[ControlNetSpec, Callable[..., torch.Tensor]]:
+        """Our SD3ControlNet from a diffusers folder or Stability file, on this backend's device,
+        dtype and attention; one that shares the MMDiT's patch embedding gets the loaded transformer's."""
+        net = self._controlnet_module(folder)
+        set_attention_core(net, self.attention.core)
+        run = ModuleRun(net, self.dtype, self.attention.context)
+        return net.spec, lambda *args: run(*args)[0]
+
+    def _controlnet_module(self, folder: Path) -> nn.Module:
+        mmdit = self.modules["transformer"]
+        mmdit = getattr(mmdit, "_orig_mod", mmdit)  # under torch.compile
+
+        def pos_embed() -> dict[str, torch.Tensor]:
+            return {f"pos_embed.{k}": v for k, v in mmdit.pos_embed.state_dict().items()}
+
+        return load_any(folder, mmdit.spec, pos_embed, self.device, self.dtype)
 
     def weight_handles(self) -> dict:
         """component -> its module's weights, moved to the host now (memory modes move them back per stage)."""

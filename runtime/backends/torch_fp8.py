@@ -10,7 +10,8 @@ Attention is the torch backend's choice at load (FlashAttention-4 on sm90/sm100 
 runs as the identical x*sigmoid(2z) form (cheaper compiled). `compile=True` runs the MMDiT and the
 VAE decoder under torch.compile (inductor fuses the activation quantization into the producers; its
 on-disk cache makes later starts warm; coordinate-descent tuning gained < 1 ms and tripled the warm
-start, so it stays off); `compile="reduce-overhead"` also replays the step as a CUDA graph.
+start, so it stays off); `compile="reduce-overhead"` also replays the step as a CUDA graph. The VAE encoder (image modes)
+runs in bf16, channels-last on CUDA and, with `compile`, compiled there (on the CPU it stays eager).
 """
 
 from __future__ import annotations
@@ -75,4 +76,25 @@ class TorchFP8Backend(TorchBackend):
             mmdit = torch.compile(mmdit, fullgraph=True, options=options)
             vae = torch.compile(vae)
         self.modules.update(transformer=mmdit, vae_decoder=vae)
+        encoder = self.modules.get("vae_encoder")
+        if encoder is not None and self.device.type == "cuda":
+            encoder = encoder.to(memory_format=torch.channels_last)
+            self.modules["vae_encoder"] = torch.compile(encoder) if options is not None else encoder
         self.bind()  # the attention core the torch backend chose stays on the FP8 model's attentions
+        # A ControlNet runs FP8 GEMMs with the calibration `export_controlnet` writes beside the
+        # MMDiT's (<out>/controlnet_calibration, made jointly); without one it runs in bf16.
+        cn = None
+        if not isinstance(calibration, Mapping):
+            own = Path(calibration).parent if Path(calibration).is_file() else Path(calibration)
+            cn = own.parent / "controlnet_calibration"
+        self._controlnet_amax = load_amax(cn) if cn is not None and (cn / "amax.safetensors").is_file() else None
+        self._fast_accum, self.controlnet_fp8_layers = fast_accum, 0
+
+    def _controlnet_module(self, folder: Path) -> torch.nn.Module:
+        net = super()._controlnet_module(folder)
+        if self._controlnet_amax is None:
+            return net
+        net = to_fp8(net, self._controlnet_amax, fast_accum=self._fast_accum)  # CheckpointError: another net's
+        use_sigmoid_gelu(net)
+        self.controlnet_fp8_layers += sum(isinstance(m, FP8Linear) for m in net.modules())
+        return net

@@ -40,7 +40,7 @@ from ..engine_manifest import (FLOAT_DTYPES, LIBRARIES, TRT_DTYPES, EngineManife
                                check_engine_files, check_flavor, check_library, check_shapes, device_cc,
                                rebuild_command)
 from ..errors import InvalidInputError
-from .base import BackendBase, ComponentCall, Limits
+from .base import BackendBase, ComponentCall, Limits, graph_layers
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,7 @@ class TrtBackend(BackendBase):
     """`Pipeline.from_pretrained(engine_dir)` (the set's flavor), or backend="tensorrt-rtx" / "tensorrt"."""
 
     flavor = ""  # set by the two flavor classes below
+    skip_layers = True  # the transformer engine takes the per-block skip input
 
     @classmethod
     def limits_for(cls, path: Any, config: VariantConfig) -> Limits:
@@ -112,7 +113,8 @@ class TrtBackend(BackendBase):
                 self._slots.put(_Slot(trt, self._engines, self.device))
         for c in RUNTIME:
             run = partial(self.run, c.name)
-            setattr(self, c.name, ComponentCall(run, c.name) if c.name in self._engines else None)
+            call = ComponentCall(run, c.name, graph_layers=graph_layers(c.name, self.doc.variant))
+            setattr(self, c.name, call if c.name in self._engines else None)
 
     def _deserialize(self, trt: Any, runtime: Any, comp: str, budget: int | None) -> tuple[Any, tuple[Binding, ...]]:
         path = self.path / self.doc.components[comp].file

@@ -147,7 +147,7 @@ class FP8WeightLinear(nn.Module):
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         w = linear.weight.detach()
-        scale = max(float(w.abs().max()), 1e-12) / E4M3_MAX
+        scale = 1.0 if w.is_meta else max(float(w.abs().max()), 1e-12) / E4M3_MAX  # meta: a skeleton to load into
         self.register_buffer("weight_fp8", to_e4m3(w, scale))
         self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32, device=w.device))
         self.register_buffer("bias", linear.bias.detach() if linear.bias is not None else None)

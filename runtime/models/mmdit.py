@@ -159,12 +159,13 @@ class Attention(nn.Module):
 
 
 class JointBlock(nn.Module):
-    def __init__(self, spec: TransformerSpec, index: int) -> None:
+    def __init__(self, spec: TransformerSpec, index: int, context_pre_only: bool | None = None) -> None:
         super().__init__()
         d, heads = spec.inner_dim, spec.num_attention_heads
         qk = spec.qk_norm is not None
         self.dim = d
-        self.last = index == spec.num_layers - 1  # context_pre_only
+        # context_pre_only: the MMDiT's last block (a ControlNet's blocks never are)
+        self.last = index == spec.num_layers - 1 if context_pre_only is None else context_pre_only
         self.dual = index in spec.dual_attention_layers
         self.norm1 = AdaNorm(d, 9 if self.dual else 6)
         self.norm1_context = AdaNorm(d, 2 if self.last else 6)
@@ -249,8 +250,13 @@ class _PatchEmbed(nn.Module):
 
 class MMDiT(nn.Module):
     """forward(latent [B,16,H/8,W/8], timestep [B], context [B,77+T,4096], pooled [B,2048],
-    skip_layers=None): blocks whose index is in `skip_layers` are not run (their input passes
-    through unchanged), as diffusers' SD3Transformer2DModel(skip_layers=...) for skip-layer guidance."""
+    skip_layers=None, controlnet_residuals=None): blocks whose index is in `skip_layers` are not run
+    (their input passes through unchanged), as diffusers' SD3Transformer2DModel(skip_layers=...) for
+    skip-layer guidance. `skip_layers` as a float tensor [num_layers] (1 = skip; the exported graphs'
+    input) runs every block and selects its input or its output, so one traced graph serves plain and
+    SLG passes. `controlnet_residuals` (a sequence of R tensors [B, h*w/p^2, D], or one
+    [R, B, N, D] tensor) is diffusers' `block_controlnet_hidden_states`: after block i (skipped or
+    not, but the last) the image stream gets residual int(i / (L / R)) added, L the block count."""
 
     def __init__(self, spec: TransformerSpec) -> None:
         super().__init__()
@@ -269,17 +275,26 @@ class MMDiT(nn.Module):
         timestep: torch.Tensor,
         context: torch.Tensor,
         pooled: torch.Tensor,
-        skip_layers: tuple[int, ...] | list[int] | None = None,
+        skip_layers: tuple[int, ...] | list[int] | torch.Tensor | None = None,
+        controlnet_residuals: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...] | None = None,
     ) -> torch.Tensor:
         b, _, height, width = latent.shape
         p, c = self.spec.patch_size, self.spec.out_channels
         x = self.pos_embed(latent)  # [B, h*w, D]
         temb = self.time_text_embed(timestep, pooled)  # [B, D]
         ctx = self.context_embedder(context)  # [B, 77+T, D]
-        skip = frozenset(skip_layers or ())
+        flags = skip_layers if isinstance(skip_layers, torch.Tensor) else None  # [num_layers], 1 = skip
+        skipped = frozenset(() if flags is not None else (skip_layers or ()))
+        n_res = 0 if controlnet_residuals is None else len(controlnet_residuals)
         for index, block in enumerate(self.transformer_blocks):
-            if index not in skip:
+            if flags is not None:  # exported graphs: run the block, keep its input where flagged
+                drop = flags[index] > 0.5  # [] bool
+                new_x, new_ctx = block(x, ctx, temb)
+                x, ctx = torch.where(drop, x, new_x), torch.where(drop, ctx, new_ctx)
+            elif index not in skipped:
                 x, ctx = block(x, ctx, temb)
+            if n_res and not block.last:  # diffusers: interval = L / R, residual int(i / interval)
+                x = x + controlnet_residuals[int(index / (len(self.transformer_blocks) / n_res))].to(x.dtype)
         scale, shift = self.norm_out(temb)
         x = self.proj_out(_modulate(x, shift, scale, self.spec.inner_dim))  # [B, h*w, p*p*C]
         x = x.view(b, height // p, width // p, p, p, c).permute(0, 5, 1, 3, 2, 4)  # [B, C, h, p, w, p]

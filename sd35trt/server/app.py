@@ -121,10 +121,11 @@ def render(how: Rendering, job: Job, out: PipelineOutput, model: str) -> Respons
                          "background": "opaque", "info": {**summary, "batch_images": info["batch_images"]}})
 
 
-def create_app(settings: ServeSettings, pipeline: Pipeline | None = None) -> FastAPI:
+def create_app(settings: ServeSettings, pipeline: Pipeline | None = None, host: ModelHost | None = None) -> FastAPI:
     """The server app. With `pipeline`, serve that (already loaded) pipeline and leave it open at
-    shutdown; otherwise load `settings.model` in the background at startup and close it at shutdown."""
-    host = ModelHost(settings, pipeline)
+    shutdown; otherwise load `settings.model` in the background at startup and close it at shutdown.
+    `host`: serve another host with ModelHost's interface instead (the Ray app's `RemoteHost`)."""
+    host = host if host is not None else ModelHost(settings, pipeline)
     mode = lambda: getattr(getattr(host.pipe, "memory", None), "mode", None) or settings.backend_options.get(  # noqa: E731
         "memory", "default")
     metrics = Metrics(host.stats, lambda: host.ready, lambda: host.max_batch, gpu=torch.cuda.is_available(),
@@ -192,8 +193,9 @@ def create_app(settings: ServeSettings, pipeline: Pipeline | None = None) -> Fas
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
         caps = pipe.backend.limits
         sizes = (caps.min_size or 0, caps.max_size or limits.max_size) if caps.max_size else None
-        job = with_loras(to_job(body, limits, pipe.config, seed, sizes, raw=how.raw, **edit), body.loras, pipe.loras,
-                         settings.lora_limits)
+        job = with_loras(to_job(body, limits, pipe.config, seed, sizes, raw=how.raw,
+                                controlnets=settings.controlnet_names, **edit),
+                         body.loras, pipe.loras, settings.lora_limits)
         try:
             ticket = batcher.submit(job)
         except InvalidInputError as exc:  # the Pipeline's own check: name the field it came from

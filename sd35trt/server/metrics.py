@@ -6,6 +6,7 @@ sizes, job outcomes, readiness and GPU memory are read from their sources at scr
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Callable, Iterator
 
@@ -134,6 +135,11 @@ class RequestMetrics:
 
         try:
             await self.app(scope, receive, send_and_record)
+        except asyncio.CancelledError:  # the server stopped the request: its client left (Ray Serve's proxy)
+            if not recorded:
+                recorded = True
+                self.metrics.observe(499, time.perf_counter() - t0)
+            raise
         finally:
             if not recorded:  # the app failed before answering: uvicorn sends a 500
                 self.metrics.observe(500, time.perf_counter() - t0)

@@ -34,6 +34,7 @@ from ..runtime.config import VariantConfig
 from ..runtime.errors import InvalidInputError
 from ..runtime.samplers import SAMPLER_NAMES
 from .loras import LoraRef
+from .control import control_fields
 
 from .fields import FieldError
 from .modes import skip_layer_fields
@@ -106,6 +107,10 @@ class GenerationRequest(BaseModel):
     skip_layer_guidance_start: float | None = Field(None, ge=0, le=1, description="fraction of the steps; default 0.01")
     skip_layer_guidance_stop: float | None = Field(None, ge=0, le=1, description="fraction of the steps; default 0.2")
     loras: list[LoraRef] | None = Field(None, description="[{name, scale}] of LoRAs listed by GET /v1/loras")
+    control_image: str | None = Field(None, description="ControlNet image, base64 PNG/JPEG/WebP (server/control.py)")
+    control_type: str | None = Field(None, description="canny | blur preprocessing; default: the image as given")
+    control_scale: float | None = Field(None, ge=0, allow_inf_nan=False, description="ControlNet scale; default 1.0")
+    controlnet: str | None = Field(None, description="which served ControlNet; default: the only one")
 
 
 FIELDS = tuple(GenerationRequest.model_fields)
@@ -184,7 +189,8 @@ def rendering(body: GenerationRequest, accept: str | None) -> Rendering:
 
 
 def to_job(body: GenerationRequest, limits: Limits, config: VariantConfig, seed: int,
-           engine_sizes: tuple[int, int] | None = None, raw: bool = False, **edit: Any) -> Job:
+           engine_sizes: tuple[int, int] | None = None, raw: bool = False, controlnets: tuple[str, ...] = (),
+           **edit: Any) -> Job:
     """The batcher job for a request, or FieldError naming the first field out of limits.
     `engine_sizes`: (min, max) side of an engine set's profile, when serving one; `raw`: the answer
     is one raw image; `edit`: an edit's image / mask / strength (Job fields)."""
@@ -209,9 +215,10 @@ def to_job(body: GenerationRequest, limits: Limits, config: VariantConfig, seed:
     sampler = body.sampler or "euler"
     if sampler not in SAMPLER_NAMES:
         raise FieldError("sampler", f"{sampler!r} is not one of {', '.join(SAMPLER_NAMES)}", code="unsupported_value")
+    controls = control_fields(body, controlnets, height, width, FieldError)  # the served ControlNets' names
     return Job(body.prompt, body.negative_prompt, seed=seed, n=n, height=height, width=width,
                steps=body.steps, guidance=body.guidance, output_type="pil", sampler=sampler,
-               **skip_layer_fields(body, config), **edit)
+               **skip_layer_fields(body, config), **edit, controls=controls)
 
 
 def describe_validation(errors: list[dict[str, Any]]) -> tuple[str | None, str, str]:

@@ -49,9 +49,17 @@ class ServeSettings:
     model_aliases: tuple[str, ...] = ()
     lora_dir: Path | None = None  # every *.safetensors in it is loaded (server/loras.py)
     lora_limits: LoraLimits = field(default_factory=LoraLimits)
+    controlnets: tuple[tuple[str, str], ...] = ()  # (name, ControlNet folder), loaded at start (server/control.py)
+
+    @property
+    def controlnet_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.controlnets)
 
     def __post_init__(self) -> None:
         check_batching(self.max_batch, self.batch_window_ms, self.max_queue, self.workers)
+        names = self.controlnet_names
+        if len(set(names)) != len(names) or not all(n and isinstance(n, str) for n in names):
+            raise InvalidInputError(f"controlnets={names!r}: give each ControlNet a distinct, non-empty name")
         if self.limits.max_n is None:
             object.__setattr__(self, "limits", replace(self.limits, max_n=self.max_batch))
         if self.limits.max_n > self.max_batch:
@@ -98,7 +106,8 @@ class ModelHost:
                                         f"--model, or build one with `sd35trt build`")
             backend = s.backend or ckpt.default_backend
             self.caps = backend_limits(backend, ckpt, ckpt.config)
-            self._ready(Pipeline.from_pretrained(s.model, backend=backend, **dict(s.backend_options)))
+            nets = {"controlnet": [str(p) for _, p in s.controlnets]} if s.controlnets else {}
+            self._ready(Pipeline.from_pretrained(s.model, backend=backend, **dict(s.backend_options), **nets))
         except Exception as exc:  # any load failure is reported by /readyz, the process keeps serving
             with self._lock:
                 self.status, self.error = "failed", f"{type(exc).__name__}: {exc}"

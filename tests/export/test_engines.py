@@ -1,4 +1,4 @@
-"""`sd35trt build`: all five tiny engines with TensorRT-RTX on the CPU, manifest, staleness, policy."""
+"""`sd35trt build`: all six tiny engines with TensorRT-RTX on the CPU, manifest, staleness, policy."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ CC_BIT = {"sm89": 0x08, "sm120": 0x10}
 # Expected (min, opt, max) shapes written out by hand for the tiny medium variant, not derived from
 # `EngineShapes`/`engine_profiles`: default 128 px = 16x16 latents, positional table up to 512 px,
 # 16 latent channels, CLIP 77 tokens, T5 256 tokens, T5 width (joint dim) 96, pooled CLIP-L 32 +
-# CLIP-G 48 = 80; Medium uses CFG, which doubles every batch but the VAE's.
+# CLIP-G 48 = 80; Medium uses CFG, which doubles every batch but the VAE's; the transformer's minimum
+# batch is the image batch (the skip-layer pass runs the prompts' rows alone), its skip_layers 4 blocks.
 def _same(shape: tuple) -> tuple:
     return (shape,) * 3
 
@@ -35,19 +36,23 @@ STATIC_PROFILES = {  # static 128x128, 1 image
     "clip_l": {"input_ids": _same((2, 77))},
     "clip_g": {"input_ids": _same((2, 77))},
     "t5": {"input_ids": _same((2, 256))},
-    "transformer": {"hidden_states": _same((2, 16, 16, 16)), "timestep": _same((2,)),
-                    "encoder_hidden_states": _same((2, 77 + 256, 96)), "pooled_projections": _same((2, 80))},
+    "transformer": {"hidden_states": ((1, 16, 16, 16), (2, 16, 16, 16), (2, 16, 16, 16)),
+                    "timestep": ((1,), (2,), (2,)),
+                    "encoder_hidden_states": ((1, 333, 96), (2, 77 + 256, 96), (2, 333, 96)),
+                    "pooled_projections": ((1, 80), (2, 80), (2, 80)), "skip_layers": _same((4,))},
     "vae_decoder": {"latent": _same((1, 16, 16, 16))},
+    "vae_encoder": {"image": _same((1, 3, 128, 128))},
 }
 DYNAMIC_PROFILES = {  # 64 / 128 / 192 px (half to 1.5x the default), 1 / 1 / 2 images
     "clip_l": {"input_ids": ((2, 77), (2, 77), (4, 77))},
     "clip_g": {"input_ids": ((2, 77), (2, 77), (4, 77))},
     "t5": {"input_ids": ((2, 256), (2, 256), (4, 256))},
-    "transformer": {"hidden_states": ((2, 16, 8, 8), (2, 16, 16, 16), (4, 16, 24, 24)),
-                    "timestep": ((2,), (2,), (4,)),
-                    "encoder_hidden_states": ((2, 333, 96), (2, 333, 96), (4, 333, 96)),
-                    "pooled_projections": ((2, 80), (2, 80), (4, 80))},
+    "transformer": {"hidden_states": ((1, 16, 8, 8), (2, 16, 16, 16), (4, 16, 24, 24)),
+                    "timestep": ((1,), (2,), (4,)),
+                    "encoder_hidden_states": ((1, 333, 96), (2, 333, 96), (4, 333, 96)),
+                    "pooled_projections": ((1, 80), (2, 80), (4, 80)), "skip_layers": _same((4,))},
     "vae_decoder": {"latent": ((1, 16, 8, 8), (1, 16, 16, 16), (2, 16, 24, 24))},
+    "vae_encoder": {"image": ((1, 3, 64, 64), (1, 3, 128, 128), (2, 3, 192, 192))},
 }
 
 
@@ -83,9 +88,10 @@ def _mtimes(folder: Path) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("cc", TARGETS)
-def test_all_five_tiny_engines_build(engines_fp8: dict, cc: str) -> None:
+def test_all_six_tiny_engines_build(engines_fp8: dict, cc: str) -> None:
     out, rows = engines_fp8[cc]
-    assert [r.component for r in rows] == list(COMPONENTS) == ["clip_l", "clip_g", "t5", "transformer", "vae_decoder"]
+    assert [r.component for r in rows] == list(COMPONENTS) == ["clip_l", "clip_g", "t5", "transformer", "vae_decoder",
+                                                               "vae_encoder"]
     assert {r.status for r in rows} == {"built"}
     doc = _doc(out)
     assert (doc["format"], doc["flavor"], doc["target"], doc["precision"]) == ("sd35trt-engines/1", "tensorrt-rtx", cc, "fp8")
@@ -101,7 +107,7 @@ def test_all_five_tiny_engines_build(engines_fp8: dict, cc: str) -> None:
     assert json.loads((out / "model_index.json").read_text())["tokenizer"] == ["transformers", "CLIPTokenizer"]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
     table = format_table(rows)
-    assert all(c in table for c in COMPONENTS) and table.count("built") == 5 and "fp8" in table
+    assert all(c in table for c in COMPONENTS) and table.count("built") == 6 and "fp8" in table
 
 
 @pytest.mark.parametrize("cc", TARGETS)
@@ -124,8 +130,12 @@ def test_built_networks_are_what_the_backend_binds(engines_fp8: dict, onnx_fp8: 
         assert entry["built_profiles"] == entry["profiles"] == {b.name: [list(s) for s in b.profile] for b in table if b.is_input}
     manifest = EngineManifest.load(out)
     transformer = {b.name: b for b in binding_table("transformer", manifest)}
-    assert transformer["hidden_states"].profile == ((2, 16, 16, 16),) * 3  # 128² static, CFG batch 2
-    assert transformer["encoder_hidden_states"].profile[0] == (2, 77 + 256, 96)  # 77 CLIP + 256 T5 tokens
+    # 128² static, CFG batch 2; the skip-layer pass runs the prompt's row alone (batch 1), same engine
+    assert transformer["hidden_states"].profile == ((1, 16, 16, 16), (2, 16, 16, 16), (2, 16, 16, 16))
+    assert transformer["skip_layers"].profile == ((4,),) * 3 and transformer["skip_layers"].dtype == "float32"
+    assert transformer["encoder_hidden_states"].profile[1] == (2, 77 + 256, 96)  # 77 CLIP + 256 T5 tokens
+    encoder = {b.name: b for b in binding_table("vae_encoder", manifest)}
+    assert encoder["image"].profile == ((1, 3, 128, 128),) * 3 and encoder["moments"].dtype == "float32"
     assert transformer["timestep"].dtype == "float32" and binding_table("t5", manifest)[0].dtype == "int64"
 
 
@@ -134,8 +144,8 @@ def test_second_build_rebuilds_nothing(engines_fp8: dict, onnx_fp8: Path, capsys
     before, manifest = _mtimes(out), (out / "manifest.json").read_text()
     assert main(["build", "--onnx", str(onnx_fp8), "--out", str(out), "--gpu", "sm89", "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "0 built, 5 unchanged" in printed and printed.count("unchanged") == 6
-    assert _mtimes(out) == before and len(before) == 5
+    assert "0 built, 6 unchanged" in printed and printed.count("unchanged") == 7
+    assert _mtimes(out) == before and len(before) == 6
     assert json.loads((out / "manifest.json").read_text())["components"] == json.loads(manifest)["components"]
 
 
@@ -149,7 +159,7 @@ def test_only_stale_components_are_rebuilt(engines_fp8: dict, onnx_fp8: Path, tm
     before = _mtimes(out)
     rows = {r.component: r.status for r in build_engines(onnx_fp8, out, gpu="sm89")}
     assert rows == {"clip_l": "unchanged", "clip_g": "built", "t5": "unchanged", "transformer": "unchanged",
-                    "vae_decoder": "built"}
+                    "vae_decoder": "built", "vae_encoder": "unchanged"}
     after = _mtimes(out)
     assert {n for n in before if before[n] != after[n]} == {"clip_g.engine", "vae_decoder.engine"}
     assert _doc(out)["components"]["clip_g"]["library_version"] == trt.__version__

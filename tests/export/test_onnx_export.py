@@ -32,7 +32,8 @@ def _inputs(pipe: Pipeline, comp: str) -> tuple[torch.Tensor, ...]:
         return (torch.randint(0, 400, (3, 24), generator=g),)
     if comp == "transformer":
         return (torch.randn(b, c, h, w, generator=g), torch.tensor([1000.0, 611.5, 3.2]),
-                torch.randn(b, cfg.text_tokens(24), cfg.joint_dim, generator=g), torch.randn(b, cfg.pooled_dim, generator=g))
+                torch.randn(b, cfg.text_tokens(24), cfg.joint_dim, generator=g), torch.randn(b, cfg.pooled_dim, generator=g),
+                torch.zeros(cfg.transformer.num_layers))  # skip_layers [L]: no block skipped
     return (torch.randn(b, c, h, w, generator=g),)
 
 
@@ -58,6 +59,28 @@ def test_fp32_graph_matches_torch(onnx_fp32: Path, tiny_medium: Path, comp: str)
     for o, r in zip(outs, ref):
         assert o.shape == tuple(r.shape)
         assert _rel_l2(o, r.numpy()) <= FP32_REL_L2[comp]
+
+
+@pytest.mark.parametrize("fixture", ["onnx_fp32", "onnx_fp8"])
+def test_transformer_graph_skips_the_blocks_its_input_names(fixture: str, tiny_medium: Path,
+                                                             request: pytest.FixtureRequest) -> None:
+    """skip_layers = 1 on blocks 1 and 2 == our MMDiT run with skip_layers=(1, 2) (the blocks not run;
+    FP8: the fake-quant model), and != the graph with no block skipped: one graph, both passes."""
+    folder: Path = request.getfixturevalue(fixture)
+    pipe = Pipeline.from_pretrained(tiny_medium, device="cpu", dtype=torch.float32)
+    model = pipe.backend.transformer.model
+    if fixture == "onnx_fp8":
+        model = apply_calibration(model, CalibState.load(folder / "calibration"))
+    *args, skip = _inputs(pipe, "transformer")
+    skip[[1, 2]] = 1.0  # [L]
+    with torch.no_grad():
+        ref = model(*args, skip_layers=(1, 2)).numpy()
+    sess = ort.InferenceSession(str(folder / "transformer.onnx"), providers=["CPUExecutionProvider"])
+    feed = {n: a.numpy() for n, a in zip(component("transformer").input_names, (*args, skip))}
+    out = sess.run(["velocity"], feed)[0]
+    plain = sess.run(["velocity"], {**feed, "skip_layers": np.zeros_like(feed["skip_layers"])})[0]
+    assert _rel_l2(out, ref) <= (1e-2 if fixture == "onnx_fp8" else 1e-4)
+    assert _rel_l2(plain, out) > 0.05
 
 
 def test_fp8_transformer_matches_modelopt_fake_quant(onnx_fp8: Path, tiny_medium: Path) -> None:

@@ -176,7 +176,9 @@ def test_exported_fp8_transformer_builds(onnx_fp8: Path, tmp_path: Path, cc: str
     report = build_engine(onnx_fp8 / "transformer.onnx", tmp_path / "transformer.engine",
                           compute_capability=cc, profiles=profiles)
     assert report.engine_bytes > 0 and (tmp_path / "transformer.engine").stat().st_size == report.engine_bytes
-    assert [i.name for i in report.inputs] == ["hidden_states", "timestep", "encoder_hidden_states", "pooled_projections"]
+    assert [i.name for i in report.inputs] == ["hidden_states", "timestep", "encoder_hidden_states", "pooled_projections",
+                                               "skip_layers"]  # the SLG-capable graph: one engine for both passes
+    assert report.profile["skip_layers"] == ((config.transformer.num_layers,),) * 3
     assert [o.name for o in report.outputs] == ["velocity"]
     assert report.profile["hidden_states"] == profiles["hidden_states"]
 

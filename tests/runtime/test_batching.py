@@ -29,7 +29,12 @@ def _twin(pipe: Pipeline, job: Job) -> np.ndarray:
     generators = [torch.Generator().manual_seed(job.seed + i) for i in range(job.n)]
     return pipe(job.prompt, negative_prompt=job.negative_prompt, height=job.height, width=job.width,
                 num_inference_steps=job.steps, num_images_per_prompt=job.n, generator=generators,
-                output_type=job.output_type, sampler=job.sampler, progress=False).images
+                output_type=job.output_type, sampler=job.sampler, image=job.image, mask_image=job.mask,
+                strength=job.strength, guidance_scale=job.guidance,
+                skip_guidance_layers=job.skip_guidance_layers,
+                skip_layer_guidance_scale=job.skip_layer_guidance_scale,
+                skip_layer_guidance_start=job.skip_layer_guidance_start,
+                skip_layer_guidance_stop=job.skip_layer_guidance_stop, progress=False).images
 
 
 def _submit_together(batcher: MicroBatcher, jobs: list[Job]) -> list:

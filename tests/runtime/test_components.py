@@ -57,7 +57,7 @@ def test_trt_binding_table_equals_the_table(engines_fp8: dict) -> None:
     folder, rows = engines_fp8["sm89"]
     manifest = EngineManifest.load(folder)
     assert set(manifest.components) == set(COMPONENTS) and COMPONENTS == tuple(c.name for c in ENGINES)
-    assert [c.name for c in RUNTIME if not c.engine] == ["vae_encoder"]  # backends load it; engine sets lack it
+    assert ENGINES == RUNTIME  # every component the backends load is in engine sets (the VAE encoder too)
     profiles = engine_profiles(manifest.variant, manifest.shapes.sizes, manifest.shapes.batches, manifest.shapes.cfg)
     for c in ENGINES:
         dtypes = c.dtypes(FLOAT_DTYPES[manifest.dtype])
@@ -78,5 +78,22 @@ def test_sample_inputs_follow_the_table_and_the_dtype_rule() -> None:
         dtypes = c.dtypes("float16")
         assert [str(a.dtype).removeprefix("torch.") for a in args] == [dtypes[n] for n in c.input_names], c.name
     assert component("transformer").cfg_doubled and not component("vae_decoder").cfg_doubled
-    with pytest.raises(Exception, match="'controlnet' is unknown"):
-        component("controlnet")
+    with pytest.raises(Exception, match="'depth_estimator' is unknown"):
+        component("depth_estimator")
+    cn = component("controlnet")  # exported beside a model's graphs, not one of TABLE
+    assert cn not in TABLE and not cn.runtime and not cn.engine
+    args = cn.sample_inputs(config, torch.float16)
+    assert [tuple(a.shape) for a in args] == [cn.shapes(config, 2, 64, 96, 16)[n] for n in cn.input_names]
+    assert [c.name for c in TABLE if c.skips_blocks] == ["transformer"]
+    assert component("transformer").shapes(config, 2, 64, 96)["skip_layers"] == (24,)  # one flag per block
+
+
+def test_the_skip_layer_pass_fits_the_transformer_profile() -> None:
+    """The SLG pass runs the transformer on the prompts' rows only: under CFG the profile's minimum
+    batch is the image batch, so a static engine set takes both passes; other components stay doubled."""
+    config = VARIANTS["sd3.5-medium"]
+    p = engine_profiles(config, (1024,) * 3, (1, 1, 2), cfg=True)
+    assert [s[0] for s in p["transformer"]["hidden_states"]] == [1, 2, 4]
+    assert p["transformer"]["skip_layers"] == ((24,),) * 3
+    assert [s[0] for s in p["clip_l"]["input_ids"]] == [2, 2, 4]
+    assert p["vae_encoder"]["image"] == ((1, 3, 1024, 1024), (1, 3, 1024, 1024), (2, 3, 1024, 1024))

@@ -46,17 +46,34 @@ def _mask(h: int, w: int) -> np.ndarray:
     return m
 
 
-@pytest.fixture(scope="module")
-def pipes(tiny_medium: Path):
+def _load(folder: Path):
     kw = dict(torch_dtype=torch.float32)
-    refs = {"img2img": diffusers.StableDiffusion3Img2ImgPipeline.from_pretrained(tiny_medium, **kw),
-            "inpaint": diffusers.StableDiffusion3InpaintPipeline.from_pretrained(tiny_medium, **kw),
-            "t2i": diffusers.StableDiffusion3Pipeline.from_pretrained(tiny_medium, **kw)}
+    refs = {"img2img": diffusers.StableDiffusion3Img2ImgPipeline.from_pretrained(folder, **kw),
+            "inpaint": diffusers.StableDiffusion3InpaintPipeline.from_pretrained(folder, **kw),
+            "t2i": diffusers.StableDiffusion3Pipeline.from_pretrained(folder, **kw)}
     for r in refs.values():
         r.set_progress_bar_config(disable=True)
-    ours = Pipeline.from_pretrained(tiny_medium, backend="torch", device="cpu", dtype=torch.float32)
-    yield refs, ours
-    ours.close()
+    return refs, Pipeline.from_pretrained(folder, backend="torch", device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def family_pipes(tiny_models: dict[str, Path]):
+    """family -> (diffusers references, our torch pipeline), loaded on first use."""
+    loaded: dict[str, tuple] = {}
+
+    def get(family: str):
+        if family not in loaded:
+            loaded[family] = _load(tiny_models[family])
+        return loaded[family]
+
+    yield get
+    for _, ours in loaded.values():
+        ours.close()
+
+
+@pytest.fixture(scope="module")
+def pipes(family_pipes):
+    return family_pipes("medium")
 
 
 def _inputs(kind: str, h: int, w: int, n: int = 1):
@@ -97,9 +114,14 @@ def _run(pipes, mode: str, case: str, output_type: str = "np"):
     return a, b, per * n_img
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_image_to_image_matches_diffusers(pipes, case: str) -> None:
-    a, b, n = _run(pipes, "img2img", case)
+# Large and Large Turbo (other block layouts and defaults): one CFG and one no-CFG case each.
+FAMILY_CASES = [("medium", c) for c in sorted(CASES)] + [("large", "square-cfg-0.6-pil"),
+                                                         ("turbo", "nonsquare-nocfg-0.3-np")]
+
+
+@pytest.mark.parametrize("family,case", FAMILY_CASES)
+def test_image_to_image_matches_diffusers(family_pipes, family: str, case: str) -> None:
+    a, b, n = _run(family_pipes(family), "img2img", case)
     h, w = CASES[case][:2]
     assert a.shape == b.shape == (n, h, w, 3)
     assert np.abs(a - b).max() <= 1e-4
@@ -114,8 +136,10 @@ def _decode(ref, latents: torch.Tensor) -> np.ndarray:
     return ref.image_processor.postprocess(image, output_type="np")
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_inpainting_matches_diffusers(pipes, case: str) -> None:
+@pytest.mark.parametrize("family,case", FAMILY_CASES[:-2] + [("large", "nonsquare-nocfg-0.3-np"),
+                                                             ("turbo", "square-cfg-0.6-pil")])
+def test_inpainting_matches_diffusers(family_pipes, family: str, case: str) -> None:
+    pipes = family_pipes(family)
     a, b, n = _run(pipes, "inpaint", case, output_type="latent")
     h, w = CASES[case][:2]
     assert a.shape == b.shape == (n, 16, h // 8, w // 8)
@@ -159,6 +183,39 @@ def test_skip_layer_guidance_matches_diffusers(pipes, case: str) -> None:
     assert np.abs(b - plain).max() > 1e-3  # the third pass changed the image
 
 
+def test_padding_mask_crop_matches_diffusers(pipes) -> None:
+    """Crop to the padded mask box, inpaint at height x width, paste back (diffusers' semantics):
+    the final latents equal diffusers' (read from its step callback, since its inpainting decodes
+    without the VAE shift), the pasted image equals diffusers' apply_overlay of those latents decoded
+    the other pipelines' way, and outside the mask the output is the original image."""
+    refs, ours = pipes
+    pic = _pil(_picture(72, 88, 4))  # 88 wide, 72 high: the box is widened to 96:64's aspect
+    m = np.zeros((72, 88), np.float32)
+    m[30:44, 50:62] = 1.0
+    mask = _pil(np.repeat(m[..., None], 3, -1))
+    kw = dict(prompt=PROMPT, negative_prompt=NEGATIVE, height=64, width=96, num_inference_steps=5,
+              guidance_scale=3.0, strength=0.8, image=pic, mask_image=mask, padding_mask_crop=6)
+    seen = {}
+
+    def keep(pipe, i, t, kwargs):
+        seen["latents"] = kwargs["latents"]
+        return {}
+
+    ref = refs["inpaint"](generator=_gen(2, None), callback_on_step_end=keep, output_type="pil", **kw).images
+    latents = ours(generator=_gen(2, None), output_type="latent", progress=False, **kw).images
+    assert (seen["latents"] - latents).abs().max().item() <= 1e-4
+    out = ours(generator=_gen(2, None), output_type="pil", progress=False, **kw).images
+    box = refs["inpaint"].mask_processor.get_crop_region(mask, 96, 64, pad=6)
+    decoded = refs["inpaint"].image_processor.numpy_to_pil(_decode(refs["inpaint"], seen["latents"]))[0]
+    want = np.asarray(refs["inpaint"].image_processor.apply_overlay(mask, pic, decoded, box), np.int16)
+    got = np.asarray(out[0], np.int16)
+    assert got.shape == want.shape == (72, 88, 3) and ref[0].size == out[0].size
+    assert np.abs(got - want).max() <= 1  # uint8 rounding of decodes equal within 1e-4
+    outside = m == 0
+    assert (got[outside] == np.asarray(pic, np.int16)[outside]).all()
+    assert np.abs(got[~outside] - np.asarray(pic, np.int16)[~outside]).mean() > 2  # inside: repainted
+
+
 @pytest.fixture(scope="module")
 def ort_pipe(onnx_fp32: Path):
     p = Pipeline.from_pretrained(onnx_fp32, backend="onnxruntime")
@@ -166,18 +223,46 @@ def ort_pipe(onnx_fp32: Path):
     p.close()
 
 
-@pytest.mark.parametrize("mode", ["img2img", "inpaint"])
-def test_onnxruntime_equals_torch(pipes, ort_pipe, mode: str) -> None:
+def _mode_kwargs(mode: str) -> dict:
+    """One request per mode at 64x96, CFG, 4 steps (SLG: block 1 over the whole run)."""
     images, masks = _inputs("np", 64, 96, 1)
     kw = dict(prompt=PROMPT, negative_prompt=NEGATIVE, height=64, width=96, num_inference_steps=4, guidance_scale=3.0,
-              strength=0.6, image=images, output_type="np", progress=False)
-    if mode == "inpaint":
-        kw["mask_image"] = masks
-    a = pipes[1](generator=_gen(5, None), **kw).images
-    b = ort_pipe(generator=_gen(5, None), **kw).images
+              progress=False)
+    if mode == "slg":
+        return {**kw, "skip_guidance_layers": [1], "skip_layer_guidance_start": 0.0, "skip_layer_guidance_stop": 1.0}
+    kw.update(image=images, strength=0.6)
+    return {**kw, "mask_image": masks} if mode == "inpaint" else kw
+
+
+@pytest.mark.parametrize("mode", ["img2img", "inpaint", "slg"])
+def test_onnxruntime_equals_torch(pipes, ort_pipe, mode: str) -> None:
+    """The exported graphs: the VAE encoder, and SLG through the transformer's skip_layers input."""
+    kw = _mode_kwargs(mode)
+    a = pipes[1](generator=_gen(5, None), output_type="np", **kw).images
+    b = ort_pipe(generator=_gen(5, None), output_type="np", **kw).images
     assert np.abs(a - b).max() <= 1e-3 and a.std() > 0.02
-    with pytest.raises(InvalidInputError, match="skip_guidance_layers"):
-        ort_pipe.check_request(PROMPT, skip_guidance_layers=[1], guidance_scale=3.0)
+    if mode == "slg":  # the skip input is live: without it the graph gives another image
+        plain = ort_pipe(generator=_gen(5, None), output_type="np", **{**kw, "skip_guidance_layers": None}).images
+        assert np.abs(b - plain).max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def ort_fp8(onnx_fp8: Path):
+    p = Pipeline.from_pretrained(onnx_fp8, backend="onnxruntime")
+    yield p
+    p.close()
+
+
+@pytest.mark.parametrize("mode", ["img2img", "inpaint", "slg"])
+def test_fp8_export_keeps_final_latents(pipes, ort_fp8, mode: str, capsys) -> None:
+    """The FP8 export (MMDiT Q/DQ, rest fp32) vs the fp32 torch backend: final-latent cosine >= 0.99."""
+    kw = _mode_kwargs(mode)
+    a = pipes[1](generator=_gen(6, None), output_type="latent", **kw).images.flatten().double()
+    b = ort_fp8(generator=_gen(6, None), output_type="latent", **kw).images.flatten().double()
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+    with capsys.disabled():
+        print(f"\n[FP8 export {mode}: final-latent cosine vs fp32 torch {cos:.5f}]")
+    assert 0.99 <= cos < 1.0 - 1e-9, cos  # close, and really FP8 (not the fp32 graph)
 
 
 class Counting:
@@ -204,7 +289,10 @@ BAD = [
     (dict(image=_pil(PIC).convert("RGBA")), "mode 'RGBA'"),
     (dict(image=[PIC, PIC, PIC], num_images_per_prompt=2), "holds 3 images for a batch of 2"),
     (dict(mask_image=MASK), "mask_image was given without image"),
-    (dict(image=PIC, mask_image=MASK, padding_mask_crop=8), "padding_mask_crop=8"),
+    (dict(image=PIC, mask_image=MASK, padding_mask_crop=8), "padding_mask_crop needs image as one PIL image"),
+    (dict(image=_pil(PIC), padding_mask_crop=8), "padding_mask_crop=8 applies to inpainting"),
+    (dict(image=_pil(PIC), mask_image=_pil(MASK), padding_mask_crop=-1), "padding_mask_crop=-1 must be an int"),
+    (dict(image=_pil(PIC), mask_image=_pil(_mask(64, 48)), padding_mask_crop=4), "mask_image is 64x48"),
     (dict(skip_guidance_layers=[4]), "skip_guidance_layers=[4]"),
     (dict(skip_guidance_layers=[]), "skip_guidance_layers=[]"),
     (dict(skip_guidance_layers=[1], guidance_scale=1.0), "needs classifier-free guidance"),

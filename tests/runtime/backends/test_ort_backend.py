@@ -183,3 +183,13 @@ def test_verifying_a_1_gib_graph_keeps_the_load_within_10_percent(tmp_path: Path
               f"({best[True] / best[False] - 1:+.0%}); hashed in full alongside {best['full']:.2f} s "
               f"({best['full'] / best[False] - 1:+.0%})]")
     assert best[True] <= 1.10 * best[False]
+
+
+def test_controlnet_is_refused_until_the_graph_takes_residuals(onnx_fp32: Path, tiny_medium: Path, tmp_path: Path) -> None:
+    pytest.importorskip("diffusers", reason="diffusers (test extra) writes the tiny ControlNet")
+    from sd35trt.export.tiny_controlnet import write_tiny_controlnet
+    from sd35trt.runtime import InvalidInputError
+
+    cn = write_tiny_controlnet(tiny_medium, tmp_path / "cn", "instantx", 2, seed=0)
+    with pytest.raises(InvalidInputError, match="backend 'onnxruntime' cannot yet"):
+        Pipeline.from_pretrained(onnx_fp32, backend="onnxruntime", controlnet=cn)

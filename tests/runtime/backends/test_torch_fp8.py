@@ -51,3 +51,24 @@ def test_bad_compile_value_is_refused_before_loading(tiny_medium: Path, bad) -> 
     with pytest.raises(InvalidInputError, match="compile="):
         Pipeline.from_pretrained(tiny_medium, backend="torch-fp8", device="cpu", calibration="/nonexistent",
                                  compile=bad)
+
+
+def test_fp8_backend_runs_the_image_modes_in_bf16_on_the_cpu(tiny_medium: Path, onnx_fp8: Path) -> None:
+    """The bf16 VAE encoder (eager on the CPU) and SLG: final latents close to the fp32 torch backend."""
+    import numpy as np
+
+    fp8 = Pipeline.from_pretrained(tiny_medium, backend="torch-fp8", device="cpu", calibration=onnx_fp8 / "calibration")
+    ref = Pipeline.from_pretrained(tiny_medium, device="cpu", dtype=torch.float32)
+    encoder = fp8.backend.modules["vae_encoder"]
+    assert next(encoder.parameters()).dtype == torch.bfloat16 and not hasattr(encoder, "_orig_mod")
+    g = np.random.default_rng(0)
+    pic = g.uniform(0.2, 0.8, (64, 64, 3)).astype(np.float32)  # [H, W, 3]
+    mask = np.zeros((64, 64), np.float32)
+    mask[16:48, 8:40] = 1.0
+    cos = lambda a, b: float(torch.nn.functional.cosine_similarity(a, b, dim=0))  # noqa: E731
+    for extra in (dict(image=pic, mask_image=mask, strength=0.8),  # the encoder, the blend
+                  dict(skip_guidance_layers=[1], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0)):
+        kw = {**KW, **extra, "num_inference_steps": 3, "max_sequence_length": 16}  # kept short: FP8 on a CPU is slow
+        a = fp8(**kw, generator=torch.Generator().manual_seed(4), progress=False).images.flatten().double()
+        b = ref(**kw, generator=torch.Generator().manual_seed(4), progress=False).images.flatten().double()
+        assert cos(a, b) >= 0.99, (sorted(extra), cos(a, b))

@@ -101,11 +101,16 @@ def test_an_intact_set_gets_through_every_check_then_needs_a_gpu(engine_set: Pat
 
 
 def test_request_shapes_are_checked_against_the_profiles(engine_set: Path) -> None:
-    doc = EngineManifest.load(engine_set)  # static 128x128, batch 1, CFG: the transformer takes batch 2 only
+    doc = EngineManifest.load(engine_set)  # static 128x128, batch 1, CFG: the transformer takes batch 2 (CFG pass)
     check_shapes(doc, engine_set, "transformer", {"hidden_states": (2, 16, 16, 16), "timestep": (2,)})
+    # ... and batch 1 with a skip vector (the skip-layer pass on the prompt's row): one engine for both
+    check_shapes(doc, engine_set, "transformer", {"hidden_states": (1, 16, 16, 16), "skip_layers": (4,)})
+    check_shapes(doc, engine_set, "vae_encoder", {"image": (1, 3, 128, 128)})  # image-to-image's encoder engine
+    with pytest.raises(EngineShapeError, match=r"'skip_layers' has shape \[3\]"):
+        check_shapes(doc, engine_set, "transformer", {"skip_layers": (3,)})
     with pytest.raises(EngineShapeError, match=r"hidden_states' has shape \[2, 16, 32, 16\]") as err:
         check_shapes(doc, engine_set, "transformer", {"hidden_states": (2, 16, 32, 16)})  # 256x128 px
-    assert "transformer.engine's profile [2, 16, 16, 16]..[2, 16, 16, 16]" in str(err.value)
+    assert "transformer.engine's profile [1, 16, 16, 16]..[2, 16, 16, 16]" in str(err.value)
     assert "--dynamic --batch 1 --min-size 128 --max-size 256" in str(err.value)
     with pytest.raises(EngineShapeError, match=r"--batch 1-2"):
         check_shapes(doc, engine_set, "vae_decoder", {"latent": (2, 16, 16, 16)})  # two images
@@ -142,9 +147,14 @@ def test_engines_reproduce_the_onnx_runtime_image(onnx_fp8: Path, tmp_path: Path
     build_engines(onnx_fp8, tmp_path / "set", gpu=_rtx_gpu())  # static 128², batch 1, CFG
     kw = dict(prompt="a red bicycle", negative_prompt="blurry", height=128, width=128, num_inference_steps=6,
               guidance_scale=4.5, output_type="np", progress=False)
+    picture = np.random.default_rng(0).uniform(0, 1, (128, 128, 3)).astype(np.float32)  # [H, W, 3]
+    modes = {"text-to-image": {}, "image-to-image": dict(image=picture, strength=0.6),  # the encoder engine
+             "skip-layer": dict(skip_guidance_layers=[1, 2])}  # the transformer engine's skip_layers input
+    ref_pipe = Pipeline.from_pretrained(onnx_fp8, backend="onnxruntime")
     with Pipeline.from_pretrained(tmp_path / "set", backend="tensorrt-rtx") as pipe:
         pipe.backend.check_request(1, 128, 128)
-        ours = pipe(generator=torch.Generator().manual_seed(3), **kw).images
-    ref = Pipeline.from_pretrained(onnx_fp8, backend="onnxruntime")(generator=torch.Generator().manual_seed(3), **kw).images
-    assert ours.shape == ref.shape == (1, 128, 128, 3)
-    assert np.abs(ours - ref).max() <= 2e-2  # FP8 kernels differ from ONNX Runtime's; bound not yet seen on a GPU
+        for mode, extra in modes.items():
+            ours = pipe(generator=torch.Generator().manual_seed(3), **kw, **extra).images
+            ref = ref_pipe(generator=torch.Generator().manual_seed(3), **kw, **extra).images
+            assert ours.shape == ref.shape == (1, 128, 128, 3)
+            assert np.abs(ours - ref).max() <= 2e-2, mode  # FP8 kernels differ from ONNX Runtime's; not yet seen on a GPU

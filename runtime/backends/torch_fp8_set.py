@@ -1,0 +1,130 @@
+"""`torch-fp8` over an engine set (`sd35trt build --flavor torch-fp8`): FP8 weights read as the
+backend runs them, torch's compile artifacts loaded before compiling, so a fresh process starts
+without compiling (runtime/torch_engine_set.py has the layout and the reasons).
+
+`Pipeline.from_pretrained(engine_dir)` reaches it through the flavor in the manifest; the
+`torch-fp8` factory sends a checkpoint to `TorchFP8Backend` and an engine set here.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import VariantConfig
+from ..engine_manifest import EngineManifest, EngineSetError, device_cc
+from ..errors import InvalidInputError
+from ..models.flash_attention import fa4_import_error
+from ..models.fp8 import load_amax
+from ..torch_engine_set import CACHE, CALIBRATION, check_set, installed_versions, is_torch_set, load_cache, load_state
+from ..torch_engine_set import set_components, skeleton
+from .base import BackendBase, Limits
+from .torch_backend import TorchBackend
+from .torch_fp8 import TorchFP8Backend, compile_options
+
+
+class TorchFP8SetBackend(TorchBackend):
+    """Loads a torch-fp8 engine set: checks it (before any weights), loads the compile artifacts,
+    the weights onto the GPU, compiles the MMDiT (fullgraph, the set's mode) and the VAE decoder
+    as the build did. `timings` says where the load went (seconds)."""
+
+    name = "torch-fp8"
+
+    def __init__(self, checkpoint: Any, config: VariantConfig, device: str | torch.device | None = None,
+                 load_t5: bool = True, compile: bool | str | None = None) -> None:
+        m: EngineManifest = checkpoint.manifest
+        self.manifest, self.path, self.dtype = m, Path(checkpoint.path), torch.bfloat16
+        self.timings: dict[str, float] = {}
+        mode = m.components["transformer"].flags.get("compile", "reduce-overhead") if compile is None else compile
+        options = compile_options(mode)
+        self.device = torch.device(device or "cuda")
+        if self.device.type != "cuda" and options is not None:
+            raise EngineSetError(f"{self.path}: a torch-fp8 engine set's compiled artifacts run on the CUDA GPU it "
+                                 f"was built for ({m.target}), not on {self.device}; pass compile=False to run its "
+                                 f"weights eagerly there")
+        fa4 = threading.Thread(target=fa4_import_error, daemon=True)  # its import overlaps the weights' read
+        with self._timed("check_s"):
+            cc = device_cc(self.device) if self.device.type == "cuda" else None
+            check_set(m, self.path, cc, installed_versions())  # cc None: eager weights only, nothing compiled
+        if self.device.type == "cuda":
+            fa4.start()
+        with self._timed("cache_s"):
+            blob = load_cache(self.path / m.components[CACHE].file) if options is not None else b""
+            if blob:  # empty while the build itself warms the set up
+                torch.compiler.load_cache_artifacts(blob)
+        with self._timed("weights_s"):
+            self._load_weights(config, load_t5)
+        with self._timed("attention_s"):
+            if fa4.ident is not None:  # started (CUDA)
+                fa4.join()
+            self._choose_attention()  # FA4 on sm90/sm100 when it imports, as the build chose
+        built = m.components["transformer"].flags.get("attention")
+        if options is not None and built and built != self.attention.name:  # other graphs than the artifacts'
+            raise EngineSetError(f"{self.path}: the set was compiled with attention {built!r}, this process would "
+                                 f"run {self.attention.name!r} ({self.attention.reason}); install what the build "
+                                 f"had (`pip install 'sd35trt[hopper]'`) or rebuild the set here")
+        if options is not None:
+            scope = m.components["transformer"].flags.get("compile_scope", "model")
+            self.modules["transformer"] = compile_mmdit(self.modules["transformer"], scope, options=options)
+            self.modules["vae_decoder"] = torch.compile(self.modules["vae_decoder"].to(memory_format=torch.channels_last))
+        self.bind()
+
+    @contextmanager
+    def _timed(self, key: str):
+        t = time.perf_counter()
+        yield
+        self.timings[key] = round(time.perf_counter() - t, 3)
+
+    def _load_weights(self, config: VariantConfig, load_t5: bool) -> None:
+        """Every component's module: its skeleton, filled from its file in one verified read."""
+        m = self.manifest
+        amax = load_amax(self.path / CALIBRATION)
+        self.modules = {}
+        for comp in set_components(m, load_t5):
+            entry = m.components[comp]
+            self.modules[comp] = load_state(skeleton(comp, config, entry.flags, amax), self.path / entry.file,
+                                            self.device, entry.flags.get("sha256_chunks"))
+        self.fp8_layers = m.components["transformer"].flags.get("fp8_layers", 0)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def compile_mmdit(mmdit: torch.nn.Module, scope: str, **compile_args: Any) -> torch.nn.Module:
+    """torch.compile(fullgraph) of the MMDiT: `scope="model"` one graph of the whole step;
+    `"blocks"` each joint block compiled in place (regional compilation: the blocks share their
+    code, so dynamo traces one block per distinct kind, 2 for Large, instead of the whole graph;
+    the rest of the step stays eager)."""
+    if scope == "blocks":
+        for block in mmdit.transformer_blocks:
+            block.compile(fullgraph=True, **compile_args)
+        return mmdit
+    if scope != "model":
+        raise InvalidInputError(f"compile_scope={scope!r}: use 'model' or 'blocks'")
+    return torch.compile(mmdit, fullgraph=True, **compile_args)
+
+
+class TorchFP8Factory:
+    """The `torch-fp8` backend factory: an engine set of that flavor -> `TorchFP8SetBackend`, a
+    checkpoint -> `TorchFP8Backend` (which needs `calibration=`)."""
+
+    limits = Limits()
+
+    def __call__(self, path: Any, config: VariantConfig, **options: Any):
+        if is_torch_set(getattr(path, "manifest", None)):
+            extra = sorted(set(options) - {"device", "load_t5", "compile"})
+            if extra:
+                raise InvalidInputError(f"{', '.join(extra)} do not apply to a torch-fp8 engine set (its weights, "
+                                        f"calibration and precision are fixed at build): drop them")
+            return TorchFP8SetBackend(path, config, **options)
+        return TorchFP8Backend(path, config, **options)
+
+    def limits_for(self, path: Any, config: VariantConfig) -> Limits:
+        return BackendBase.limits
+
+
+torch_fp8_factory = TorchFP8Factory()

@@ -1,0 +1,163 @@
+"""torch-fp8 engine sets on the CPU: the set a build writes (tiny Large checkpoint), its manifest,
+the refusals before loading, the weights' round trip and the backend the manifest picks.
+The compile and the warm-up need the GPU (tools/torch_engine_probe.py runs them on the device)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from sd35trt.export.torch_engines import write_set
+from sd35trt.runtime import Pipeline
+from sd35trt.runtime.backends import backend_limits
+from sd35trt.runtime.backends.torch_fp8_set import TorchFP8SetBackend
+from sd35trt.runtime.checkpoint import Checkpoint
+from sd35trt.runtime.components import RUNTIME
+from sd35trt.runtime.engine_manifest import BuildArgs, EngineManifest, EngineSetError, rebuild_command
+from sd35trt.runtime.models.fp8 import HIGH_PRECISION, FP8Linear, fp8_weights_only, max_calibrate
+from sd35trt.runtime.models.loader import load_modules
+from sd35trt.runtime.torch_engine_set import CACHE, check_set, installed_versions, load_state, skeleton
+
+KW = dict(prompt="a lighthouse at dusk", negative_prompt="blurry", height=64, width=64, num_inference_steps=3,
+          output_type="latent", progress=False)
+NAMES = [c.name for c in RUNTIME if c.name != "vae_encoder"]
+
+
+def _modules(ckpt: Checkpoint) -> dict[str, torch.nn.Module]:
+    return load_modules(ckpt, NAMES, torch.device("cpu"), torch.bfloat16)
+
+
+def _amax(ckpt: Checkpoint) -> dict[str, float]:
+    config, mmdit = ckpt.config, _modules(ckpt)["transformer"]
+    g = torch.Generator().manual_seed(0)
+    lat = torch.randn(config.latent_shape(2, 64, 64), generator=g).bfloat16()  # [2, 16, 8, 8]
+    ctx = torch.randn(2, config.text_tokens(), config.joint_dim, generator=g).bfloat16()  # [2, 77+T, joint]
+    pooled = torch.randn(2, config.pooled_dim, generator=g).bfloat16()  # [2, pooled]
+    return max_calibrate(mmdit, lambda m: m(lat, torch.full((2,), 500.0), ctx, pooled), HIGH_PRECISION)
+
+
+@pytest.fixture(scope="module")
+def built(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    """(set folder, source checkpoint, calibration) for the tiny Large model, written for sm90."""
+    ckpt = Checkpoint.open(tiny_models["large"])
+    amax, out = _amax(ckpt), tmp_path_factory.mktemp("torchset") / "tiny-large-fp8-sm90-torch"
+    build = BuildArgs(onnx=str(tiny_models["large"]), out=str(out), gpu="sm90", flavor="torch-fp8", dynamic=False,
+                      batch=[1, 1], calibration="calib")
+    versions = {**installed_versions(), "fa4_version": "4.0.0b36"}
+    write_set(_modules(ckpt), amax, ckpt.config, ckpt, out, gpu="sm90", build=build, compile="reduce-overhead",
+              attention="flash-attn-4", versions=versions, log=lambda _: None)
+    return out, ckpt, amax, versions
+
+
+def test_the_set_and_its_manifest(built) -> None:
+    out, ckpt, _, versions = built
+    m = EngineManifest.load(out)
+    assert (m.flavor, m.library, m.target, m.precision, m.library_version) == ("torch-fp8", "torch", "sm90", "fp8",
+                                                                               torch.__version__)
+    assert set(m.components) == set(NAMES) | {CACHE}
+    assert m.components[CACHE].flags["fa4_version"] == "4.0.0b36" and m.components[CACHE].bytes > 0
+    tf = m.components["transformer"].flags
+    assert tf["attention"] == "flash-attn-4" and tf["fp8_layers"] > 0 and tf["compile"] == "reduce-overhead"
+    assert m.components["t5"].flags["t5_precision"] == "fp8-weights" and "hf_config" in m.components["clip_g"].flags
+    assert {p.name for p in out.iterdir()} >= {"manifest.json", "transformer.safetensors", "compile_cache.safetensors",
+                                              "calibration", "tokenizer", "tokenizer_2", "tokenizer_3", "model_index.json"}
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files
+    assert Checkpoint.open(out).default_backend == "torch-fp8"
+    assert backend_limits("torch-fp8", Checkpoint.open(out), m.variant).max_batch is None
+
+
+def test_weights_round_trip_exactly(built) -> None:
+    out, ckpt, amax, _ = built
+    m = EngineManifest.load(out)
+    from sd35trt.export.torch_engines import convert
+
+    ref = convert(_modules(ckpt), amax)
+    for comp in NAMES:
+        entry = m.components[comp]
+        got = load_state(skeleton(comp, m.variant, entry.flags, amax), out / entry.file, torch.device("cpu"))
+        want = ref[comp].state_dict()
+        assert set(got.state_dict()) == set(want), comp
+        for k, v in got.state_dict().items():
+            assert v.dtype == want[k].dtype and torch.equal(v.float(), want[k].float()), (comp, k)
+    mmdit = load_state(skeleton("transformer", m.variant, m.components["transformer"].flags, amax),
+                       out / "transformer.safetensors", torch.device("cpu"))
+    fp8 = [x for x in mmdit.modules() if isinstance(x, FP8Linear)]
+    assert fp8 and all(x.weight_t.dtype == torch.float8_e4m3fn and x.weight_t.stride(0) == 1 for x in fp8)
+
+
+def test_pipeline_picks_torch_fp8_from_the_manifest_and_matches_the_backend(built) -> None:
+    """Eager on the CPU (compiled artifacts are GPU-only): the set gives the latents the torch-fp8
+    backend gives for the same checkpoint and calibration (T5 weight-only FP8 in both)."""
+    out, ckpt, amax, _ = built
+    pipe = Pipeline.from_pretrained(out, device="cpu", compile=False)
+    assert isinstance(pipe.backend, TorchFP8SetBackend) and pipe.backend.name == "torch-fp8"
+    ours = pipe(**KW, generator=torch.Generator().manual_seed(3)).images
+    ref = Pipeline.from_pretrained(ckpt.path, backend="torch-fp8", device="cpu", calibration=amax, fast_accum=True)
+    fp8_weights_only(ref.backend.modules["t5"])
+    ref.backend.bind()
+    want = ref(**KW, generator=torch.Generator().manual_seed(3)).images
+    assert torch.isfinite(ours).all() and torch.equal(ours, want)
+
+
+def test_compiled_set_is_refused_off_the_gpu(built) -> None:
+    with pytest.raises(EngineSetError, match="compile=False"):
+        Pipeline.from_pretrained(built[0], device="cpu")
+
+
+@pytest.mark.parametrize("what", ["gpu", "torch", "triton", "fa4"])
+def test_stale_or_foreign_set_is_refused_with_the_rebuild(built, what: str) -> None:
+    out, _, _, versions = built
+    m = EngineManifest.load(out)
+    cc, have = "sm90", dict(versions)
+    if what == "gpu":
+        cc = "sm100"
+    elif what == "torch":
+        have["torch_version"] = "9.9.9"
+    else:
+        have[f"{what}_version"] = "0.0.1"
+    with pytest.raises(EngineSetError, match=r"sd35trt build --model .* --calibration calib .*--flavor torch-fp8"):
+        check_set(m, out, cc, have)
+    check_set(m, out, "sm90", versions)  # the set itself passes
+
+
+def test_corrupted_or_unfinished_set_is_refused(built, tmp_path: Path) -> None:
+    copy = tmp_path / "set"
+    shutil.copytree(built[0], copy)
+    data = bytearray((copy / "vae_decoder.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (copy / "vae_decoder.safetensors").write_bytes(bytes(data))
+    with pytest.raises(EngineSetError, match="sha256 differs"):
+        Pipeline.from_pretrained(copy, device="cpu", compile=False)
+    doc = json.loads((copy / "manifest.json").read_text())
+    del doc["components"][CACHE]
+    (copy / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(EngineSetError, match="no compile artifacts"):
+        Pipeline.from_pretrained(copy, device="cpu", compile=False)
+
+
+def test_rebuild_command_of_a_torch_set(built) -> None:
+    cmd = rebuild_command(EngineManifest.load(built[0]), gpu="sm100")
+    assert cmd.startswith("sd35trt build --model ") and "--calibration calib" in cmd and "--gpu sm100" in cmd
+
+
+def test_cli_generates_from_the_set_and_checks_the_build_flags(built, tmp_path: Path, capsys) -> None:
+    from sd35trt.cli import main
+
+    out, ckpt = built[0], built[1]
+    png = tmp_path / "x.png"
+    assert main(["generate", "--model", str(out), "--prompt", "a red boat", "--height", "64", "--width", "64",
+                 "--steps", "2", "--device", "cpu", "--compile", "off", "--seed", "1", "--out", str(png), "--quiet"]) == 0
+    assert png.stat().st_size > 0
+    assert main(["generate", "--model", str(out), "--prompt", "x", "--calibration", "c", "--out", str(png)]) == 2
+    assert "does not apply to an engine set" in capsys.readouterr().err
+    base = ["build", "--flavor", "torch-fp8", "--gpu", "sm90", "--model", str(ckpt.path)]
+    assert main(base) == 2 and "--calibration" in capsys.readouterr().err
+    assert main(base + ["--calibration", str(out / "calibration"), "--dynamic"]) == 2
+    assert "--dynamic" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(base + ["--calibration", str(out / "calibration")]) == 2
+        assert "none is visible" in capsys.readouterr().err
