@@ -32,6 +32,7 @@ from ..runtime.models.loader import load_modules
 from ..runtime.text import PromptEncoder, load_tokenizers
 from .artifacts import copy_tokenizers
 from .calibrate import CalibSettings, CalibState, apply_calibration, calibrate
+from .loras import fingerprint_part, fuse_records, lora_records
 from .onnx_export import export_graph
 
 EXPORTER_VERSION = "1"
@@ -47,6 +48,7 @@ class ExportOptions:
     calib: CalibSettings = field(default_factory=CalibSettings)
     t5: bool = True
     vae_encoder: bool = True
+    loras: tuple[tuple[str, float], ...] = ()  # (file, scale): fused before calibration (export/loras.py)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -79,9 +81,11 @@ def source_fingerprint(ckpt: Checkpoint, component: str) -> str:
     return _fingerprint([(p.name, sha256_file(p)) for p in files])
 
 
-def _reusable_calibration(ckpt: Checkpoint, out: Path, opts: ExportOptions) -> tuple[str, CalibState | None]:
+def _reusable_calibration(ckpt: Checkpoint, out: Path, opts: ExportOptions,
+                          loras: list) -> tuple[str, CalibState | None]:
     """(calibration input fingerprint, the saved calibration if it was made from the same inputs)."""
-    fp = _fingerprint(source_fingerprint(ckpt, "transformer"), asdict(opts.calib), opts.dtype)
+    fp = _fingerprint(source_fingerprint(ckpt, "transformer"), asdict(opts.calib), opts.dtype,
+                      *([fingerprint_part(loras)] if loras else []))
     try:
         state = CalibState.load(out / "calibration")
     except (CheckpointError, OSError, ValueError, KeyError):
@@ -89,7 +93,7 @@ def _reusable_calibration(ckpt: Checkpoint, out: Path, opts: ExportOptions) -> t
     return fp, state if state.meta.get("fingerprint") == fp else None
 
 
-def _plan(ckpt: Checkpoint, opts: ExportOptions, calib: CalibState | None) -> dict[str, str]:
+def _plan(ckpt: Checkpoint, opts: ExportOptions, calib: CalibState | None, loras: list) -> dict[str, str]:
     """Fingerprint of every component to export (the FP8 transformer's needs the calibration)."""
     wanted = {"t5": opts.t5 and ckpt.files.get("t5") is not None, "vae_encoder": opts.vae_encoder}
     comps = [c.name for c in TABLE if wanted.get(c.name, True)]
@@ -98,7 +102,9 @@ def _plan(ckpt: Checkpoint, opts: ExportOptions, calib: CalibState | None) -> di
         fp8 = opts.precision == "fp8" and comp == "transformer"
         amax = (calib.amax if calib else None) if fp8 else "-"
         io = (component(comp).input_names, component(comp).output_names)  # a graph of other I/O is stale
-        plan[comp] = _fingerprint(EXPORTER_VERSION, comp, io, opts.dtype, fp8, amax, source_fingerprint(ckpt, comp))
+        lora = fingerprint_part(loras, comp)
+        plan[comp] = _fingerprint(EXPORTER_VERSION, comp, io, opts.dtype, fp8, amax, source_fingerprint(ckpt, comp),
+                                  *([lora] if lora else []))
     return plan
 
 
@@ -134,8 +140,9 @@ def export_model(model: str | Path, out: str | Path, opts: ExportOptions, progre
     remove_leftovers(out)
     old = ExportManifest.load_existing(out)
     hashes = HashCache(out)  # hashes taken while writing: a re-run and the first load need not hash again
-    calib_fp, calib = _reusable_calibration(ckpt, out, opts) if opts.precision == "fp8" else ("", None)
-    plan = _plan(ckpt, opts, calib)
+    loras = lora_records(opts.loras)
+    calib_fp, calib = _reusable_calibration(ckpt, out, opts, loras) if opts.precision == "fp8" else ("", None)
+    plan = _plan(ckpt, opts, calib, loras)
     todo = [c for c, fp in plan.items()
             if not (old and c in old.components and old.components[c].is_fresh(out, fp, hashes))]
     entries = {c: old.components[c] for c in plan if c not in todo}
@@ -143,13 +150,13 @@ def export_model(model: str | Path, out: str | Path, opts: ExportOptions, progre
     copy_tokenizers(ckpt, out)
 
     def commit() -> None:  # the manifest lists exactly the finished, current components
-        ExportManifest(ckpt.config, opts.precision, opts.dtype, str(ckpt.path), dict(entries)).save(out)
+        ExportManifest(ckpt.config, opts.precision, opts.dtype, str(ckpt.path), dict(entries), loras=loras).save(out)
         hashes.save()
 
     commit()
     if todo:  # load the checkpoint only when something must be (re)built
-        mods, calib = _modules(ckpt, opts, calib, calib_fp, out, todo, progress)
-        plan = _plan(ckpt, opts, calib)
+        mods, calib = _modules(ckpt, opts, calib, calib_fp, out, todo, progress, loras)
+        plan = _plan(ckpt, opts, calib, loras)
         for comp in tqdm(todo, desc="export", disable=not progress):
             t0 = time.perf_counter()
             entries[comp] = e = _export_one(mods[comp], comp, ckpt.config, DTYPES[opts.dtype], out, opts, plan[comp])
@@ -161,13 +168,14 @@ def export_model(model: str | Path, out: str | Path, opts: ExportOptions, progre
 
 
 def _modules(ckpt: Checkpoint, opts: ExportOptions, calib: CalibState | None, calib_fp: str, out: Path,
-             todo: list[str], progress: bool) -> tuple[dict[str, torch.nn.Module], CalibState | None]:
+             todo: list[str], progress: bool, loras: list) -> tuple[dict[str, torch.nn.Module], CalibState | None]:
     """The torch modules to trace (the runtime's loader); for FP8 the MMDiT calibrated (or the saved
     calibration re-applied) with the runtime's own text encoders and loop."""
     dtype, cpu = DTYPES[opts.dtype], torch.device("cpu")
     calibrating = opts.precision == "fp8" and calib is None  # the text encoders run the calibration prompts
     text = ("clip_l", "clip_g", "t5") if calibrating else ()
     mods = load_modules(ckpt, dict.fromkeys([*todo, *text]), cpu, dtype)  # the transformer is in todo when calibrating
+    fuse_records(mods, loras, ckpt.config.transformer.num_layers)  # before calibration (ModelOpt's advice)
     if opts.precision == "fp8" and "transformer" in mods:
         if calib is None:
             encode = PromptEncoder(ckpt.config, load_tokenizers(ckpt), TorchBackend.from_modules(mods, cpu, dtype))

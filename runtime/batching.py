@@ -7,7 +7,7 @@
 Requests are grouped by everything that shapes the computation (mode: text-to-image /
 image-to-image / inpainting, height, width, sampler, steps, guidance, T5 length, output type,
 strength, the input image's own size and kind, skip-layer guidance settings); prompts, negative
-prompts, seeds, input images and masks differ freely inside a batch.
+prompts, seeds, input images, masks and LoRA strengths differ freely inside a batch.
 Image i of a job draws its noise (a stochastic sampler's too) from
 `torch.Generator().manual_seed(seed + i)` (`seed_generators`), one generator per image as diffusers
 does for a generator list (an edit's VAE posterior too), so every image equals what
@@ -64,6 +64,7 @@ class Job:
     skip_layer_guidance_scale: float = 2.8
     skip_layer_guidance_start: float = 0.01
     skip_layer_guidance_stop: float = 0.2
+    loras: tuple[tuple[str, float], ...] = ()  # (name, strength) of LoRAs loaded on the pipeline
     # ControlNet call arguments (control_image, controlnet_conditioning_scale; runtime/control.py);
     # a job with them runs in a batch of its own, its control posterior drawn from its seed.
     controls: dict[str, Any] | None = field(default=None, compare=False)
@@ -87,7 +88,7 @@ class Job:
                     skip_guidance_layers=self.skip_guidance_layers,
                     skip_layer_guidance_scale=self.skip_layer_guidance_scale,
                     skip_layer_guidance_start=self.skip_layer_guidance_start,
-                    skip_layer_guidance_stop=self.skip_layer_guidance_stop,
+                    skip_layer_guidance_stop=self.skip_layer_guidance_stop, loras=dict(self.loras) or None,
                     **control)
 
 
@@ -325,6 +326,8 @@ def _batch_kwargs(batch: list[Ticket]) -> dict[str, Any]:
     for name, attr in (("image", "image"), ("mask_image", "mask")):
         if kw[name] is not None:
             kw[name] = [item for t in batch for item in _per_image(getattr(t.job, attr), t.job.n)]
+    if any(t.job.loras for t in batch):  # strengths per image: jobs with different LoRAs share a batch
+        kw["loras"] = [dict(t.job.loras) for t in batch for _ in range(t.job.n)]
     return kw
 
 

@@ -156,6 +156,7 @@ class ExportManifest:
     source: str  # the checkpoint it was exported from
     components: Mapping[str, ExportEntry]
     format: str = FORMAT
+    loras: list = field(default_factory=list)  # [{file, sha256, scale}] fused before calibration (export/loras.py)
 
     @classmethod
     def load(cls, folder: str | Path) -> ExportManifest:
@@ -178,14 +179,15 @@ class ExportManifest:
         try:
             variant = VariantConfig.from_dict(doc["variant"])
             comps = {c: entry_from_dict(ExportEntry, e, path, CheckpointError, fix) for c, e in doc["components"].items()}
-            return cls(variant, doc["precision"], doc["dtype"], doc["source"], comps)
+            return cls(variant, doc["precision"], doc["dtype"], doc["source"], comps, loras=list(doc.get("loras", [])))
         except (KeyError, TypeError) as exc:
             raise CheckpointError(f"{path}: unreadable manifest ({type(exc).__name__}: {exc}); {fix}") from exc
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": self.format, "variant": self.variant.to_dict(), "precision": self.precision,
                 "dtype": self.dtype, "source": self.source,
-                "components": {c: asdict(e) for c, e in self.components.items()}}
+                "components": {c: asdict(e) for c, e in self.components.items()},
+                **({"loras": list(self.loras)} if self.loras else {})}
 
     def save(self, folder: Path) -> None:
         write_json_atomic(Path(folder) / MANIFEST, self.to_dict())
@@ -199,4 +201,6 @@ class ExportManifest:
             argv += ["--dtype", self.dtype]
         if "t5" not in self.components:
             argv.append("--no-t5")
+        for lora in self.loras:
+            argv += ["--lora", f"{lora['file']}:{lora['scale']:g}"]
         return shlex.join(argv)

@@ -14,7 +14,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from .edits import start as start_from_image
 from .errors import ClosedError, GenerationCancelled, InvalidInputError, NonFiniteImageError
 from .guidance import guided
 from .image import to_pil
+from .lora import LoraMixin
 from .memory import MemorySettings, apply_memory
 from .requests import Request, normalize_request
 from .sampling import StepHook, Transformer, chain, initial_noise, run
@@ -81,7 +82,7 @@ def sample(encode: PromptEncoder, transformer: Transformer, device: torch.device
                generator)
 
 
-class Pipeline:
+class Pipeline(LoraMixin):
     # Threads of the pool behind `generate_async` (calls beyond that wait for a free thread).
     async_workers = 4
 
@@ -94,6 +95,7 @@ class Pipeline:
         self._running = 0  # calls in progress
         self._closed = False
         self._pool: ThreadPoolExecutor | None = None
+        self._init_loras()
         self.controlnets: ControlNets | None = None  # from_pretrained(controlnet=...)
 
     @classmethod
@@ -150,8 +152,9 @@ class Pipeline:
         the backend's own error for a request it cannot take, e.g. outside an engine's profile);
         returns the request with every default resolved."""
         kwargs.pop("callback_on_step_end", None), kwargs.pop("progress", None)
+        loras = kwargs.pop("loras", None)
         control = {k: kwargs.pop(k) for k in CONTROL_ARGS if k in kwargs}
-        req = normalize_request(self.config, prompt, **kwargs)
+        req = self.with_loras(normalize_request(self.config, prompt, **kwargs), loras)
         request_control(self.controlnets, req, prompt, **control)  # the ControlNet arguments (runtime/control.py)
         b = self.backend
         if req.image is not None and getattr(b, "vae_encoder", None) is None:
@@ -234,6 +237,7 @@ class Pipeline:
         skip_layer_guidance_scale: float = 2.8,
         skip_layer_guidance_start: float = 0.01,
         skip_layer_guidance_stop: float = 0.2,
+        loras: Mapping[str, float] | Sequence[Mapping[str, float]] | None = None,
         control_image: Any = None,
         controlnet_conditioning_scale: float | Sequence[float] = 1.0,
         control_guidance_start: float | Sequence[float] = 0.0,
@@ -244,6 +248,7 @@ class Pipeline:
         `strength` trims the schedule); `image` + `mask_image` -> inpainting (StableDiffusion3InpaintPipeline);
         `skip_guidance_layers` -> skip-layer guidance (StableDiffusion3Pipeline). `latents` with an image:
         the starting latents as they are (image-to-image) or the noise (inpainting), as diffusers.
+        `loras={"style": 0.7}` (or one such dict per image): strengths of LoRAs loaded with `load_lora`.
         `control_image` (+ `controlnet_conditioning_scale`, `control_guidance_start`/`_end`) with the
         loaded ControlNets: StableDiffusion3ControlNetPipeline; `control_generator` draws the control
         images' posterior noise (None: torch's global RNG, as diffusers)."""
@@ -255,7 +260,8 @@ class Pipeline:
             max_sequence_length=max_sequence_length, output_type=output_type, sampler=sampler, image=image,
             mask_image=mask_image, strength=strength, padding_mask_crop=padding_mask_crop,
             skip_guidance_layers=skip_guidance_layers, skip_layer_guidance_scale=skip_layer_guidance_scale,
-            skip_layer_guidance_start=skip_layer_guidance_start, skip_layer_guidance_stop=skip_layer_guidance_stop)
+            skip_layer_guidance_start=skip_layer_guidance_start, skip_layer_guidance_stop=skip_layer_guidance_stop,
+            loras=loras)
         creq = request_control(self.controlnets, req, prompt, control_image, controlnet_conditioning_scale,
                                control_guidance_start, control_guidance_end, control_generator)
         self._enter()
@@ -268,8 +274,9 @@ class Pipeline:
                   callback_on_step_end: StepCallback | None, progress: bool,
                   creq: ControlRequest | None = None) -> PipelineOutput:
         b = self.backend
+        encode, transformer = self.lora_calls(req)
         control = None if creq is None else plan(self.controlnets, creq, b.vae_encoder, self.config.vae, req, b.device)
-        x = sample(self.encode, b.transformer, b.device, req, generator, latents, self._hook(callback_on_step_end),
+        x = sample(encode, transformer, b.device, req, generator, latents, self._hook(callback_on_step_end),
                    progress, b.name, getattr(b, "vae_encoder", None), control)
         info = {"mode": req.mode, "steps": len(req.schedule), "sampler": req.sampler.name, "guidance": req.guidance,
                 "height": req.height, "width": req.width, "backend": self.backend.name, "variant": self.config.name}

@@ -41,6 +41,7 @@ class Request:
     mask: torch.Tensor | None = field(default=None, compare=False)  # [M, 1, H, W] in {0, 1} (1: repaint)
     strength: float = 1.0  # image modes: the schedule above is already trimmed to it
     slg: SkipLayerGuidance | None = None
+    loras: tuple[dict[str, float], ...] | None = field(default=None, compare=False)  # per image {LoRA: strength} (runtime/lora.py)
     overlay: Overlay | None = field(default=None, compare=False)  # padding_mask_crop: pasted back after decoding
 
     @property

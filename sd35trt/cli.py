@@ -12,6 +12,8 @@ from pathlib import Path
 from . import cli_checks as check
 from . import cli_control
 from .cli_checks import UsageError, flagged
+from .cli_lora import lora_arg
+from .cli_lora import resolve as resolve_loras
 from .cli_ray import add_flags as add_ray_flags
 from .quiet import library_stdout, quiet_onnxruntime, third_party_quiet
 
@@ -58,6 +60,7 @@ def _generate(args: argparse.Namespace) -> int:
         raise UsageError(f"--quality applies to JPEG and WebP; {args.out} is a PNG (lossless): drop --quality")
     check.require_cuda(options, backend)
     modes = _mode_arguments(args)  # sampler, image / mask / strength, skip-layer guidance (no torch yet)
+    loras = resolve_loras(args.lora, args.lora_dir)
     control = cli_control.control_arguments(args)  # --controlnet / --control-image (no torch yet)
     quiet_onnxruntime(backend == "onnxruntime" and not args.verbose)
 
@@ -78,6 +81,8 @@ def _generate(args: argparse.Namespace) -> int:
     controls = cli_control.call_arguments(control, args.height or side, args.width or side, seed)
     with Pipeline.from_pretrained(args.model, backend=backend, family=args.family, **options,
                                   **cli_control.pipeline_option(control)) as pipe:
+        if loras:
+            modes["loras"] = {pipe.load_lora(f, name=f"{f.stem}-{i}"): s for i, (f, s) in enumerate(loras)}
         out = pipe(
             args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
             guidance_scale=args.guidance, height=args.height, width=args.width,
@@ -86,7 +91,8 @@ def _generate(args: argparse.Namespace) -> int:
     meta = {"prompt": args.prompt, "negative_prompt": args.negative_prompt or "", "seed": seed,
             "steps": out.info["steps"], "guidance": out.info["guidance"], "model": str(args.model),
             "variant": out.info["variant"], "backend": out.info["backend"],
-            "size": f"{out.info['width']}x{out.info['height']}", **mode_metadata(req.mode, req.strength, req.slg)}
+            "size": f"{out.info['width']}x{out.info['height']}", **mode_metadata(req.mode, req.strength, req.slg),
+            **({"loras": ",".join(f"{f.name}:{s:g}" for f, s in loras)} if loras else {})}
     path = save_image(out.images[0], args.out, meta, quality=args.quality)
     print(f"wrote {path} ({out.info['width']}x{out.info['height']}, seed {seed}, "
           f"{out.info['steps']} steps, guidance {out.info['guidance']}, backend {out.info['backend']})")
@@ -135,13 +141,22 @@ def _export(args: argparse.Namespace) -> int:
 
     calib = CalibSettings(num_prompts=args.calib_size, steps=args.calib_steps, seed=args.calib_seed)
     dtype = {"dtype": args.dtype} if args.dtype else {}
-    opts = ExportOptions(precision=args.precision, calib=calib, t5=not args.no_t5, **dtype)
+    loras = tuple((str(f), s) for f, s in resolve_loras(args.lora, None))
+    opts = ExportOptions(precision=args.precision, calib=calib, t5=not args.no_t5, loras=loras, **dtype)
     t0 = time.perf_counter()
     with library_stdout(not args.verbose):  # ModelOpt's and polygraphy's prints
         rows = export_model(args.model, args.out, opts, progress=not args.quiet)
     print(format_table(rows))
     print(f"export to {args.out}: {time.perf_counter() - t0:.1f}s "
           f"({sum(r.status == 'exported' for r in rows)} exported, {sum(r.status == 'cached' for r in rows)} unchanged)")
+    return 0
+
+
+def _refit(args: argparse.Namespace) -> int:
+    from .export.refit import refit_engines
+
+    done = refit_engines(args.engines, args.onnx)
+    print(f"refit {', '.join(done) or 'nothing (every engine matches its graph)'} in {args.engines}")
     return 0
 
 
@@ -272,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--calib-steps", type=pos, help="denoising steps per calibration prompt (default: the family's)")
     e.add_argument("--calib-seed", type=seed, default=0)
     e.add_argument("--no-t5", action="store_true", help="skip T5 (the runtime then uses zeros, as SD3 allows)")
+    e.add_argument("--lora", type=lora_arg, action="append", default=[], metavar="FILE[:SCALE]",
+                   help="fuse this LoRA (.safetensors) at SCALE (default 1.0) before calibration; repeatable, "
+                        "recorded in the manifest")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=_export)
 
@@ -320,6 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quiet", action="store_true", help="no progress lines")
     b.set_defaults(func=_build, dynamic=False)
 
+    r = sub.add_parser("refit", help="enterprise TensorRT: swap a re-export's weights (other --lora) into "
+                                     "refittable engines (never executed here)")
+    r.add_argument("--engines", type=Path, required=True, help="engine set built with --flavor tensorrt --refit")
+    r.add_argument("--onnx", type=Path, required=True, help="the new `sd35trt export` folder (same model)")
+    r.set_defaults(func=_refit)
+
     g = sub.add_parser("generate", help="generate one image (PNG, JPEG or WebP by the --out extension)")
     g.add_argument("--model", type=Path, required=True, help=MODEL_HELP)
     g.add_argument("--prompt", type=check.prompt, required=True)
@@ -338,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mask", type=Path, help="inpainting mask: white = repaint, black = keep (the image's size)")
     g.add_argument("--strength", type=float, help="--image: how much to change it, (0, 1] (default 0.6)")
     g.add_argument("--slg", help="skip-layer guidance: transformer blocks to skip, e.g. 7,8,9 (SD3.5 Medium)")
+    g.add_argument("--lora", type=lora_arg, action="append", default=[], metavar="NAME_OR_FILE[:SCALE]",
+                   help="torch backends: a LoRA .safetensors (or its name in --lora-dir) at SCALE (default 1.0); "
+                        "repeatable")
+    g.add_argument("--lora-dir", type=Path, help="folder that --lora names are looked up in")
     cli_control.add_flags(g)
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--out", type=check.image_path, required=True,
@@ -369,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-steps", type=pos, default=100)
     v.add_argument("--max-n", type=pos, help="images per request (default and at most: --max-batch)")
     v.add_argument("--max-prompt-chars", type=pos, default=2000)
+    v.add_argument("--lora-dir", type=Path, help="torch backends: load every *.safetensors LoRA in this folder; "
+                                                 "requests pick them by name (GET /v1/loras)")
     add_ray_flags(v)
     v.set_defaults(func=_serve)
     for sp in sub.choices.values():

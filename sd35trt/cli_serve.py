@@ -38,8 +38,15 @@ def serve(args: argparse.Namespace) -> int:
     settings = ServeSettings(model=path, backend=backend, engines=args.engines is not None, backend_options=options,
                              max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, max_queue=args.max_queue,
                              workers=args.workers, limits=limits, model_id=args.model_id,
-                             model_aliases=tuple(args.model_alias),
+                             model_aliases=tuple(args.model_alias), lora_dir=args.lora_dir,
                              controlnets=cli_control.serve_controlnets(args.controlnet))
+    if args.lora_dir is not None:
+        from .server.loras import lora_files
+
+        if backend not in ("torch", "torch-fp8"):
+            raise UsageError(f"--lora-dir needs a torch backend (torch, torch-fp8); {backend!r} runs exported "
+                             f"graphs: fuse LoRAs at export (`sd35trt export --lora FILE[:SCALE]`)")
+        lora_files(args.lora_dir)  # a missing folder is refused before binding
     check.require_cuda(options, backend)
     quiet_onnxruntime(backend == "onnxruntime" and not args.verbose)
 

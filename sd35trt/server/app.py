@@ -34,6 +34,8 @@ from ..runtime.image import MEDIA_TYPES, encode_image, mode_metadata
 from .edits import EDITS, auto_size, edit_inputs, read_edit
 from .fields import field_error
 from .metrics import CONTENT_TYPE, Metrics, RequestMetrics
+from .loras import describe as describe_loras
+from .loras import with_loras
 from .schema import FieldError, GenerationRequest, Rendering, check_model, describe_validation, rendering, to_job
 from .state import ModelHost, ServeSettings
 
@@ -175,6 +177,10 @@ def create_app(settings: ServeSettings, pipeline: Pipeline | None = None, host: 
                          "invalid_request_error", "model", code="model_not_found")
         return JSONResponse(model_card())
 
+    @app.get("/v1/loras")
+    async def loras() -> JSONResponse:
+        return JSONResponse(describe_loras(host.pipe if host.ready else None))
+
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
@@ -187,7 +193,9 @@ def create_app(settings: ServeSettings, pipeline: Pipeline | None = None, host: 
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
         caps = pipe.backend.limits
         sizes = (caps.min_size or 0, caps.max_size or limits.max_size) if caps.max_size else None
-        job = to_job(body, limits, pipe.config, seed, sizes, raw=how.raw, controlnets=settings.controlnet_names, **edit)
+        job = with_loras(to_job(body, limits, pipe.config, seed, sizes, raw=how.raw,
+                                controlnets=settings.controlnet_names, **edit),
+                         body.loras, pipe.loras, settings.lora_limits)
         try:
             ticket = batcher.submit(job)
         except InvalidInputError as exc:  # the Pipeline's own check: name the field it came from

@@ -31,6 +31,7 @@ RUNTIME_FIELDS = (
     ("width", "size"),
     ("prompt", "prompt"),
     ("image", "image"),
+    ("loras", "loras"),
 )
 
 

@@ -18,7 +18,7 @@ OpenAI fields and what they do here:
   stream, partial_images, frame_count, frame_duration_ms, svg       refused unless off / unset
 Our own: negative_prompt, steps, guidance, seed, sampler, and skip-layer guidance
 (skip_guidance_layers, skip_layer_guidance_scale / _start / _stop: the Pipeline's arguments; checked
-in server/modes.py). POST /v1/images/edits takes the same fields as a multipart form (server/edits.py).
+in server/modes.py); loras ([{name, scale}], server/loras.py). POST /v1/images/edits takes the same fields as a multipart form (server/edits.py).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from ..runtime.batching import Job
 from ..runtime.config import VariantConfig
 from ..runtime.errors import InvalidInputError
 from ..runtime.samplers import SAMPLER_NAMES
+from .loras import LoraRef
 from .control import control_fields
 
 from .fields import FieldError
@@ -105,6 +106,7 @@ class GenerationRequest(BaseModel):
     skip_layer_guidance_scale: float | None = Field(None, ge=0, allow_inf_nan=False, description="default 2.8")
     skip_layer_guidance_start: float | None = Field(None, ge=0, le=1, description="fraction of the steps; default 0.01")
     skip_layer_guidance_stop: float | None = Field(None, ge=0, le=1, description="fraction of the steps; default 0.2")
+    loras: list[LoraRef] | None = Field(None, description="[{name, scale}] of LoRAs listed by GET /v1/loras")
     control_image: str | None = Field(None, description="ControlNet image, base64 PNG/JPEG/WebP (server/control.py)")
     control_type: str | None = Field(None, description="canny | blur preprocessing; default: the image as given")
     control_scale: float | None = Field(None, ge=0, allow_inf_nan=False, description="ControlNet scale; default 1.0")

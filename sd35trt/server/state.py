@@ -21,6 +21,7 @@ from ..runtime.batching import BatcherStats, MicroBatcher, check_batching
 from ..runtime.checkpoint import Checkpoint
 from ..runtime.errors import ClosedError, InvalidInputError
 
+from .loras import LoraLimits, load_lora_dir
 from .schema import Limits
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ class ServeSettings:
     limits: Limits = field(default_factory=Limits)
     model_id: str | None = None
     model_aliases: tuple[str, ...] = ()
+    lora_dir: Path | None = None  # every *.safetensors in it is loaded (server/loras.py)
+    lora_limits: LoraLimits = field(default_factory=LoraLimits)
     controlnets: tuple[tuple[str, str], ...] = ()  # (name, ControlNet folder), loaded at start (server/control.py)
 
     @property
@@ -115,6 +118,8 @@ class ModelHost:
 
     def _ready(self, pipe: Pipeline) -> None:
         s = self.settings
+        if s.lora_dir is not None:
+            load_lora_dir(pipe, s.lora_dir)
         caps = self.caps or pipe.backend.limits
         max_batch = min(s.max_batch, caps.max_batch) if caps.max_batch else s.max_batch
         batcher = MicroBatcher(pipe, max_batch=max_batch, window_ms=s.batch_window_ms, max_queue=s.max_queue,
