@@ -13,7 +13,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .config import VariantConfig
 from .errors import CheckpointError, InvalidInputError
@@ -270,10 +270,12 @@ def check_device(m: EngineManifest, folder: Path, cc: str) -> None:
                                  f"{rebuild_command(m, folder, gpu=cc, out=_sibling_out(m, folder, cc))}")
 
 
-def check_engine_files(m: EngineManifest, folder: Path) -> None:
+def check_engine_files(m: EngineManifest, folder: Path,
+                       matches: Callable[[EngineEntry, Path], bool] | None = None) -> None:
     """Every runtime component is in the set (a build that was interrupted lists only what it
     finished), and every engine exists and has the sha256 the build recorded (catches truncation,
-    corruption and engines copied in from another set)."""
+    corruption and engines copied in from another set). `matches(entry, path)` replaces the sha256
+    test for sets whose files are verified another way (the torch-fp8 set hashes while it reads)."""
     from .components import RUNTIME  # here, not at the top: reading a manifest needs no torch
 
     missing = [c.name for c in RUNTIME if not c.optional and c.name not in m.components]
@@ -284,7 +286,7 @@ def check_engine_files(m: EngineManifest, folder: Path) -> None:
         path = Path(folder) / e.file
         if not path.is_file():
             raise EngineSetError(f"{path} is missing; rebuild: {rebuild_command(m, folder)}")
-        if not file_matches(path, e.sha256):
+        if not (matches(e, path) if matches is not None else file_matches(path, e.sha256)):
             raise EngineSetError(
                 f"{path} does not match its manifest (sha256 differs: corrupted, truncated or replaced); "
                 f"rebuild it: {rebuild_command(m, folder)}")

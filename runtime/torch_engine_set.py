@@ -34,8 +34,8 @@ from torch import nn
 
 from .components import RUNTIME
 from .config import VariantConfig
-from .engine_manifest import EngineManifest, EngineSetError, check_device, check_flavor, check_library
-from .engine_manifest import rebuild_command
+from .engine_manifest import (EngineEntry, EngineManifest, EngineSetError, check_device, check_engine_files,
+                              check_flavor, check_library, rebuild_command)
 from .files import MANIFEST, atomic_write
 from .set_reader import chunk_hashes, read_verified
 
@@ -102,18 +102,11 @@ def check_files(m: EngineManifest, folder: Path) -> None:
     """Every runtime component and the artifacts are listed and present at their recorded size, the
     artifacts match their chunk hashes; the weight files are verified while they are read, in the
     same pass (`load_state`). Refusals carry the rebuild command."""
-    missing = [c.name for c in RUNTIME if not c.optional and c.name not in m.components]
-    if missing:
-        raise EngineSetError(f"{Path(folder) / MANIFEST} lists no {', '.join(missing)} (a build that did not "
-                             f"finish?); run the build again: {rebuild_command(m, folder)}")
-    for e in m.components.values():
-        path = Path(folder) / e.file
-        if not path.is_file():
-            raise EngineSetError(f"{path} is missing; rebuild: {rebuild_command(m, folder)}")
+    def matches(e: EngineEntry, path: Path) -> bool:
         hashed_now = e is m.components[CACHE]  # the weight files are hashed as they are read
-        if path.stat().st_size != e.bytes or (hashed_now and chunk_hashes(path) != e.flags.get("sha256_chunks")):
-            raise EngineSetError(f"{path} does not match its manifest (sha256 differs: corrupted, truncated or "
-                                 f"replaced); rebuild it: {rebuild_command(m, folder)}")
+        return path.stat().st_size == e.bytes and not (hashed_now and chunk_hashes(path) != e.flags.get("sha256_chunks"))
+
+    check_engine_files(m, folder, matches)
 
 
 def save_state(module: nn.Module, path: Path, metadata: Mapping[str, str] | None = None) -> Path:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from . import cli_checks as check
 from . import cli_control
+from .cli_bench import add_bench_parser
 from .cli_checks import UsageError, flagged
 from .cli_lora import lora_arg
 from .cli_lora import resolve as resolve_loras
@@ -160,35 +161,6 @@ def _refit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from .bench import bench_transformer
-
-    configs = args.configs.split(",")
-    if set(configs) - {"e2e", "text", "modes"}:
-        bench_transformer(args.preset, args.size, args.batch, configs, args.attention, args.json, args.fidelity)
-    if "e2e" in configs and args.memory:
-        bad = sorted(set(args.memory.split(",")) - set(check.MEMORY_MODES))
-        if bad:
-            raise UsageError(f"--memory {args.memory}: {bad} not among {list(check.MEMORY_MODES)}")
-        from .bench_memory import bench_memory
-
-        configs = [c for c in configs if c != "e2e"]
-        bench_memory(args.preset, args.size, args.steps, args.memory.split(","), t5=not args.no_t5,
-                     out=args.json.with_name(f"{args.json.stem}_memory.json"))
-    for part in [c for c in ("text", "e2e", "modes") if c in configs]:
-        from .bench import Runner
-        from .bench_e2e import bench_e2e, bench_text
-        from .bench_modes import bench_modes
-
-        runner = Runner(args.json.with_name(f"{args.json.stem}_{part}.json"))
-        if part == "modes":
-            bench_modes(args.preset, args.size, args.steps, args.strength, runner)
-        else:
-            bench_text(runner) if part == "text" else bench_e2e(args.preset, args.size, args.steps, runner)
-        print(runner.table(runner.rows[0]["name"]))
-    return 0
-
-
 def _batch_range(text: str) -> tuple[int, int]:
     """"1" -> (1, 1), "1-4" -> (1, 4)."""
     try:
@@ -293,25 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=_export)
 
-    b = sub.add_parser("bench", help="time the diffusers peer and our backends on one GPU, one run")
-    b.add_argument("--preset", choices=("sd3.5-large", "sd3.5-medium"), default="sd3.5-large",
-                   help="released shapes with random weights")
-    b.add_argument("--size", type=int, default=1024)
-    b.add_argument("--batch", type=int, default=1, help="images per step (the transformer sees 2x: CFG)")
-    b.add_argument("--steps", type=int, default=28, help="denoising steps of the end-to-end image (e2e, modes)")
-    b.add_argument("--strength", type=float, default=0.6, help="image-to-image / inpainting strength (modes)")
-    b.add_argument("--configs", default="peer-eager,peer-compile,bf16,fp8,fp8-compile-default",
-                   help="comma list: attention, vae, peer-eager, peer-compile, bf16, peer-ao, fp8[-compile-<mode>][+fast][+gelu][+tune][+mk][+fa4], profile, text, e2e, modes (image-to-image / inpainting / SLG)")
-    b.add_argument("--fidelity", action="store_true",
-                   help="compare every FP8 row with BF16 (cosine, rel. L2) even without a peer/bf16 row; "
-                        "e2e rows always compare the final image (cosine, PSNR)")
-    b.add_argument("--attention", choices=("default", "cudnn", "flash"), default="cudnn",
-                   help="SDPA backend for our configs (the peer keeps diffusers' default)")
-    b.add_argument("--memory", help="e2e: memory modes to compare, comma list in this order: default,balanced,low "
-                                    "(peak GPU memory and seconds per image on a repeated and a new prompt)")
-    b.add_argument("--no-t5", action="store_true", help="--memory: run without T5-XXL (zeros, as SD3 allows)")
-    b.add_argument("--json", type=Path, default=Path("bench.json"))
-    b.set_defaults(func=_bench)
+    add_bench_parser(sub)
 
     b = sub.add_parser("build", help="build TensorRT / TensorRT-RTX engines from an exported ONNX folder")
     b.add_argument("--onnx", type=Path, help="folder written by `sd35trt export` (TensorRT flavors)")

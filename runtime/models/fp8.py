@@ -89,11 +89,11 @@ def to_fp8(model: nn.Module, amax: Mapping[str, float], fuse_qkv: bool = True, f
     targets = [(n, m) for n, m in model.named_modules()
                if isinstance(m, nn.Linear) and f"{n}.input_quantizer" in amax]
     for name, lin in targets:
-        _replace(model, name, FP8Linear(lin, amax[f"{name}.input_quantizer"], amax[f"{name}.weight_quantizer"], fast_accum))
+        replace_module(model, name, FP8Linear(lin, amax[f"{name}.input_quantizer"], amax[f"{name}.weight_quantizer"], fast_accum))
     return model
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, leaf = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     if isinstance(parent, nn.ModuleList):
@@ -167,5 +167,5 @@ class FP8WeightLinear(nn.Module):
 def fp8_weights_only(model: nn.Module) -> nn.Module:
     """Replace every Linear of `model` by an FP8WeightLinear, in place."""
     for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
-        _replace(model, name, FP8WeightLinear(lin))
+        replace_module(model, name, FP8WeightLinear(lin))
     return model

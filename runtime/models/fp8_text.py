@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from .fp8 import FP8Linear, FP8WeightLinear, _replace
+from .fp8 import FP8Linear, FP8WeightLinear, replace_module
 
 # Linear name suffixes kept high precision (weight-only FP8, bf16 compute) in T5.
 T5_HIGH_PRECISION = ("DenseReluDense.wo",)
@@ -65,7 +65,7 @@ def t5_to_fp8(model: nn.Module, amax: Mapping[str, float], keep: tuple[str, ...]
     for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
         key = f"{name}.input_quantizer"
         if name.endswith(keep) or key not in amax:
-            _replace(model, name, FP8WeightLinear(lin))
+            replace_module(model, name, FP8WeightLinear(lin))
         else:
-            _replace(model, name, FP8TextLinear(lin, amax[key], amax[f"{name}.weight_quantizer"], fast_accum))
+            replace_module(model, name, FP8TextLinear(lin, amax[key], amax[f"{name}.weight_quantizer"], fast_accum))
     return model

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fp8 import E4M3_MAX, FP8Linear, to_e4m3
+from .fp8 import E4M3_MAX, FP8Linear, replace_module, to_e4m3
 
 
 class LoraBank(nn.Module):
@@ -109,12 +109,7 @@ def install(model: nn.Module, name: str, bank: LoraBank, groups: int) -> LoraLin
     if isinstance(layer, LoraLinear):
         return layer
     wrapped = LoraLinear(layer, bank, groups)
-    parent, _, leaf = name.rpartition(".")
-    owner = model.get_submodule(parent) if parent else model
-    if isinstance(owner, nn.ModuleList):
-        owner[int(leaf)] = wrapped
-    else:
-        setattr(owner, leaf, wrapped)
+    replace_module(model, name, wrapped)
     return wrapped
 
 
