@@ -87,7 +87,8 @@ class Model:
 
     def info(self) -> RemoteModel:
         pipe, batcher = self.host.require_ready()
-        return RemoteModel(pipe.config, BackendInfo(pipe.backend.name, pipe.backend.limits), batcher.max_batch)
+        return RemoteModel(pipe.config, BackendInfo(pipe.backend.name, pipe.backend.limits), batcher.max_batch,
+                           tuple(pipe.loras), tuple(pipe.lora_info()))
 
     def check_health(self) -> None:
         self.host.require_ready()

@@ -50,6 +50,11 @@ class RemoteModel:
     config: VariantConfig
     backend: BackendInfo
     max_batch: int
+    loras: tuple[str, ...] = ()  # the LoRAs every replica loaded from --lora-dir (server/loras.py)
+    lora_details: tuple[dict, ...] = ()
+
+    def lora_info(self) -> list[dict]:
+        return list(self.lora_details)
 
 
 def _rebuild(cls: type, args: tuple, state: dict) -> BaseException:
