@@ -288,6 +288,7 @@ def check_engine_files(m: EngineManifest, folder: Path,
     from .components import RUNTIME  # here, not at the top: reading a manifest needs no torch
 
     missing = [c.name for c in RUNTIME if not c.optional and c.name not in m.components]
+    missing += ["controlnet"] if m.controlnet and "controlnet" not in m.components else []  # its export has one
     if missing:
         raise EngineSetError(f"{Path(folder) / MANIFEST} lists no {', '.join(missing)} engine (a build that did "
                              f"not finish?); run the build again to finish it: {rebuild_command(m, folder)}")
