@@ -129,15 +129,16 @@ def zero_residuals(residuals: int | None, config: VariantConfig,
     """`ComponentCall`'s residuals for a transformer graph taking `residuals` ControlNet residuals
     (None: a graph without that input): zeros [R, B, h*w/p^2, D] for latent [B, 16, h, w], or,
     `broadcast`, [R, 1, 1, D], which ONNX Runtime's Add broadcasts at no cost (engine profiles fix
-    the full shape)."""
+    the full shape: there one zero expanded to it, no memory, copied into the engine's buffer)."""
     if not residuals:
         return None
     d, p = config.transformer.inner_dim, config.transformer.patch_size
 
     def zeros(latent: torch.Tensor) -> torch.Tensor:
         b, _, h, w = latent.shape
-        shape = (residuals, 1, 1, d) if broadcast else (residuals, b, (h // p) * (w // p), d)
-        return torch.zeros(shape, device=latent.device)  # [R, B, N, D] or [R, 1, 1, D]
+        if broadcast:
+            return torch.zeros(residuals, 1, 1, d, device=latent.device)  # [R, 1, 1, D]
+        return torch.zeros((), device=latent.device).expand(residuals, b, (h // p) * (w // p), d)  # [R, B, N, D]
 
     return zeros
 

@@ -84,3 +84,26 @@ def test_another_or_a_changed_controlnet_is_refused(tiny_models: dict[str, Path]
     shutil.copyfile(other / weights.name, weights)  # changed in place since the export
     with pytest.raises(CheckpointError, match="changed since"):
         check_same(rec, mine, t, tmp_path, "FIX", HashCache(tmp_path))
+
+
+@pytest.mark.parametrize("broadcast", [True, False])
+def test_zero_residuals_leave_the_transformer_unchanged(broadcast: bool, tiny_models: dict[str, Path]) -> None:
+    """What a residual graph gets on calls without control images (ONNX Runtime: broadcast;
+    engines: the full shape, one zero expanded, no memory), through our MMDiT."""
+    import torch
+
+    from sd35trt.runtime.backends.base import zero_residuals
+    from sd35trt.runtime.models.loader import load_modules
+
+    ckpt = Checkpoint.open(tiny_models["large"])
+    mmdit = load_modules(ckpt, ["transformer"], torch.device("cpu"), torch.float32)["transformer"]
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(2, 16, 8, 12, generator=g), torch.tensor([900.0, 300.0]),  # [B, 16, h, w], [B]
+            torch.randn(2, 77 + 8, 96, generator=g), torch.randn(2, 80, generator=g))
+    zeros = zero_residuals(3, ckpt.config, broadcast)(args[0])
+    assert zeros.shape == ((3, 1, 1, 32) if broadcast else (3, 2, 4 * 6, 32)) and not zeros.any()
+    assert zero_residuals(None, ckpt.config, broadcast) is None  # a plain graph: no residual input
+    with torch.no_grad():
+        plain, with_zeros = mmdit(*args), mmdit(*args, controlnet_residuals=zeros)
+        moved = mmdit(*args, controlnet_residuals=zeros + 0.5)
+    assert torch.equal(plain, with_zeros) and not torch.allclose(plain, moved)
