@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..runtime.backends.torch_backend import TorchBackend
 from ..runtime.checkpoint import Checkpoint, ExportedFolder
-from ..runtime.components import TABLE, component, graph_component
+from ..runtime.components import TABLE, graph_component
 from ..runtime.control_graph import ControlNetRecord, make_record
 from ..runtime.config import VariantConfig
 from ..runtime.errors import CheckpointError, InvalidInputError

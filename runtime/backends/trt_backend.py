@@ -16,6 +16,9 @@ the same time); inputs and outputs are preallocated CUDA tensors at the profile'
 once with `set_tensor_address`; a call copies its inputs in, sets the input shapes, enqueues
 `execute_async_v3` on the current torch stream and copies the outputs out on that stream. A slot
 carries an event, so the next user of the slot waits on the GPU, never on the host.
+ControlNet: a set built from an `export --controlnet` folder holds the ControlNet's engine and a
+transformer engine with the `controlnet_residuals` input (runtime/control_graph.py); calls without
+control images copy zeros into that input. `check_controlnet` (before loading, no GPU) runs in CI.
 Memory modes (`memory="balanced"|"low"`, runtime/memory.py) move the engines built with
 `--weight-streaming` between a streaming budget of 0 and their own (`StreamedWeights`), recreating
 their contexts, on the same stage plan as the torch backends; engines without it stay resident.
