@@ -169,3 +169,38 @@ def test_export_refuses_a_bad_controlnet_flag(tiny_models: dict[str, Path], tmp_
     argv = ["export", "--model", str(tiny_models["large"]), "--out", str(tmp_path / "o"), "--controlnet", str(tmp_path)]
     assert main(argv) == 2
     assert "no config.json there" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_the_residual_graph_costs_plain_text_to_image_little(onnx_cn: Path, tiny_models: dict[str, Path],
+                                                            tmp_path: Path, capsys) -> None:
+    """One transformer call of the plain export vs the `--controlnet` export fed broadcast zero
+    residuals (ONNX Runtime, one thread, interleaved); BENCHMARKS.md quotes the printed line."""
+    import time
+
+    from sd35trt.runtime.backends.ort_backend import OrtBackend
+    from sd35trt.runtime.checkpoint import Checkpoint
+
+    plain_dir = tmp_path / "plain"
+    export_model(tiny_models["large"], plain_dir, ExportOptions(precision="fp32"), progress=False)
+    config = Checkpoint.open(tiny_models["large"]).config
+    backends = {"plain": OrtBackend(plain_dir, config, intra_op_threads=1),
+                "controlnet": OrtBackend(onnx_cn, config, intra_op_threads=1)}
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(2, 16, 64, 64, generator=g), torch.tensor([500.0, 500.0]),  # 512 px, CFG rows
+            torch.randn(2, 77 + 256, 96, generator=g), torch.randn(2, 80, generator=g))
+    times: dict[str, list[float]] = {k: [] for k in backends}
+    outs = {k: b.transformer(*args) for k, b in backends.items()}  # warm-up
+    for _ in range(8):
+        for k, b in backends.items():
+            t0 = time.perf_counter()
+            for _ in range(5):
+                b.transformer(*args)
+            times[k].append((time.perf_counter() - t0) / 5)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    ratio = med["controlnet"] / med["plain"]
+    with capsys.disabled():
+        print(f"\n[transformer call at 512 px, batch 2: plain graph {med['plain'] * 1e3:.1f} ms, --controlnet graph "
+              f"with zero residuals {med['controlnet'] * 1e3:.1f} ms (median of 8x5; ratio {ratio:.3f})]")
+    assert torch.equal(outs["plain"], outs["controlnet"])  # zeros change nothing
+    assert ratio <= 1.25  # loose: a shared 2-core CPU
