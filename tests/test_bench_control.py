@@ -61,3 +61,11 @@ def test_bench_control_smoke_on_cpu(tmp_path: Path) -> None:
     assert 0.98 <= s["step_cos"] < 1.0  # FP8 vs bf16: close, not equal
     with pytest.raises(ValueError, match="fp8-turbo"):
         bench_control(TINY, 128, 1, out, config="fp8-turbo", device="cpu")
+
+
+def test_cli_refuses_a_bad_control_config_before_any_work(tmp_path: Path, capsys) -> None:
+    from sd35trt.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--configs", "control:fp8-turbo", "--json", str(out)]) == 1
+    assert "fp8-turbo" in capsys.readouterr().err and not out.with_name("bench_control.json").exists()
