@@ -10,7 +10,9 @@ ControlNet as Stability's SD3.5 Large canny / depth / blur nets are built (RELEA
   ours  our MMDiT + SD3ControlNet with FP8 GEMMs from one joint max calibration of both (the
         statistic `export_controlnet` computes jointly with ModelOpt), compiled as one step
         module like `sd35trt bench`'s fp8 configs (default: the runtime's reduce-overhead + fast
-        accumulation + sigmoid GELU), under the chosen SDPA backend.
+        accumulation + sigmoid GELU), under the chosen SDPA backend. The runtime's torch-fp8
+        backend compiles only the MMDiT today (its ControlNet runs eager FP8 GEMMs), so this row
+        is the step the backend reaches once it compiles the ControlNet too.
 Reported: median step ms (CUDA events after warm-ups; wall clock on the CPU), peak memory, the
 ratio peer / ours and the step cosine vs the peer's output; JSON rows + a summary at `out`.
 """
