@@ -13,6 +13,8 @@ PYTEST_ARGS ?=
 # read from the checkpoint (Large and Large Turbo share one architecture; Turbo engines need no CFG batch).
 # FLAVOR=torch-fp8 (run on the GPU itself, e.g. GPU=sm90): the export's FP8 calibration, then
 # engines/<preset>-fp8-<gpu>-torch/ (FP8 weights + torch's compile artifacts, `sd35trt build --flavor torch-fp8`).
+# CONTROLNET=path: export that ControlNet too (its graph + a transformer taking its residuals); the build then
+# makes its engine as well.
 GPU ?=
 MODEL ?=
 FAMILY ?=
@@ -20,7 +22,8 @@ PRECISION ?= fp8
 DTYPE ?=
 FLAVOR ?= tensorrt-rtx
 ENGINE_ARGS ?=
-ONNX_DIR ?= build/onnx/$(notdir $(abspath $(MODEL)))-$(PRECISION)
+CONTROLNET ?=
+ONNX_DIR ?= build/onnx/$(notdir $(abspath $(MODEL)))-$(PRECISION)$(if $(CONTROLNET),-$(basename $(notdir $(abspath $(CONTROLNET)))))
 
 .PHONY: demo engines test test-slow venv clean gpu-wheels
 
@@ -46,8 +49,8 @@ demo: $(STAMP)
 	$(VENV)/bin/sd35trt build --onnx $(DEMO)/onnx-fp8 --out $(DEMO)/engines-fp8-sm89 --gpu sm89 --flavor tensorrt-rtx --quiet
 
 engines: $(STAMP)
-	@test -n "$(GPU)" -a -n "$(MODEL)" || { echo "usage: make engines GPU=sm89 MODEL=path/to/sd3.5 [FAMILY=large|medium|large-turbo] [PRECISION=fp8|fp16|bf16] [DTYPE=fp16|bf16|fp32] [FLAVOR=tensorrt-rtx|tensorrt|torch-fp8]"; exit 2; }
-	$(VENV)/bin/sd35trt export --model $(MODEL) --out $(ONNX_DIR) --precision $(PRECISION) $(if $(and $(DTYPE),$(filter fp8,$(PRECISION))),--dtype $(DTYPE))
+	@test -n "$(GPU)" -a -n "$(MODEL)" || { echo "usage: make engines GPU=sm89 MODEL=path/to/sd3.5 [FAMILY=large|medium|large-turbo] [PRECISION=fp8|fp16|bf16] [DTYPE=fp16|bf16|fp32] [FLAVOR=tensorrt-rtx|tensorrt|torch-fp8] [CONTROLNET=path]"; exit 2; }
+	$(VENV)/bin/sd35trt export --model $(MODEL) --out $(ONNX_DIR) --precision $(PRECISION) $(if $(and $(DTYPE),$(filter fp8,$(PRECISION))),--dtype $(DTYPE)) $(if $(CONTROLNET),--controlnet $(CONTROLNET))
 	$(if $(filter torch-fp8,$(FLAVOR)),$(VENV)/bin/sd35trt build --model $(MODEL) --calibration $(ONNX_DIR)/calibration,$(VENV)/bin/sd35trt build --onnx $(ONNX_DIR)) --gpu $(GPU) --flavor $(FLAVOR) $(if $(FAMILY),--family $(FAMILY)) $(ENGINE_ARGS)
 
 test: $(STAMP)

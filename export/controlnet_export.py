@@ -26,7 +26,8 @@ from ..runtime.backends.torch_backend import ModuleRun, TorchBackend
 from ..runtime.checkpoint import Checkpoint
 from ..runtime.components import component
 from ..runtime.control import ControlNet, ControlNets, check_control, plan
-from ..runtime.errors import InvalidInputError
+from ..runtime.control_graph import ControlNetRecord, fingerprint
+from ..runtime.errors import CheckpointError, InvalidInputError
 from ..runtime.files import sha256_file, write_json_atomic
 from ..runtime.models.controlnet import SD3ControlNet, shared_pos_embed
 from ..runtime.models.controlnet_file import load_any
@@ -34,11 +35,12 @@ from ..runtime.models.loader import load_modules
 from ..runtime.pipeline import sample
 from ..runtime.requests import normalize_request
 from ..runtime.text import PromptEncoder, load_tokenizers
-from .calibrate import CalibSettings, CalibState, collect_amax, quantize_module, read_prompts
+from .calibrate import CalibSettings, CalibState, apply_calibration, collect_amax, quantize_module, read_prompts
 from .onnx_export import export_graph
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PARTS = ("transformer", "controlnet")
+CONTROLNET_CALIB = "controlnet_calibration"  # beside the MMDiT's `calibration`, made with it
 
 
 def calib_control_images(n: int, height: int, width: int, seed: int = 0) -> list[Image.Image]:
@@ -99,6 +101,34 @@ def calibrate_joint(encode: PromptEncoder, vae_encoder, mmdit: nn.Module, contro
             for p in PARTS}, joint
 
 
+def add_controlnet(ckpt: Checkpoint, mods: dict[str, nn.Module], net: ControlNetRecord, settings: CalibSettings | None,
+                   calib: dict[str, CalibState] | None, calib_fp: str, out: Path, dtype: torch.dtype,
+                   progress: bool = False) -> tuple[dict[str, nn.Module], dict[str, CalibState] | None]:
+    """`sd35trt export --controlnet`: `mods` plus the recorded ControlNet ("controlnet"). FP8
+    (`settings` given): the MMDiT and the ControlNet calibrated jointly (`calibrate_joint`, saved as
+    `calibration` and `controlnet_calibration` with fingerprint `calib_fp`), or the saved pair
+    re-applied when `calib` holds it. Returns (mods, calibrations)."""
+    cpu = torch.device("cpu")
+    if fingerprint(net.source) != net.sha256:
+        raise CheckpointError(f"--controlnet {net.source} changed while exporting; run the export again")
+    cn = load_any(net.source, ckpt.config.transformer, lambda: shared_pos_embed(ckpt.transformer_state()), cpu, dtype)
+    if settings is None:
+        return {**mods, "controlnet": cn}, calib
+    if calib is not None:
+        mods = {**mods, "controlnet": apply_calibration(cn, calib["controlnet"])}
+        if "transformer" in mods:
+            mods["transformer"] = apply_calibration(mods["transformer"], calib["transformer"])
+        return mods, calib
+    backend = TorchBackend.from_modules(mods, cpu, dtype)
+    encode = PromptEncoder(ckpt.config, load_tokenizers(ckpt), backend)
+    states, joint = calibrate_joint(encode, backend.vae_encoder, mods["transformer"], cn, settings, progress)
+    for state in states.values():
+        state.meta["fingerprint"] = calib_fp
+    states["transformer"].save(out / "calibration")
+    states["controlnet"].save(out / CONTROLNET_CALIB)
+    return {**mods, "transformer": joint["transformer"], "controlnet": joint["controlnet"]}, states
+
+
 def export_controlnet(model: str | Path, controlnet: str | Path, out: str | Path, precision: str = "fp32",
                       dtype: str = "fp32", calib: CalibSettings | None = None, progress: bool = False) -> dict:
     """Write `<out>/controlnet.onnx` for the ControlNet folder `controlnet` beside the model at
@@ -122,7 +152,7 @@ def export_controlnet(model: str | Path, controlnet: str | Path, out: str | Path
         encode = PromptEncoder(ckpt.config, load_tokenizers(ckpt), backend)
         states, joint = calibrate_joint(encode, backend.vae_encoder, mods["transformer"], net, settings, progress)
         states["transformer"].save(out / "calibration")
-        states["controlnet"].save(out / "controlnet_calibration")
+        states["controlnet"].save(out / CONTROLNET_CALIB)
         net = joint["controlnet"]
         doc["calibration"] = asdict(replace(settings, exclude=list(settings.exclude)))
     path = out / "controlnet.onnx"

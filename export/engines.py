@@ -56,9 +56,11 @@ def variant_config(src: ExportManifest, family: str | None = None) -> VariantCon
 
 
 def default_out_dir(onnx_dir: str | Path, gpu: str, root: str | Path = "engines", family: str | None = None) -> Path:
-    """engines/<variant>-<precision>-<gpu>, the variant and precision read from the ONNX manifest."""
+    """engines/<variant>-<precision>[-<controlnet>]-<gpu>, read from the ONNX manifest (the
+    ControlNet's folder or file name when the export has one, so it sits beside the plain set)."""
     src = ExportManifest.load(onnx_dir)
-    return Path(root) / f"{variant_config(src, family).name}-{src.precision}-{gpu}"
+    net = f"-{Path(src.controlnet['source']).stem}" if src.controlnet else ""
+    return Path(root) / f"{variant_config(src, family).name}-{src.precision}{net}-{gpu}"
 
 
 def check_precision(src: ExportManifest, onnx_dir: Path, gpu: str) -> None:
@@ -80,8 +82,8 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path | None = None, *, gp
                   opt_level: int | None = None, refit: bool = False, weight_streaming: bool = False,
                   timing_cache: str | Path | None = None,
                   on_component: Callable[[str, str], None] | None = None) -> list[EngineRow]:
-    """Build (or keep) the engines of every runtime component in `onnx_dir` into `out_dir`
-    (default engines/<variant>-<precision>-<gpu>). `family` overrides the exported one (a real
+    """Build (or keep) the engines of every runtime component in `onnx_dir` (and its ControlNet,
+    when exported with one) into `out_dir` (default engines/<variant>-<precision>-<gpu>). `family` overrides the exported one (a real
     Large Turbo folder exports as "large"). `on_component(component, "build"|"keep")` is called
     before each one (progress)."""
     onnx_dir = Path(onnx_dir)
@@ -94,7 +96,8 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path | None = None, *, gp
     config = variant_config(src, family)
     shapes = EngineShapes.for_variant(config, dynamic, tuple(batch), min_size, max_size)
     out = Path(out_dir) if out_dir is not None else default_out_dir(onnx_dir, gpu, family=family)
-    comps = [c for c in COMPONENTS if c in src.components]
+    residuals = int(src.controlnet["residuals"]) if src.controlnet else None  # `export --controlnet`
+    comps = [c for c in (*COMPONENTS, *(["controlnet"] if residuals else [])) if c in src.components]
     lib = fl.library
     version = _library_version(lib.module, lib.install, flavor)
     flags = {"refit": refit, "weight_streaming": weight_streaming, "opt_level": opt_level}
@@ -102,14 +105,14 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path | None = None, *, gp
                       batch=list(batch), min_size=shapes.sizes[0] if dynamic else None,
                       max_size=shapes.sizes[2] if dynamic else None, opt_level=opt_level, refit=refit,
                       weight_streaming=weight_streaming, timing_cache=str(timing_cache) if timing_cache else None)
-    profiles = shapes.profiles(config)
+    profiles = shapes.profiles(config, residuals)
     remove_temporaries(out)
     old = EngineManifest.load_existing(out)
     copy_tokenizers(Checkpoint.open(onnx_dir), out)
 
     def commit() -> None:  # the manifest lists exactly the finished, current engines
         EngineManifest(config, src.precision, src.dtype, flavor, lib.module, version, gpu, shapes, build,
-                       dict(entries)).save(out)
+                       dict(entries), controlnet=src.controlnet).save(out)
 
     wants = {comp: _json({"onnx_sha256": _onnx_digest(onnx_dir, src, comp), "flavor": flavor,
                           "library_version": version, "target": gpu, "profiles": profiles[comp], "flags": flags})

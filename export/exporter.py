@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from ..runtime.backends.torch_backend import TorchBackend
 from ..runtime.checkpoint import Checkpoint, ExportedFolder
-from ..runtime.components import TABLE, component
+from ..runtime.components import TABLE, graph_component
+from ..runtime.control_graph import ControlNetRecord, make_record
 from ..runtime.config import VariantConfig
 from ..runtime.errors import CheckpointError, InvalidInputError
 from ..runtime.files import MANIFEST, remove_temporaries, sha256_file
@@ -32,6 +33,7 @@ from ..runtime.models.loader import load_modules
 from ..runtime.text import PromptEncoder, load_tokenizers
 from .artifacts import copy_tokenizers
 from .calibrate import CalibSettings, CalibState, apply_calibration, calibrate
+from .controlnet_export import CONTROLNET_CALIB, add_controlnet
 from .loras import fingerprint_part, fuse_records, lora_records
 from .onnx_export import export_graph
 
@@ -49,6 +51,7 @@ class ExportOptions:
     t5: bool = True
     vae_encoder: bool = True
     loras: tuple[tuple[str, float], ...] = ()  # (file, scale): fused before calibration (export/loras.py)
+    controlnet: str | None = None  # a ControlNet folder or file: its graph + the residual transformer
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -81,30 +84,42 @@ def source_fingerprint(ckpt: Checkpoint, component: str) -> str:
     return _fingerprint([(p.name, sha256_file(p)) for p in files])
 
 
-def _reusable_calibration(ckpt: Checkpoint, out: Path, opts: ExportOptions,
-                          loras: list) -> tuple[str, CalibState | None]:
-    """(calibration input fingerprint, the saved calibration if it was made from the same inputs)."""
-    fp = _fingerprint(source_fingerprint(ckpt, "transformer"), asdict(opts.calib), opts.dtype,
-                      *([fingerprint_part(loras)] if loras else []))
+def _saved_calibration(folder: Path, fp: str) -> CalibState | None:
     try:
-        state = CalibState.load(out / "calibration")
+        state = CalibState.load(folder)
     except (CheckpointError, OSError, ValueError, KeyError):
-        return fp, None
-    return fp, state if state.meta.get("fingerprint") == fp else None
+        return None
+    return state if state.meta.get("fingerprint") == fp else None
 
 
-def _plan(ckpt: Checkpoint, opts: ExportOptions, calib: CalibState | None, loras: list) -> dict[str, str]:
-    """Fingerprint of every component to export (the FP8 transformer's needs the calibration)."""
+def _reusable_calibration(ckpt: Checkpoint, out: Path, opts: ExportOptions, loras: list,
+                          net: ControlNetRecord | None) -> tuple[str, dict[str, CalibState] | None]:
+    """(calibration input fingerprint, the saved calibrations {transformer[, controlnet]} if they
+    were made from the same inputs; with a ControlNet both are made together, export/controlnet_export.py)."""
+    fp = _fingerprint(source_fingerprint(ckpt, "transformer"), asdict(opts.calib), opts.dtype,
+                      *([fingerprint_part(loras)] if loras else []), *([net.sha256] if net else []))
+    folders = {"transformer": out / "calibration", **({"controlnet": out / CONTROLNET_CALIB} if net else {})}
+    states = {c: _saved_calibration(f, fp) for c, f in folders.items()}
+    return fp, states if all(states.values()) else None
+
+
+def _plan(ckpt: Checkpoint, opts: ExportOptions, calib: dict[str, CalibState] | None, loras: list,
+          net: ControlNetRecord | None = None) -> dict[str, str]:
+    """Fingerprint of every component to export (the FP8 transformer's and ControlNet's need the
+    calibration; with a ControlNet the transformer graph takes its residuals)."""
     wanted = {"t5": opts.t5 and ckpt.files.get("t5") is not None, "vae_encoder": opts.vae_encoder}
-    comps = [c.name for c in TABLE if wanted.get(c.name, True)]
+    comps = [c.name for c in TABLE if wanted.get(c.name, True)] + (["controlnet"] if net else [])
     plan = {}
     for comp in comps:
-        fp8 = opts.precision == "fp8" and comp == "transformer"
-        amax = (calib.amax if calib else None) if fp8 else "-"
-        io = (component(comp).input_names, component(comp).output_names)  # a graph of other I/O is stale
+        fp8 = opts.precision == "fp8" and comp in ("transformer", "controlnet")
+        amax = ((calib or {}).get(comp) and calib[comp].amax) if fp8 else "-"
+        spec = graph_component(comp, net.residuals if net else None)
+        io = (spec.input_names, spec.output_names)  # a graph of other I/O is stale
         lora = fingerprint_part(loras, comp)
-        plan[comp] = _fingerprint(EXPORTER_VERSION, comp, io, opts.dtype, fp8, amax, source_fingerprint(ckpt, comp),
-                                  *([lora] if lora else []))
+        source = source_fingerprint(ckpt, "transformer" if comp == "controlnet" else comp)  # shared patch embedding
+        extra = [net.sha256, net.residuals] if net and comp in ("transformer", "controlnet") else []
+        plan[comp] = _fingerprint(EXPORTER_VERSION, comp, io, opts.dtype, fp8, amax, source,
+                                  *([lora] if lora else []), *extra)
     return plan
 
 
@@ -125,9 +140,9 @@ def _open_source(model: str | Path, out: Path, opts: ExportOptions) -> Checkpoin
 def remove_leftovers(out: Path) -> list[Path]:
     """Temp files and folders of an export that was killed (they never hold finished work): the
     `.*.tmp` of this version, and the `.<component>.onnx.<random>/` folders earlier ones left."""
-    removed = remove_temporaries(out) + remove_temporaries(out / "calibration")
+    removed = remove_temporaries(out) + remove_temporaries(out / "calibration") + remove_temporaries(out / CONTROLNET_CALIB)
     for p in out.glob(".*.onnx.*"):
-        if p.is_dir() and p.name[1:].partition(".onnx.")[0] in {c.name for c in TABLE}:
+        if p.is_dir() and p.name[1:].partition(".onnx.")[0] in {c.name for c in TABLE} | {"controlnet"}:
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
@@ -141,8 +156,9 @@ def export_model(model: str | Path, out: str | Path, opts: ExportOptions, progre
     old = ExportManifest.load_existing(out)
     hashes = HashCache(out)  # hashes taken while writing: a re-run and the first load need not hash again
     loras = lora_records(opts.loras)
-    calib_fp, calib = _reusable_calibration(ckpt, out, opts, loras) if opts.precision == "fp8" else ("", None)
-    plan = _plan(ckpt, opts, calib, loras)
+    net = make_record(opts.controlnet, ckpt.config.transformer, hashes) if opts.controlnet else None
+    calib_fp, calib = _reusable_calibration(ckpt, out, opts, loras, net) if opts.precision == "fp8" else ("", None)
+    plan = _plan(ckpt, opts, calib, loras, net)
     todo = [c for c, fp in plan.items()
             if not (old and c in old.components and old.components[c].is_fresh(out, fp, hashes))]
     entries = {c: old.components[c] for c in plan if c not in todo}
@@ -150,16 +166,18 @@ def export_model(model: str | Path, out: str | Path, opts: ExportOptions, progre
     copy_tokenizers(ckpt, out)
 
     def commit() -> None:  # the manifest lists exactly the finished, current components
-        ExportManifest(ckpt.config, opts.precision, opts.dtype, str(ckpt.path), dict(entries), loras=loras).save(out)
+        ExportManifest(ckpt.config, opts.precision, opts.dtype, str(ckpt.path), dict(entries), loras=loras,
+                       controlnet=net.to_dict() if net else None).save(out)
         hashes.save()
 
     commit()
     if todo:  # load the checkpoint only when something must be (re)built
-        mods, calib = _modules(ckpt, opts, calib, calib_fp, out, todo, progress, loras)
-        plan = _plan(ckpt, opts, calib, loras)
+        mods, calib = _modules(ckpt, opts, calib, calib_fp, out, todo, progress, loras, net)
+        plan = _plan(ckpt, opts, calib, loras, net)
         for comp in tqdm(todo, desc="export", disable=not progress):
             t0 = time.perf_counter()
-            entries[comp] = e = _export_one(mods[comp], comp, ckpt.config, DTYPES[opts.dtype], out, opts, plan[comp])
+            spec = graph_component(comp, net.residuals if net else None)
+            entries[comp] = e = _export_one(mods[comp], spec, ckpt.config, DTYPES[opts.dtype], out, opts, plan[comp])
             for name, digest in e.hashed_files():
                 hashes.put(name, digest)
             commit()
@@ -167,30 +185,38 @@ def export_model(model: str | Path, out: str | Path, opts: ExportOptions, progre
     return sorted(rows, key=lambda r: list(plan).index(r.component))
 
 
-def _modules(ckpt: Checkpoint, opts: ExportOptions, calib: CalibState | None, calib_fp: str, out: Path,
-             todo: list[str], progress: bool, loras: list) -> tuple[dict[str, torch.nn.Module], CalibState | None]:
+def _modules(ckpt: Checkpoint, opts: ExportOptions, calib: dict[str, CalibState] | None, calib_fp: str, out: Path,
+             todo: list[str], progress: bool, loras: list,
+             net: ControlNetRecord | None) -> tuple[dict[str, torch.nn.Module], dict[str, CalibState] | None]:
     """The torch modules to trace (the runtime's loader); for FP8 the MMDiT calibrated (or the saved
-    calibration re-applied) with the runtime's own text encoders and loop."""
+    calibration re-applied) with the runtime's own text encoders and loop (with a ControlNet: the
+    two jointly, `controlnet_export.add_controlnet`)."""
     dtype, cpu = DTYPES[opts.dtype], torch.device("cpu")
     calibrating = opts.precision == "fp8" and calib is None  # the text encoders run the calibration prompts
-    text = ("clip_l", "clip_g", "t5") if calibrating else ()
-    mods = load_modules(ckpt, dict.fromkeys([*todo, *text]), cpu, dtype)  # the transformer is in todo when calibrating
+    text = ("clip_l", "clip_g", "t5", *(("vae_encoder",) if net else ())) if calibrating else ()
+    names = [c for c in dict.fromkeys([*todo, *text]) if c != "controlnet"]
+    mods = load_modules(ckpt, names, cpu, dtype)  # the transformer is in todo when calibrating
     fuse_records(mods, loras, ckpt.config.transformer.num_layers)  # before calibration (ModelOpt's advice)
+    if net is not None and ("controlnet" in todo or calibrating):
+        return add_controlnet(ckpt, mods, net, opts.calib if opts.precision == "fp8" else None, calib, calib_fp,
+                              out, dtype, progress)
     if opts.precision == "fp8" and "transformer" in mods:
         if calib is None:
             encode = PromptEncoder(ckpt.config, load_tokenizers(ckpt), TorchBackend.from_modules(mods, cpu, dtype))
-            calib, mods["transformer"] = calibrate(encode, mods["transformer"], opts.calib, progress=progress)
-            calib.meta["fingerprint"] = calib_fp
-            calib.save(out / "calibration")
+            state, mods["transformer"] = calibrate(encode, mods["transformer"], opts.calib, progress=progress)
+            state.meta["fingerprint"] = calib_fp
+            state.save(out / "calibration")
+            calib = {"transformer": state}
         else:
-            mods["transformer"] = apply_calibration(mods["transformer"], calib)
+            mods["transformer"] = apply_calibration(mods["transformer"], calib["transformer"])
     return mods, calib
 
 
-def _export_one(module, comp: str, config: VariantConfig, dtype, out: Path, opts: ExportOptions, fp: str) -> ExportEntry:
-    fp8 = opts.precision == "fp8" and comp == "transformer"
+def _export_one(module, spec, config: VariantConfig, dtype, out: Path, opts: ExportOptions, fp: str) -> ExportEntry:
+    comp = spec.name
+    fp8 = opts.precision == "fp8" and comp in ("transformer", "controlnet")
     path = out / f"{comp}.onnx"
-    stats = export_graph(module, comp, component(comp).sample_inputs(config, dtype), path, fp8)
+    stats = export_graph(module, comp, spec.sample_inputs(config, dtype), path, fp8, spec)
     return ExportEntry(file=path.name, data=stats.data, data_sha256=stats.data_sha256, sha256=sha256_file(path),
                        bytes=stats.bytes,
                        precision="fp8" if fp8 else opts.dtype, qdq_pairs=stats.qdq_pairs, fp8_weights=stats.fp8_weights,

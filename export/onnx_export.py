@@ -18,7 +18,7 @@ import onnx
 import torch
 from torch import nn
 
-from ..runtime.components import component
+from ..runtime.components import Component, component
 from ..runtime.files import TEMP_SUFFIX, sha256_file
 from ..runtime.models.loader import TextGraph
 from .qdq import fold, qdq_summary, quantize_weights, to_standard_qdq
@@ -48,10 +48,11 @@ class GraphStats:
     plain_matmuls: tuple[str, ...]
 
 
-def export_graph(module: nn.Module, name: str, args: tuple, out_path: Path, fp8: bool) -> GraphStats:
-    """Trace `module` (component `name`, signature as in the component table) to `out_path` (+ `.data`
-    when large), written atomically."""
-    spec = component(name)
+def export_graph(module: nn.Module, name: str, args: tuple, out_path: Path, fp8: bool,
+                 spec: Component | None = None) -> GraphStats:
+    """Trace `module` (component `name`, signature as in the component table, or as `spec` says:
+    a ControlNet export's transformer) to `out_path` (+ `.data` when large), written atomically."""
+    spec = spec or component(name)
     if isinstance(module, TextGraph):
         _eager_attention(module.model)
     # A killed run leaves this folder behind; the next `export` removes it (files.remove_temporaries).

@@ -12,7 +12,7 @@ e.g. "float16"); token ids are always int64 and the timestep always float32.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Mapping
 
 import torch
@@ -163,27 +163,55 @@ ENGINES: tuple[Component, ...] = tuple(c for c in RUNTIME if c.engine)
 COMPONENTS: tuple[str, ...] = tuple(c.name for c in ENGINES)
 
 
+def controlled_transformer(residuals: int) -> Component:
+    """The transformer graph of an export made with a ControlNet (`sd35trt export --controlnet`):
+    the table's inputs and `controlnet_residuals` [R, B, h*w/p^2, D], R fixed at export (the
+    ControlNet's block count; the MMDiT adds residual int(i / (L / R)) after block i)."""
+    base = BY_NAME["transformer"]
+
+    def shapes(c: VariantConfig, r: RequestShape) -> dict[str, Shape]:
+        tokens = c.image_tokens(r.height, r.width)  # h*w/p^2
+        return {**base.input_shapes(c, r), "controlnet_residuals": (residuals, r.batch, tokens, c.transformer.inner_dim)}
+
+    return replace(base, inputs=(*base.inputs, Tensor("controlnet_residuals", {1: "B", 2: "N"})), input_shapes=shapes)
+
+
+def graph_component(name: str, residuals: int | None = None) -> Component:
+    """The record of component `name` in an export or engine set whose ControlNet gives `residuals`
+    (None: made without one): its transformer then takes the residual input."""
+    return controlled_transformer(residuals) if residuals and name == "transformer" else component(name)
+
+
 def component(name: str) -> Component:
     if name not in BY_NAME:
         raise InvalidInputError(f"component {name!r} is unknown; the components are {sorted(BY_NAME)}")
     return BY_NAME[name]
 
 
+def _engine_parts(residuals: int | None) -> tuple[Component, ...]:
+    """What an engine set holds: the table's engine components, with a ControlNet's residual
+    transformer and the ControlNet itself when the export has one."""
+    if not residuals:
+        return ENGINES
+    return tuple(graph_component(c.name, residuals) for c in ENGINES) + (CONTROLNET,)
+
+
 def request_shapes(config: VariantConfig, batch: int, height: int, width: int, t5_tokens: int | None = None,
-                   cfg: bool = False) -> dict[str, dict[str, Shape]]:
+                   cfg: bool = False, residuals: int | None = None) -> dict[str, dict[str, Shape]]:
     """Input shapes of every engine-set component for `batch` images (CFG doubles where it applies)."""
     return {c.name: c.shapes(config, batch * 2 if cfg and c.cfg_doubled else batch, height, width, t5_tokens)
-            for c in ENGINES}
+            for c in _engine_parts(residuals)}
 
 
 def engine_profiles(config: VariantConfig, sizes: tuple[int, int, int], batches: tuple[int, int, int],
-                    cfg: bool) -> dict[str, dict[str, tuple[Shape, Shape, Shape]]]:
+                    cfg: bool, residuals: int | None = None) -> dict[str, dict[str, tuple[Shape, Shape, Shape]]]:
     """(min, opt, max) shapes per engine-set component input for square sizes and image batches.
     A component that skips blocks also runs the skip-layer pass on the prompts' rows alone ([B],
-    not [2B] under CFG), so its minimum batch is not doubled."""
+    not [2B] under CFG), so its minimum batch is not doubled. `residuals`: the export's ControlNet
+    block count (its transformer takes the residuals; the ControlNet gets an engine too)."""
     for s in sizes:
         config.check_size(s, s)
-    points = [request_shapes(config, b, s, s, cfg=cfg) for b, s in zip(batches, sizes)]
-    single = request_shapes(config, batches[0], sizes[0], sizes[0])  # [B] rows at the smallest point
+    points = [request_shapes(config, b, s, s, cfg=cfg, residuals=residuals) for b, s in zip(batches, sizes)]
+    single = request_shapes(config, batches[0], sizes[0], sizes[0], residuals=residuals)  # [B] rows, smallest point
     return {c.name: {n: ((single if c.skips_blocks else points[0])[c.name][n], points[1][c.name][n],
-                         points[2][c.name][n]) for n in c.input_names} for c in ENGINES}
+                         points[2][c.name][n]) for n in c.input_names} for c in _engine_parts(residuals)}

@@ -189,12 +189,14 @@ class VariantConfig:
         sizes: tuple[int, int, int] = (512, 1024, 1536),
         batches: tuple[int, int, int] = (1, 1, 4),
         cfg: bool = True,
+        residuals: int | None = None,
     ) -> dict[str, dict[str, tuple[tuple[int, ...], ...]]]:
         """(min, opt, max) shapes per component input (the component table says which inputs and
-        which components CFG doubles: all but the VAE)."""
+        which components CFG doubles: all but the VAE); `residuals`: an export's ControlNet block
+        count (its residual transformer and the ControlNet, `components.engine_profiles`)."""
         from .components import engine_profiles
 
-        return engine_profiles(self, sizes, batches, cfg)
+        return engine_profiles(self, sizes, batches, cfg, residuals)
 
     # --- construction ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

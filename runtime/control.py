@@ -209,7 +209,8 @@ def open_controlnets(paths: str | Path | Sequence[str | Path], backend: Any) -> 
         raise InvalidInputError(f"controlnet={paths!r} must be a ControlNet folder or a non-empty list of them")
     if not getattr(backend, "controlnet", False):
         raise InvalidInputError(f"controlnet= needs a backend whose transformer takes ControlNet residuals; backend "
-                                f"{backend.name!r} cannot yet: use backend='torch' (or 'torch-fp8')")
+                                f"{backend.name!r} cannot: use backend='torch' or 'torch-fp8', or an export made "
+                                f"with `sd35trt export --controlnet PATH` (onnxruntime, TensorRT)")
     if getattr(backend, "vae_encoder", None) is None:
         raise InvalidInputError(f"controlnet= needs the VAE encoder (control images are encoded), which backend "
                                 f"{backend.name!r} has not loaded")

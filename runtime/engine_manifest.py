@@ -93,8 +93,9 @@ class EngineShapes:
             config.check_size(s, s)
         return cls(dynamic, sizes, (lo_b, lo_b, hi_b), config.sampling.guidance > 1.0)
 
-    def profiles(self, config: VariantConfig) -> dict[str, dict[str, MinOptMax]]:
-        return config.engine_profiles(self.sizes, self.batches, self.cfg)
+    def profiles(self, config: VariantConfig, residuals: int | None = None) -> dict[str, dict[str, MinOptMax]]:
+        """`residuals`: the set's ControlNet block count (None: built without a ControlNet)."""
+        return config.engine_profiles(self.sizes, self.batches, self.cfg, residuals)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -169,6 +170,7 @@ class EngineManifest:
     build: BuildArgs
     components: Mapping[str, EngineEntry]
     format: str = FORMAT
+    controlnet: dict | None = None  # the export's ControlNet record (runtime/control_graph.py)
 
     @classmethod
     def load(cls, folder: str | Path) -> EngineManifest:
@@ -186,7 +188,8 @@ class EngineManifest:
             comps = {c: entry_from_dict(EngineEntry, e, path, EngineSetError, fix) for c, e in doc["components"].items()}
             return cls(VariantConfig.from_dict(doc["variant"]), doc["precision"], doc["dtype"], doc["flavor"],
                        doc["library"], doc["library_version"], doc["target"], EngineShapes.from_dict(doc["shapes"]),
-                       entry_from_dict(BuildArgs, doc["build"], path, EngineSetError, fix), comps)
+                       entry_from_dict(BuildArgs, doc["build"], path, EngineSetError, fix), comps,
+                       controlnet=doc.get("controlnet") or None)
         except (KeyError, TypeError) as exc:
             raise EngineSetError(f"{path}: unreadable manifest ({type(exc).__name__}: {exc}); {fix}") from exc
 
@@ -202,13 +205,19 @@ class EngineManifest:
         return {"format": self.format, "variant": self.variant.to_dict(), "precision": self.precision,
                 "dtype": self.dtype, "flavor": self.flavor, "library": self.library,
                 "library_version": self.library_version, "target": self.target, "shapes": self.shapes.to_dict(),
-                "build": asdict(self.build), "components": {c: asdict(e) for c, e in self.components.items()}}
+                "build": asdict(self.build), "components": {c: asdict(e) for c, e in self.components.items()},
+                **({"controlnet": dict(self.controlnet)} if self.controlnet else {})}
 
     def save(self, folder: Path) -> None:
         write_json_atomic(Path(folder) / MANIFEST, self.to_dict())
 
+    @property
+    def residuals(self) -> int | None:
+        """The ControlNet block count its transformer engine takes residuals for (None: no ControlNet)."""
+        return int(self.controlnet["residuals"]) if self.controlnet else None
+
     def profiles(self) -> dict[str, dict[str, MinOptMax]]:
-        return self.shapes.profiles(self.variant)
+        return self.shapes.profiles(self.variant, self.residuals)
 
 
 def rebuild_command(m: EngineManifest | Mapping[str, Any], folder: str | Path | None = None, **changes: Any) -> str:
@@ -279,6 +288,7 @@ def check_engine_files(m: EngineManifest, folder: Path,
     from .components import RUNTIME  # here, not at the top: reading a manifest needs no torch
 
     missing = [c.name for c in RUNTIME if not c.optional and c.name not in m.components]
+    missing += ["controlnet"] if m.controlnet and "controlnet" not in m.components else []  # its export has one
     if missing:
         raise EngineSetError(f"{Path(folder) / MANIFEST} lists no {', '.join(missing)} engine (a build that did "
                              f"not finish?); run the build again to finish it: {rebuild_command(m, folder)}")
@@ -302,9 +312,9 @@ def preflight(m: EngineManifest, folder: Path, *, flavor: str, installed: str, c
 
 def check_shapes(m: EngineManifest, folder: Path, component: str, shapes: Mapping[str, Shape]) -> None:
     """Refuse a request whose input shapes fall outside `component`'s profile, saying what to rebuild."""
-    from .components import component as table_entry
+    from .components import graph_component
 
-    entry, spec = m.components[component], table_entry(component)
+    entry, spec = m.components[component], graph_component(component, m.residuals)
     for t in spec.inputs:
         if t.name not in shapes:
             continue

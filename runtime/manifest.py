@@ -157,6 +157,7 @@ class ExportManifest:
     components: Mapping[str, ExportEntry]
     format: str = FORMAT
     loras: list = field(default_factory=list)  # [{file, sha256, scale}] fused before calibration (export/loras.py)
+    controlnet: dict | None = None  # {source, sha256, residuals, spec} (runtime/control_graph.py)
 
     @classmethod
     def load(cls, folder: str | Path) -> ExportManifest:
@@ -179,7 +180,8 @@ class ExportManifest:
         try:
             variant = VariantConfig.from_dict(doc["variant"])
             comps = {c: entry_from_dict(ExportEntry, e, path, CheckpointError, fix) for c, e in doc["components"].items()}
-            return cls(variant, doc["precision"], doc["dtype"], doc["source"], comps, loras=list(doc.get("loras", [])))
+            return cls(variant, doc["precision"], doc["dtype"], doc["source"], comps, loras=list(doc.get("loras", [])),
+                       controlnet=doc.get("controlnet") or None)
         except (KeyError, TypeError) as exc:
             raise CheckpointError(f"{path}: unreadable manifest ({type(exc).__name__}: {exc}); {fix}") from exc
 
@@ -187,14 +189,15 @@ class ExportManifest:
         return {"format": self.format, "variant": self.variant.to_dict(), "precision": self.precision,
                 "dtype": self.dtype, "source": self.source,
                 "components": {c: asdict(e) for c, e in self.components.items()},
-                **({"loras": list(self.loras)} if self.loras else {})}
+                **({"loras": list(self.loras)} if self.loras else {}),
+                **({"controlnet": dict(self.controlnet)} if self.controlnet else {})}
 
     def save(self, folder: Path) -> None:
         write_json_atomic(Path(folder) / MANIFEST, self.to_dict())
 
-    def export_command(self, folder: str | Path) -> str:
+    def export_command(self, folder: str | Path, controlnet: str | Path | None = None) -> str:
         """The `sd35trt export` command that (re)makes this export in `folder` (the folder in use,
-        wherever it was first written)."""
+        wherever it was first written); `controlnet`: with that ControlNet instead of its own."""
         argv = ["sd35trt", "export", "--model", self.source or "MODEL", "--out", str(folder),
                 "--precision", self.precision]
         if self.precision == "fp8":
@@ -203,4 +206,7 @@ class ExportManifest:
             argv.append("--no-t5")
         for lora in self.loras:
             argv += ["--lora", f"{lora['file']}:{lora['scale']:g}"]
+        controlnet = controlnet or (self.controlnet or {}).get("source")
+        if controlnet:
+            argv += ["--controlnet", str(controlnet)]
         return shlex.join(argv)

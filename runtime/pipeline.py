@@ -120,6 +120,8 @@ class Pipeline(LoraMixin):
         tokenizers = load_tokenizers(ckpt)  # before any weights: a missing tokenizer fails fast
         name = backend or ckpt.default_backend
         memory.prepare(backend_class(name), name, options)  # refuses a backend that cannot move its weights
+        if controlnet is not None:  # e.g. an export made without a ControlNet: refused before loading
+            backend_class(name).check_controlnet(ckpt, ckpt.config, controlnet)
         pipe = cls(ckpt.config, load_backend(name, ckpt, ckpt.config, **options), tokenizers, ckpt.path)
         if controlnet is not None:
             try:

@@ -27,6 +27,11 @@ from PIL import Image
 from .errors import InvalidInputError
 
 CONTROL_TYPES = ("canny", "blur")
+# Stability's card for stabilityai/stable-diffusion-3.5-large-controlnet-canny preprocesses with
+# grayscale -> cv2.Canny(img, 100, 200) (its "Preprocessing" snippet: torchvision to_tensor, cv2.cvtColor
+# RGB2GRAY, cv2.Canny). Checked 2026-12-01 through copies of that snippet in public code (e.g. a fork of
+# Stability-AI/sd3.5's sd3_infer.py whose preprocess_canny defaults to 100 / 200); the stored copy of the
+# card itself ends before that section. Stability's sd3_infer.py takes an already-made edge image.
 CANNY_THRESHOLDS = (100, 200)
 BLUR_KERNEL, BLUR_SIGMA = 51, 0.0
 

@@ -135,6 +135,8 @@ def _export(args: argparse.Namespace) -> int:
                          f"checkpoint it was made from: --model {info.source}")
     if args.out.resolve() == args.model.resolve():
         raise UsageError(f"--out {args.out} is the checkpoint itself; write the export to a folder of its own")
+    if args.controlnet:
+        cli_control.check_folder(args.controlnet)
     quiet_onnxruntime(not args.verbose)
 
     from .export.calibrate import CalibSettings
@@ -143,7 +145,8 @@ def _export(args: argparse.Namespace) -> int:
     calib = CalibSettings(num_prompts=args.calib_size, steps=args.calib_steps, seed=args.calib_seed)
     dtype = {"dtype": args.dtype} if args.dtype else {}
     loras = tuple((str(f), s) for f, s in resolve_loras(args.lora, None))
-    opts = ExportOptions(precision=args.precision, calib=calib, t5=not args.no_t5, loras=loras, **dtype)
+    opts = ExportOptions(precision=args.precision, calib=calib, t5=not args.no_t5, loras=loras,
+                         controlnet=str(args.controlnet) if args.controlnet else None, **dtype)
     t0 = time.perf_counter()
     with library_stdout(not args.verbose):  # ModelOpt's and polygraphy's prints
         rows = export_model(args.model, args.out, opts, progress=not args.quiet)
@@ -262,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--lora", type=lora_arg, action="append", default=[], metavar="FILE[:SCALE]",
                    help="fuse this LoRA (.safetensors) at SCALE (default 1.0) before calibration; repeatable, "
                         "recorded in the manifest")
+    e.add_argument("--controlnet", type=Path, help="also export this ControlNet (folder or Stability file; FP8: "
+                                                   "calibrated with the MMDiT) and give the transformer its residual input")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=_export)
 

@@ -14,6 +14,14 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench import bench_transformer
 
     configs = args.configs.split(",")
+    control = [c for c in configs if c.partition(":")[0] == "control"]
+    configs = [c for c in configs if c not in control]
+    if control:
+        from .bench import fp8_config
+        from .bench_control import DEFAULT_CONFIG
+
+        for c in control:  # a bad name fails before any part runs
+            fp8_config(c.partition(":")[2] or DEFAULT_CONFIG)
     if set(configs) - {"e2e", "text", "modes"}:
         bench_transformer(args.preset, args.size, args.batch, configs, args.attention, args.json, args.fidelity)
     if "e2e" in configs and args.memory:
@@ -36,6 +44,11 @@ def _bench(args: argparse.Namespace) -> int:
         else:
             bench_text(runner) if part == "text" else bench_e2e(args.preset, args.size, args.steps, runner)
         print(runner.table(runner.rows[0]["name"]))
+    for c in control:  # ControlNet step: peer and ours in one run (sd35trt/bench_control.py)
+        from .bench_control import bench_control
+
+        bench_control(args.preset, args.size, args.batch, args.json.with_name(f"{args.json.stem}_control.json"),
+                      c.partition(":")[2] or DEFAULT_CONFIG, args.attention)
     return 0
 
 
@@ -48,7 +61,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--steps", type=int, default=28, help="denoising steps of the end-to-end image (e2e, modes)")
     b.add_argument("--strength", type=float, default=0.6, help="image-to-image / inpainting strength (modes)")
     b.add_argument("--configs", default="peer-eager,peer-compile,bf16,fp8,fp8-compile-default",
-                   help="comma list: attention, vae, peer-eager, peer-compile, bf16, peer-ao, fp8[-compile-<mode>][+fast][+gelu][+tune][+mk][+fa4], profile, text, e2e, modes (image-to-image / inpainting / SLG)")
+                   help="comma list: attention, vae, peer-eager, peer-compile, bf16, peer-ao, fp8[-compile-<mode>][+fast][+gelu][+tune][+mk][+fa4], profile, text, e2e, modes (image-to-image / inpainting / SLG), control[:<fp8 config>] (one step with a "
+                        "released-size ControlNet vs diffusers' eager BF16; default fp8 config: the runtime's)")
     b.add_argument("--fidelity", action="store_true",
                    help="compare every FP8 row with BF16 (cosine, rel. L2) even without a peer/bf16 row; "
                         "e2e rows always compare the final image (cosine, PSNR)")

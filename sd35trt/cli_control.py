@@ -42,7 +42,7 @@ def _per_net(flag: str, values: list, n: int, default: Any) -> list:
     return values * n if len(values) == 1 else values
 
 
-def _check_folder(path: Path) -> None:
+def check_folder(path: Path) -> None:
     if path.is_file() and path.suffix == ".safetensors":  # Stability's single file: its shapes are read at load
         return
     cfg = path / "config.json"
@@ -70,7 +70,7 @@ def control_arguments(args: argparse.Namespace) -> dict | None:
     if not images:
         raise UsageError("--controlnet needs --control-image IMG (the edges, depth map or image it follows)")
     for path in nets:
-        _check_folder(path)
+        check_folder(path)
     n = len(nets)
     opened = []
     for path in _per_net("--control-image", images, n, None):
@@ -124,5 +124,5 @@ def serve_controlnets(pairs: list[tuple[str, str]]) -> tuple[tuple[str, str], ..
     if len(set(names)) != len(names):
         raise UsageError(f"--controlnet names {names} repeat; give each ControlNet its own NAME")
     for _, path in pairs:
-        _check_folder(Path(path))
+        check_folder(Path(path))
     return tuple(pairs)

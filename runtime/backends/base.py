@@ -13,7 +13,9 @@ A backend whose `skip_layers` is True takes `transformer(..., skip_layers=(7, 8,
 guidance; every backend here: torch skips the blocks, exported graphs and engines take the table's
 `skip_layers` input [num_layers], see `ComponentCall`); others refuse SLG before any component runs.
 One whose `controlnet` is True takes `transformer(..., controlnet_residuals=[R, B, N, D])` and loads
-ControlNets (`load_controlnet(folder) -> (spec, callable)`, runtime/control.py).
+ControlNets (`load_controlnet(folder) -> (spec, callable)`, runtime/control.py); exported graphs and
+engines do so when made with `sd35trt export --controlnet` (runtime/control_graph.py), which
+`check_controlnet(path, config, paths)` says before the backend loads.
 Inputs arrive on `backend.device`; outputs may be any float dtype on that device. Input and output
 names and order are the component table's (`runtime/components.py`). `limits` says what one call
 can take beyond the model's own range; `check_request` refuses, before any component runs, a
@@ -75,6 +77,10 @@ class BackendBase:
         """The limits a backend would have for the model at `path`, known before loading it."""
         return cls.limits
 
+    @classmethod
+    def check_controlnet(cls, path: Any, config: VariantConfig, paths: Any) -> None:
+        """Refuse, before loading, ControlNets at `paths` the model at `path` cannot run (torch: any fits)."""
+
     def check_request(self, batch: int, height: int, width: int, max_sequence_length: int) -> None:
         """Nothing beyond the request checks every backend shares."""
 
@@ -91,18 +97,24 @@ class ComponentCall:
     """The Backend protocol's callable for one component over `run(*inputs) -> outputs` (table
     order): a one-output component returns its tensor as float32, a multi-output one the tuple.
     `graph_layers`: for a graph with the table's per-block skip input (exported transformers,
-    engines), the block count; the `skip_layers=(7, 8, 9)` option becomes that input (none: zeros)."""
+    engines), the block count; the `skip_layers=(7, 8, 9)` option becomes that input (none: zeros).
+    `residuals`: for a graph with the ControlNet residual input, latent -> the zeros it gets when a
+    call brings no `controlnet_residuals=` (`zero_residuals`)."""
 
     def __init__(self, run: Callable[..., Sequence[torch.Tensor]], name: str, model: Any = None,
-                 graph_layers: int | None = None) -> None:
+                 graph_layers: int | None = None,
+                 residuals: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.run, self.name, self.n_outputs = run, name, len(component(name).outputs)
         self.model = model  # what runs it, for inspection (torch backends: the nn.Module)
-        self.graph_layers = graph_layers
+        self.graph_layers, self.residuals = graph_layers, residuals
 
     def __call__(self, *args: torch.Tensor, **options: object) -> torch.Tensor | tuple[torch.Tensor, ...]:
         if self.graph_layers is not None:
             skip = options.pop("skip_layers", None)
             args = (*args, skip_vector(skip, self.graph_layers, args[0].device))  # type: ignore[arg-type]
+        if self.residuals is not None:
+            res = options.pop("controlnet_residuals", None)
+            args = (*args, self.residuals(args[0]) if res is None else res)  # type: ignore[arg-type]
         outs = self.run(*args, **options)  # options: the transformer's skip_layers on torch
         return outs[0].float() if self.n_outputs == 1 else tuple(outs)
 
@@ -110,6 +122,25 @@ class ComponentCall:
 def graph_layers(name: str, config: VariantConfig) -> int | None:
     """`ComponentCall`'s graph_layers for component `name` of an exported graph or engine set."""
     return config.transformer.num_layers if component(name).skips_blocks else None
+
+
+def zero_residuals(residuals: int | None, config: VariantConfig,
+                   broadcast: bool) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """`ComponentCall`'s residuals for a transformer graph taking `residuals` ControlNet residuals
+    (None: a graph without that input): zeros [R, B, h*w/p^2, D] for latent [B, 16, h, w], or,
+    `broadcast`, [R, 1, 1, D], which ONNX Runtime's Add broadcasts at no cost (engine profiles fix
+    the full shape: there one zero expanded to it, no memory, copied into the engine's buffer)."""
+    if not residuals:
+        return None
+    d, p = config.transformer.inner_dim, config.transformer.patch_size
+
+    def zeros(latent: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = latent.shape
+        if broadcast:
+            return torch.zeros(residuals, 1, 1, d, device=latent.device)  # [R, 1, 1, D]
+        return torch.zeros((), device=latent.device).expand(residuals, b, (h // p) * (w // p), d)  # [R, B, N, D]
+
+    return zeros
 
 
 BackendLoader = Callable[..., Backend]

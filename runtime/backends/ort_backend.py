@@ -19,16 +19,17 @@ from __future__ import annotations
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from ..components import RUNTIME, component
+from ..components import RUNTIME, Component, component, graph_component
 from ..config import VariantConfig
+from ..control_graph import ControlNetRecord, check_fits, check_same
 from ..errors import BackendError, CheckpointError, InvalidInputError, OutOfMemoryError
 from ..manifest import ExportEntry, ExportManifest, HashCache, hash_stamped
-from .base import BackendBase, ComponentCall, graph_layers
+from .base import BackendBase, ComponentCall, graph_layers, zero_residuals
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
        "tensor(int32)": np.int32, "tensor(double)": np.float64}
@@ -40,7 +41,7 @@ _OOM_MARKERS = ("failed to allocate memory", "available memory of", "out of memo
 class _Session:
     """One component: torch tensors in, torch tensors out (on the CPU)."""
 
-    def __init__(self, path: Path, name: str, providers: Sequence, options, fix: str) -> None:
+    def __init__(self, path: Path, name: str, providers: Sequence, options, fix: str, spec: Component | None = None) -> None:
         import onnxruntime as ort
 
         self.path = path
@@ -49,7 +50,7 @@ class _Session:
         except Exception as exc:  # onnxruntime raises its own untyped errors
             text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(f"{path}: ONNX Runtime cannot load it ({text}); {fix}") from exc
-        spec = component(name)
+        spec = spec or component(name)
         names_in, names_out = spec.input_names, spec.output_names
         got_in = tuple(i.name for i in self.session.get_inputs())
         if got_in != names_in:
@@ -133,6 +134,13 @@ class OrtBackend(BackendBase):
 
     name = "onnxruntime"
     skip_layers = True  # the exported transformer takes the per-block skip input
+    controlnet = True  # exports made with `--controlnet` (runtime/control_graph.py); others refuse by name
+
+    @classmethod
+    def check_controlnet(cls, path: Any, config: VariantConfig, paths: Any) -> None:
+        manifest = _manifest(path)
+        check_fits(ControlNetRecord.from_dict(manifest.controlnet), paths, config.transformer, Path(path),
+                   manifest.export_command(Path(path), _first(paths)))
 
     def __init__(
         self,
@@ -154,7 +162,7 @@ class OrtBackend(BackendBase):
         if dtype is not None and dtype not in (torch.float32, "fp32"):
             raise InvalidInputError(f"dtype={dtype!r} does not apply to ONNX Runtime: the precision is fixed at "
                                     f"export (`sd35trt export --dtype`); drop dtype=")
-        manifest = path.manifest if isinstance(getattr(path, "manifest", None), ExportManifest) else ExportManifest.load(path)
+        manifest = _manifest(path)
         self.device = torch.device("cpu")  # tensors cross to numpy; IO binding on CUDA is future work
         options = ort.SessionOptions()
         if intra_op_threads:
@@ -172,13 +180,43 @@ class OrtBackend(BackendBase):
                                       f"finish?); {fix}")
             if entry is not None and (c.name != "t5" or load_t5):
                 wanted[c.name] = entry
-        sessions, self.verification = open_verified(folder, wanted,
-                                 lambda comp, e: _Session(folder / e.file, comp, providers, options, fix), fix, verify)
+        record = ControlNetRecord.from_dict(manifest.controlnet)
+        residuals = record.residuals if record else None
+        self._open = lambda comp, e: _Session(folder / e.file, comp, providers, options, fix,
+                                              graph_component(comp, residuals))
+        sessions, self.verification = open_verified(folder, wanted, self._open, fix, verify)
         for c in RUNTIME:
             session = sessions.get(c.name)
-            call = ComponentCall(session, c.name, session, graph_layers(c.name, config)) if session else None
+            zeros = zero_residuals(residuals if c.name == "transformer" else None, config, broadcast=True)
+            call = ComponentCall(session, c.name, session, graph_layers(c.name, config), zeros) if session else None
             setattr(self, c.name, call)
+        self.folder, self.manifest, self.config, self._verify = folder, manifest, config, verify
+        self._controlnet: ComponentCall | None = None
+
+    def load_controlnet(self, net: Path) -> tuple[Any, Callable[..., torch.Tensor]]:
+        """The export's ControlNet graph, for the ControlNet at `net` it was exported from (its
+        content hash; the graph's own is checked like every other graph's)."""
+        m, folder = self.manifest, self.folder
+        spec = check_same(ControlNetRecord.from_dict(m.controlnet), net, self.config.transformer, folder,
+                          m.export_command(folder, net), HashCache(folder))
+        if self._controlnet is None:
+            entry = m.components.get("controlnet")
+            if entry is None:
+                raise CheckpointError(f"{folder / 'manifest.json'} lists no controlnet graph (an export that did not "
+                                      f"finish?); {m.export_command(folder)}")
+            opened, _ = open_verified(folder, {"controlnet": entry}, self._open, m.export_command(folder), self._verify)
+            self._controlnet = ComponentCall(opened["controlnet"], "controlnet", opened["controlnet"])
+        return spec, self._controlnet
 
     def close(self) -> None:
         for c in RUNTIME:
             setattr(self, c.name, None)
+        self._controlnet = None
+
+
+def _manifest(path: Any) -> ExportManifest:
+    return path.manifest if isinstance(getattr(path, "manifest", None), ExportManifest) else ExportManifest.load(path)
+
+
+def _first(paths: Any) -> Any:
+    return paths[0] if isinstance(paths, (list, tuple)) and paths else paths

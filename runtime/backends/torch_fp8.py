@@ -88,13 +88,13 @@ class TorchFP8Backend(TorchBackend):
             own = Path(calibration).parent if Path(calibration).is_file() else Path(calibration)
             cn = own.parent / "controlnet_calibration"
         self._controlnet_amax = load_amax(cn) if cn is not None and (cn / "amax.safetensors").is_file() else None
-        self._fast_accum, self.controlnet_fp8_layers = fast_accum, 0
+        self._fast_accum, self.controlnet_fp8_layers, self._compile_options = fast_accum, 0, options
 
     def _controlnet_module(self, folder: Path) -> torch.nn.Module:
         net = super()._controlnet_module(folder)
-        if self._controlnet_amax is None:
-            return net
-        net = to_fp8(net, self._controlnet_amax, fast_accum=self._fast_accum)  # CheckpointError: another net's
-        use_sigmoid_gelu(net)
-        self.controlnet_fp8_layers += sum(isinstance(m, FP8Linear) for m in net.modules())
-        return net
+        if self._controlnet_amax is not None:
+            net = to_fp8(net, self._controlnet_amax, fast_accum=self._fast_accum)  # CheckpointError: another net's
+            use_sigmoid_gelu(net)
+            self.controlnet_fp8_layers += sum(isinstance(m, FP8Linear) for m in net.modules())
+        # compiled like the MMDiT: `sd35trt bench --configs control` measures the pair compiled (BENCHMARKS.md)
+        return net if self._compile_options is None else torch.compile(net, fullgraph=True, options=self._compile_options)

@@ -126,5 +126,8 @@ class TorchFP8Factory:
     def limits_for(self, path: Any, config: VariantConfig) -> Limits:
         return BackendBase.limits
 
+    def check_controlnet(self, path: Any, config: VariantConfig, paths: Any) -> None:
+        """Any ControlNet that fits the MMDiT runs (checked when it loads)."""
+
 
 torch_fp8_factory = TorchFP8Factory()

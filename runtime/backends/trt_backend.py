@@ -16,6 +16,9 @@ the same time); inputs and outputs are preallocated CUDA tensors at the profile'
 once with `set_tensor_address`; a call copies its inputs in, sets the input shapes, enqueues
 `execute_async_v3` on the current torch stream and copies the outputs out on that stream. A slot
 carries an event, so the next user of the slot waits on the GPU, never on the host.
+ControlNet: a set built from an `export --controlnet` folder holds the ControlNet's engine and a
+transformer engine with the `controlnet_residuals` input (runtime/control_graph.py); calls without
+control images copy zeros into that input. `check_controlnet` (before loading, no GPU) runs in CI.
 Memory modes (`memory="balanced"|"low"`, runtime/memory.py) move the engines built with
 `--weight-streaming` between a streaming budget of 0 and their own (`StreamedWeights`), recreating
 their contexts, on the same stage plan as the torch backends; engines without it stay resident.
@@ -34,13 +37,15 @@ from typing import Any, Mapping
 
 import torch
 
-from ..components import RUNTIME, component
+from ..components import RUNTIME, graph_component
 from ..config import VariantConfig
+from ..control_graph import ControlNetRecord, check_fits, check_same
 from ..engine_manifest import (FLOAT_DTYPES, LIBRARIES, TRT_DTYPES, EngineManifest, EngineSetError, check_device,
                                check_engine_files, check_flavor, check_library, check_shapes, device_cc,
                                rebuild_command)
 from ..errors import InvalidInputError
-from .base import BackendBase, ComponentCall, Limits, graph_layers
+from ..manifest import HashCache
+from .base import BackendBase, ComponentCall, Limits, graph_layers, zero_residuals
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,7 @@ def binding_table(name: str, m: EngineManifest) -> tuple[Binding, ...]:
     """What the backend binds for component `name` of an engine set: names and the dtype rule from
     the component table, the float dtype from the export precision, profiles from the variant
     config and the set's shapes."""
-    spec, profiles = component(name), m.profiles()[name]
+    spec, profiles = graph_component(name, m.residuals), m.profiles()[name]
     dtypes = spec.dtypes(FLOAT_DTYPES[m.dtype])
     return tuple(Binding(n, True, dtypes[n], tuple(profiles[n])) for n in spec.input_names) + tuple(
         Binding(n, False, dtypes[n], None) for n in spec.output_names)
@@ -72,10 +77,18 @@ class TrtBackend(BackendBase):
 
     flavor = ""  # set by the two flavor classes below
     skip_layers = True  # the transformer engine takes the per-block skip input
+    controlnet = True  # sets built from an `export --controlnet` folder (runtime/control_graph.py)
 
     @classmethod
     def limits_for(cls, path: Any, config: VariantConfig) -> Limits:
         return engine_limits(EngineManifest.load(Path(path)))
+
+    @classmethod
+    def check_controlnet(cls, path: Any, config: VariantConfig, paths: Any) -> None:
+        m = EngineManifest.load(Path(path))
+        first = paths[0] if isinstance(paths, (list, tuple)) and paths else paths
+        check_fits(ControlNetRecord.from_dict(m.controlnet), paths, config.transformer, Path(path),
+                   controlnet_fix(m, Path(path), first))
 
     def __init__(self, path: Any, config: VariantConfig, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, load_t5: bool = True, slots: int = 1,
@@ -111,10 +124,20 @@ class TrtBackend(BackendBase):
             self._slots: queue.Queue[_Slot] = queue.Queue()
             for _ in range(slots):
                 self._slots.put(_Slot(trt, self._engines, self.device))
+        variant = self.doc.variant
         for c in RUNTIME:
             run = partial(self.run, c.name)
-            call = ComponentCall(run, c.name, graph_layers=graph_layers(c.name, self.doc.variant))
+            zeros = zero_residuals(self.doc.residuals if c.name == "transformer" else None, variant, broadcast=False)
+            call = ComponentCall(run, c.name, graph_layers=graph_layers(c.name, variant), residuals=zeros)
             setattr(self, c.name, call if c.name in self._engines else None)
+
+    def load_controlnet(self, net: Path) -> tuple[Any, Any]:
+        """The set's ControlNet engine, for the ControlNet at `net` its export was made from."""
+        spec = check_same(ControlNetRecord.from_dict(self.doc.controlnet), net, self.doc.variant.transformer,
+                          self.path, controlnet_fix(self.doc, self.path, net), HashCache(self.path))
+        if "controlnet" not in self._engines:  # check_engine_files refuses such a set; kept for clarity
+            raise EngineSetError(f"{self.path} holds no controlnet engine; rebuild: {rebuild_command(self.doc, self.path)}")
+        return spec, ComponentCall(partial(self.run, "controlnet"), "controlnet")
 
     def _deserialize(self, trt: Any, runtime: Any, comp: str, budget: int | None) -> tuple[Any, tuple[Binding, ...]]:
         path = self.path / self.doc.components[comp].file
@@ -134,7 +157,7 @@ class TrtBackend(BackendBase):
     def check_request(self, batch: int, height: int, width: int, max_sequence_length: int = 256) -> None:
         """Refuse, before any component runs, a request that one of the engines cannot take."""
         for comp in self._engines:
-            spec = component(comp)
+            spec = graph_component(comp, self.doc.residuals)
             b = batch * 2 if self.doc.shapes.cfg and spec.cfg_doubled else batch
             check_shapes(self.doc, self.path, comp, spec.shapes(self.doc.variant, b, height, width, max_sequence_length))
 
@@ -160,6 +183,12 @@ class TrtBackend(BackendBase):
         self._engines, self._runtime = {}, None
         for c in RUNTIME:
             setattr(self, c.name, None)
+
+
+def controlnet_fix(m: EngineManifest, folder: Path, net: Any) -> str:
+    """How to get a set that runs the ControlNet at `net`: re-export with it, then rebuild."""
+    return (f"re-export with it (`sd35trt export --model MODEL --out {m.build.onnx} --controlnet {net}`), then "
+            f"rebuild: {rebuild_command(m, folder)}")
 
 
 class _Slot:

@@ -185,11 +185,11 @@ def test_verifying_a_1_gib_graph_keeps_the_load_within_10_percent(tmp_path: Path
     assert best[True] <= 1.10 * best[False]
 
 
-def test_controlnet_is_refused_until_the_graph_takes_residuals(onnx_fp32: Path, tiny_medium: Path, tmp_path: Path) -> None:
+def test_controlnet_is_refused_by_an_export_made_without_one(onnx_fp32: Path, tiny_medium: Path, tmp_path: Path) -> None:
     pytest.importorskip("diffusers", reason="diffusers (test extra) writes the tiny ControlNet")
     from sd35trt.export.tiny_controlnet import write_tiny_controlnet
     from sd35trt.runtime import InvalidInputError
 
     cn = write_tiny_controlnet(tiny_medium, tmp_path / "cn", "instantx", 2, seed=0)
-    with pytest.raises(InvalidInputError, match="backend 'onnxruntime' cannot yet"):
+    with pytest.raises(InvalidInputError, match=r"exported without a ControlNet .*sd35trt export .*--controlnet"):
         Pipeline.from_pretrained(onnx_fp32, backend="onnxruntime", controlnet=cn)
