@@ -51,10 +51,18 @@ def step_inputs(config: VariantConfig, size: int, batch: int, device: str, dtype
     return lat, torch.full((b,), 700.0, device=device), ctx, pooled
 
 
+def sync() -> None:
+    """Wait for the GPU (nothing to wait for on a CPU-only machine: the benches' CPU checks)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def time_cuda(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> float:
-    """Median milliseconds of `fn` over `iters` runs, CUDA events, after `warmup` runs."""
+    """Median milliseconds of `fn` over `iters` runs, CUDA events (wall clock without CUDA), after `warmup` runs."""
     for _ in range(warmup):
         fn()
+    if not torch.cuda.is_available():
+        return statistics.median(_wall_ms(fn) for _ in range(iters))
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -64,6 +72,12 @@ def time_cuda(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> flo
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def _wall_ms(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -108,17 +122,19 @@ class Runner:
 
     def record(self, name: str, fn: Callable[[], torch.Tensor], ref: torch.Tensor | None = None,
                warmup: int = 3, iters: int = 10, **extra) -> torch.Tensor:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        sync()
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         y = fn()
-        torch.cuda.synchronize()
+        sync()
         first = time.perf_counter() - t0
         fid = fidelity(y, ref) if ref is not None else {}  # before CUDA-graph replays reuse y
         y = y.clone()
         ms = time_cuda(fn, warmup, iters)
         row = {"name": name, "step_ms": round(ms, 2), "first_call_s": round(first, 1),
-               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), **fid, **extra}
+               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, 2), **fid, **extra}
         self.rows.append(row)
         print(json.dumps(row), flush=True)
         self.out.write_text(json.dumps(self.rows, indent=1))

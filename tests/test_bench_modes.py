@@ -1,9 +1,11 @@
 """The image-modes bench on the CPU with a tiny checkpoint: each mode's latents are the pipeline's
-(same composition: the runtime's start, blend, guidance and loop), and the FP8 model it times stays
-close to bf16 (cosine >= 0.99) in every mode."""
+(same composition: the runtime's start, blend, guidance and loop), its calibration covers every
+call of whole denoising runs of other requests, and the FP8 model it times stays close to bf16
+(cosine >= 0.99) in every mode."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 from pathlib import Path
@@ -12,7 +14,7 @@ import pytest
 import torch
 
 from sd35trt.bench import EXCLUDE
-from sd35trt.bench_modes import MODES, callables, make_inputs, mode_latents
+from sd35trt.bench_modes import CALIB_SEEDS, MODES, calibrate_on_runs, callables, make_inputs, mode_latents
 from sd35trt.runtime import Pipeline
 from sd35trt.runtime.checkpoint import Checkpoint
 from sd35trt.runtime.guidance import SkipLayerGuidance
@@ -56,9 +58,8 @@ def test_fp8_stays_close_to_bf16_in_every_mode(tiny) -> None:
     slg = SkipLayerGuidance((1,), start=0.0, stop=1.0)
     tf, encode = callables(model, enc, attention)
     refs = {m: mode_latents(m, config, tf, encode, inputs, 3, 0.7, slg) for m in MODES}  # 3 steps, 2 kept
-    args = (torch.randn(2, 16, 4, 4, dtype=torch.bfloat16), torch.full((2,), 700.0), inputs.context.bfloat16(),
-            inputs.pooled.bfloat16())
-    fp8 = to_fp8(model, max_calibrate(model, lambda m: m(*args), EXCLUDE))
+    amax = calibrate_on_runs(model, config, tf, encode, 32, 3, 0.7, slg, t5_tokens=16)  # the bench's calibration
+    fp8 = to_fp8(copy.deepcopy(model), amax)
     tf, encode = callables(fp8, enc, attention)
     cos = lambda a, b: float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))  # noqa: E731
     for m in MODES:
@@ -66,3 +67,22 @@ def test_fp8_stays_close_to_bf16_in_every_mode(tiny) -> None:
         assert 0.99 <= cos(got, refs[m]) < 1.0, (m, cos(got, refs[m]))
     assert cos(refs["image-to-image"], refs["text-to-image"]) < 0.99  # the modes really differ
     assert cos(refs["skip-layer"], refs["text-to-image"]) < 0.9999
+
+
+def test_calibration_covers_every_call_of_whole_runs_of_other_requests(tiny) -> None:
+    """A 3-step run's calibration contains its first call (= the whole 1-step run: same noise,
+    sigma 1, conditioning) and later calls raise some scales; the measured request is not used."""
+    config, mods, inputs = tiny
+    model, enc = mods["transformer"], mods["vae_encoder"]
+    tf, encode = callables(model, enc, choose_attention(torch.device("cpu"), torch.bfloat16))
+    slg = SkipLayerGuidance((1,))
+    run = lambda steps, seeds=CALIB_SEEDS: calibrate_on_runs(model, config, tf, encode, 32, steps, 0.7, slg,  # noqa: E731
+                                                             seeds=seeds, t5_tokens=16)
+    one, three = run(1), run(3)
+    assert set(one) == set(three) == set(max_calibrate(model, lambda m: None, EXCLUDE)) | {
+        k.replace("weight", "input") for k in one if k.endswith("weight_quantizer")}
+    assert all(three[k] >= one[k] for k in one) and any(three[k] > one[k] for k in one)
+    measured = max_calibrate(model, lambda m: mode_latents("text-to-image", config, tf, encode, inputs, 3, 0.7, slg),
+                             EXCLUDE)
+    assert run(3, seeds=CALIB_SEEDS[:1]) != measured  # other conditioning and noise than the measured request
+    assert run(3, seeds=CALIB_SEEDS[:1]) == run(3, seeds=CALIB_SEEDS[:1])  # seeded

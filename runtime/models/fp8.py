@@ -107,13 +107,15 @@ def max_calibrate(model: nn.Module, forward, exclude: tuple[str, ...]) -> dict[s
     """Per-tensor max |x| of every Linear input and weight not under `exclude` (the same statistic
     as ModelOpt's max calibration; for random-weight benchmarks where ModelOpt is not installed)."""
     amax: dict[str, float] = {}
+    running: dict[str, torch.Tensor] = {}  # on the device: no host sync per call (a whole denoising run is hooked)
     hooks = []
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear) and not name.startswith(exclude):
             amax[f"{name}.weight_quantizer"] = float(mod.weight.abs().max())
 
             def hook(m, inp, _out, key=f"{name}.input_quantizer"):
-                amax[key] = max(amax.get(key, 0.0), float(inp[0].abs().max()))
+                now = inp[0].detach().abs().amax().float()
+                running[key] = torch.maximum(running[key], now) if key in running else now
 
             hooks.append(mod.register_forward_hook(hook))
     try:
@@ -121,7 +123,7 @@ def max_calibrate(model: nn.Module, forward, exclude: tuple[str, ...]) -> dict[s
     finally:
         for h in hooks:
             h.remove()
-    return amax
+    return {**amax, **{k: float(v) for k, v in running.items()}}
 
 
 def load_amax(path) -> dict[str, float]:
