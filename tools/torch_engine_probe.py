@@ -10,6 +10,11 @@ Run there: `bash tools/gpu_run.sh tools/torch_engine_probe.py $OUT/engine.json T
          are evicted from the page cache: `Pipeline.from_pretrained(set)` and the same image,
          timed from the process's start; then a second image. The two images are compared.
          `--page-cache-warm`: once more, the set's files still in the page cache (empty caches).
+Flags (argv, or the PROBE_FLAGS environment variable; both reach the build child):
+  --blocks          the set's MMDiT compiled per joint block (compile_scope="blocks") instead of whole;
+  --deadline=S      skip the page-cache-warm process once S seconds have gone since the probe started.
+Each fresh process prints a breakdown (`breakdown_s`) whose parts sum to spawn -> first image done:
+imports, from_pretrained's parts, then the first image per component call (synchronized), the rest.
 """
 
 import json
@@ -59,7 +64,7 @@ def build(set_dir: Path, tiny: str, variant: str, work: Path) -> dict:
         images.append(pipe(**PROMPT, generator=torch.Generator().manual_seed(0)).images)
         print(f"build warm-up image (compiles): {time.perf_counter() - t:.1f} s", flush=True)
 
-    scope, fallback = ("blocks", None) if "--blocks" in os.environ.get("PROBE_FLAGS", "") else ("model", None)
+    scope, fallback = ("blocks", None) if "--blocks" in probe_flags() else ("model", None)
     try:
         m = build_torch_set(dict(modules), amax, config, Checkpoint.open(tiny), set_dir, gpu="sm90",
                             source=f"random:{variant}", warmup=warmup, compile_scope=scope)
@@ -89,6 +94,18 @@ def build(set_dir: Path, tiny: str, variant: str, work: Path) -> dict:
             "versions": {k: v for k, v in m.components["compile_cache"].flags.items() if k.endswith("version")}}
 
 
+def probe_flags(argv: list[str] | None = None) -> list[str]:
+    """The probe's flags: PROBE_FLAGS (environment) and the `--` arguments of `argv`, in that order."""
+    argv = sys.argv[1:] if argv is None else argv
+    env = os.environ.get("PROBE_FLAGS", "").split()
+    return list(dict.fromkeys(env + [a for a in argv if a.startswith("--") and a != "--child"]))
+
+
+def flag_value(name: str, flags: list[str]) -> float | None:
+    vals = [f.split("=", 1)[1] for f in flags if f.startswith(name + "=")]
+    return float(vals[-1]) if vals else None
+
+
 def reusable(set_dir: Path) -> dict | None:
     """The set a previous call built on this (still warm) machine, if it passes the runtime's check."""
     from sd35trt.runtime.engine_manifest import EngineManifest, device_cc
@@ -110,6 +127,62 @@ def reusable(set_dir: Path) -> dict | None:
     return {"reused": str(set_dir), "timings": m.components["compile_cache"].flags["timings"]}
 
 
+class Timed:
+    """A backend component callable that records each call's seconds (synchronized: a breakdown)."""
+
+    def __init__(self, call, sync) -> None:
+        self.call, self.sync, self.times = call, sync, []
+
+    def __call__(self, *args, **kwargs):
+        t = time.perf_counter()
+        out = self.call(*args, **kwargs)
+        self.sync()
+        self.times.append(time.perf_counter() - t)
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.call, name)
+
+
+def timed_calls(backend, sync) -> dict:
+    """Wrap the backend's component callables in `Timed` (the pipeline reads them per call)."""
+    wrapped = {}
+    for name in ("clip_l", "clip_g", "t5", "transformer", "vae_decoder"):
+        if getattr(backend, name, None) is not None:
+            wrapped[name] = Timed(getattr(backend, name), sync)
+            setattr(backend, name, wrapped[name])
+    return wrapped
+
+
+def image_breakdown(wrapped: dict, total: float) -> dict:
+    """Seconds of one image per component call; the MMDiT's first two calls apart (trace + compile
+    artifacts + FA4 JIT + CUDA-graph warm-up, then the graph's recording); `other`: the rest."""
+    out = {}
+    for name, w in wrapped.items():
+        if name == "transformer" and len(w.times) > 2:
+            out.update(transformer_call1=w.times[0], transformer_call2=w.times[1],
+                       transformer_rest=sum(w.times[2:]), transformer_calls=len(w.times))
+        else:
+            out[name] = sum(w.times)
+    out["other"] = total - sum(v for k, v in out.items() if k != "transformer_calls")
+    return {k: (v if isinstance(v, int) else round(v, 3)) for k, v in out.items()}
+
+
+def backend_init_timer():
+    """Time TorchFP8SetBackend.__init__ (from_pretrained = the pipeline's own work + this)."""
+    from sd35trt.runtime.backends.torch_fp8_set import TorchFP8SetBackend
+
+    seen, init = {}, TorchFP8SetBackend.__init__
+
+    def timed(self, *args, **kwargs):
+        t = time.perf_counter()
+        init(self, *args, **kwargs)
+        seen["backend_init_s"] = time.perf_counter() - t
+
+    TorchFP8SetBackend.__init__ = timed
+    return seen
+
+
 def fresh(set_dir: Path, work: Path, t_spawn: float) -> dict:
     t_start = time.time()
     import numpy as np
@@ -118,25 +191,52 @@ def fresh(set_dir: Path, work: Path, t_spawn: float) -> dict:
     from sd35trt.runtime import Pipeline
 
     t_import = time.time()
+    seen = backend_init_timer()
     pipe = Pipeline.from_pretrained(set_dir)
     t_loaded = time.time()
+    b = pipe.backend
+    wrapped = timed_calls(b, torch.cuda.synchronize)
     img = pipe(**PROMPT, generator=torch.Generator().manual_seed(0)).images
     t_first = time.time()
+    first = image_breakdown(wrapped, t_first - t_loaded)
+    for w in wrapped.values():
+        w.times.clear()
     pipe(**PROMPT, generator=torch.Generator().manual_seed(0))
     t_second = time.time()
+    second = image_breakdown(wrapped, t_second - t_first)
     np.save(work / "fresh.npy", img)
-    b = pipe.backend
     from sd35trt.bench import step_inputs, time_cuda
 
+    run = wrapped["transformer"].call  # unsynchronized: the backend's own callable
     args = step_inputs(pipe.config, pipe.config.default_size, 1, "cuda", torch.float32)  # as the pipeline calls it
-    step_ms = round(time_cuda(lambda: b.transformer(*args)), 2)
-    from torch._dynamo.utils import compile_times
+    step_ms = round(time_cuda(lambda: run(*args)), 2)
+    bf16 = [a if a.dim() == 1 else a.to(torch.bfloat16) for a in args]
+    step_bf16_ms = round(time_cuda(lambda: run(*bf16)), 2)  # no cast in the call (as `sd35trt bench` times it)
+    from torch._dynamo.utils import compile_times, counters
 
-    print("compile_times (first image):\n" + str(compile_times(repr="str", aggregate=True))[:3000], flush=True)
+    print("compile_times (both images):\n" + str(compile_times(repr="str", aggregate=True))[:3000], flush=True)
+    load = {k: round(v, 3) for k, v in b.timings.items()}
+    init = seen.get("backend_init_s", 0.0)
+    fp = t_loaded - t_import
+    breakdown = {"spawn_to_python": t_start - t_spawn, "imports": t_import - t_start,
+                 **{f"from_pretrained.{k.removesuffix('_s')}": v for k, v in load.items()},
+                 "from_pretrained.backend_other": init - sum(load.values()),
+                 "from_pretrained.pipeline_other": fp - init,
+                 **{f"first_image.{k}": v for k, v in first.items() if k != "transformer_calls"}}
+    breakdown = {k: round(v, 3) for k, v in breakdown.items()}
+    total = t_first - t_spawn
+    print("BREAKDOWN first image (s):\n" + "\n".join(f"  {k:36s} {v:8.3f}" for k, v in breakdown.items())
+          + f"\n  {'sum':36s} {sum(breakdown.values()):8.3f}\n  {'spawn -> first image done':36s} {total:8.3f}",
+          flush=True)
     return {"spawn_to_python_s": round(t_start - t_spawn, 2), "imports_s": round(t_import - t_start, 2),
-            "from_pretrained_s": round(t_loaded - t_import, 2), "load": {k: round(v, 2) for k, v in b.timings.items()},
-            "first_image_s": round(t_first - t_loaded, 2), "spawn_to_first_image_s": round(t_first - t_spawn, 2),
-            "second_image_s": round(t_second - t_first, 2), "step_ms": step_ms, "attention": b.attention.name, "backend": type(b).__name__,
+            "from_pretrained_s": round(fp, 2), "load": load, "backend_init_s": round(init, 2),
+            "first_image_s": round(t_first - t_loaded, 2), "spawn_to_first_image_s": round(total, 2),
+            "breakdown_s": breakdown, "breakdown_sum_s": round(sum(breakdown.values()), 2),
+            "first_image_calls": first, "second_image_calls": second,
+            "second_image_s": round(t_second - t_first, 2), "step_ms": step_ms, "step_bf16_inputs_ms": step_bf16_ms,
+            "compile_scope": b.manifest.components["transformer"].flags.get("compile_scope", "model"),
+            "dynamo": {k: dict(v) for k, v in counters.items() if k in ("stats", "graph_break", "recompiles")},
+            "attention": b.attention.name, "backend": type(b).__name__,
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
 
 
@@ -159,7 +259,7 @@ def run_child(mode: str, argv: list[str], work: Path, env_dirs: str) -> dict:
     cache = work / env_dirs
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"), TRITON_CACHE_DIR=str(cache / "triton"),
                XDG_CACHE_HOME=str(cache / "xdg"), CUTE_DSL_CACHE_DIR=str(cache / "cute"),
-               PROBE_FLAGS=" ".join(a for a in sys.argv if a.startswith("--")))  # the child's argv is its own
+               PROBE_FLAGS=" ".join(probe_flags()))  # the child's argv is its own
     t = time.time()
     proc = subprocess.run([sys.executable, __file__, "--child", mode, *argv, str(t)], env=env, capture_output=True,
                           text=True)
@@ -180,6 +280,7 @@ def main() -> None:
             res = fresh(Path(rest[0]), Path(rest[1]), float(rest[2]))
         print("RESULT " + json.dumps(res), flush=True)
         return
+    t_probe = time.time()
     out, tiny = Path(sys.argv[1]), sys.argv[2]
     variant = sys.argv[3] if len(sys.argv) > 3 and not sys.argv[3].startswith("--") else "sd3.5-large"
     work = Path(tempfile.mkdtemp(prefix="tset-"))
@@ -191,10 +292,14 @@ def main() -> None:
     rows.append({"evict": evict(set_dir), "set_gib": round(sum(p.stat().st_size for p in set_dir.rglob("*")
                                                                  if p.is_file()) / 2**30, 2)})
     rows.append(run_child("fresh", [str(set_dir), str(work)], work, "fresh-caches"))
-    if "--page-cache-warm" in sys.argv and "error" not in rows[-1]:  # a replica restarting on the same host
+    deadline = flag_value("--deadline", probe_flags())
+    late = deadline is not None and time.time() - t_probe > deadline
+    if late:
+        rows.append({"skipped": f"page-cache-warm process: {time.time() - t_probe:.0f} s gone, deadline {deadline} s"})
+    if "--page-cache-warm" in probe_flags() and not late and "error" not in rows[-1]:  # a replica restarting on the same host
         rows.append(run_child("fresh", [str(set_dir), str(work)], work, "fresh-caches-2"))
         rows[-1]["mode"] = "fresh, set in the page cache"
-    if "error" not in rows[-1]:
+    if (work / "fresh.npy").is_file():
         import numpy as np
 
         a, b = np.load(set_dir.parent / "ref.npy").astype("float64"), np.load(work / "fresh.npy").astype("float64")

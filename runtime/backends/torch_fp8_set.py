@@ -22,7 +22,7 @@ from ..errors import InvalidInputError
 from ..models.flash_attention import fa4_import_error
 from ..models.fp8 import load_amax
 from ..torch_engine_set import CACHE, CALIBRATION, check_set, installed_versions, is_torch_set, load_cache, load_state
-from ..torch_engine_set import set_components, skeleton
+from ..torch_engine_set import set_components, skeleton, start_state
 from .base import BackendBase, Limits
 from .torch_backend import TorchBackend
 from .torch_fp8 import TorchFP8Backend, compile_options
@@ -69,9 +69,11 @@ class TorchFP8SetBackend(TorchBackend):
                                  f"run {self.attention.name!r} ({self.attention.reason}); install what the build "
                                  f"had (`pip install 'sd35trt[hopper]'`) or rebuild the set here")
         if options is not None:
+            self.timings["compile_wrap_s"] = time.perf_counter()
             scope = m.components["transformer"].flags.get("compile_scope", "model")
             self.modules["transformer"] = compile_mmdit(self.modules["transformer"], scope, options=options)
             self.modules["vae_decoder"] = torch.compile(self.modules["vae_decoder"].to(memory_format=torch.channels_last))
+            self.timings["compile_wrap_s"] = round(time.perf_counter() - self.timings["compile_wrap_s"], 3)
         self.bind()
 
     @contextmanager
@@ -81,14 +83,24 @@ class TorchFP8SetBackend(TorchBackend):
         self.timings[key] = round(time.perf_counter() - t, 3)
 
     def _load_weights(self, config: VariantConfig, load_t5: bool) -> None:
-        """Every component's module: its skeleton, filled from its file in one verified read."""
+        """Every component's module: its skeleton, filled from its file in one verified read. All
+        files' reads are queued at once on one pool (no file waits for the last pieces of the one
+        before), and the skeletons are made while they run."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from ..set_reader import _workers
+
         m = self.manifest
-        amax = load_amax(self.path / CALIBRATION)
+        comps = set_components(m, load_t5)
         self.modules = {}
-        for comp in set_components(m, load_t5):
-            entry = m.components[comp]
-            self.modules[comp] = load_state(skeleton(comp, config, entry.flags, amax), self.path / entry.file,
-                                            self.device, entry.flags.get("sha256_chunks"))
+        with ThreadPoolExecutor(_workers()) as pool:
+            reads = {c: start_state(self.path / m.components[c].file, self.device,
+                                    m.components[c].flags.get("sha256_chunks"), pool) for c in comps}
+            amax = load_amax(self.path / CALIBRATION)
+            shells = {c: skeleton(c, config, m.components[c].flags, amax) for c in comps}
+            for comp in comps:
+                self.modules[comp] = load_state(shells[comp], self.path / m.components[comp].file, self.device,
+                                                read=reads[comp])
         self.fp8_layers = m.components["transformer"].flags.get("fp8_layers", 0)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
