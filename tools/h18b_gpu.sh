@@ -10,7 +10,7 @@
 set -uo pipefail
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 cd "$(dirname "$0")/.."
-tiny=${TINY:?TINY: a tiny checkpoint folder whose tokenizers the set carries}
+tiny=$(realpath "${TINY:?TINY: a tiny checkpoint folder whose tokenizers the set carries}")  # gpu_run.sh runs from /tmp
 {
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.used,temperature.gpu --format=csv
   (source /tmp/site/env.sh 2>/dev/null; python3 -c "import flash_attn.cute; print('FA4: imports')" 2>&1 | tail -1)
