@@ -6,7 +6,7 @@
 #   OUT=... TINY=<tiny checkpoint folder, for its tokenizers> bash tools/h18b_gpu.sh
 # Writes $OUT/h18b.json (the probe's rows) and $OUT/h18b.log; prints a summary at the end.
 # H18B_LIMIT_S (default 285 s) bounds the probe (killed with its children after it); it skips the
-# warm process once H18B_WARM_AFTER_S (default 190) seconds have gone. Whole script <= 300 s.
+# warm process once H18B_WARM_AFTER_S (default 210) seconds have gone. Whole script <= 300 s.
 set -uo pipefail
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 cd "$(dirname "$0")/.."
@@ -14,7 +14,7 @@ tiny=$(realpath "${TINY:?TINY: a tiny checkpoint folder whose tokenizers the set
 {
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.used,temperature.gpu --format=csv
   (source /tmp/site/env.sh 2>/dev/null; python3 -c "import flash_attn.cute; print('FA4: imports')" 2>&1 | tail -1)
-  PROBE_FLAGS="--blocks --no-fallback --page-cache-warm --deadline=${H18B_WARM_AFTER_S:-190}" \
+  PROBE_FLAGS="--blocks --no-fallback --page-cache-warm --deadline=${H18B_WARM_AFTER_S:-210}" \
     timeout -k 5 "${H18B_LIMIT_S:-285}" bash tools/gpu_run.sh tools/torch_engine_probe.py "$out/h18b.json" "$tiny" sd3.5-large
   echo "probe rc=$?"
   python3 tools/h18b_summary.py "$out/h18b.json"
