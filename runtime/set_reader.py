@@ -34,33 +34,38 @@ def _workers() -> int:
     return min(16, os.cpu_count() or 1)
 
 
+_LOCAL = threading.local()  # per reader thread: its pinned staging buffer and CUDA stream, reused across files
+
+
 def chunk_hashes(path: str | Path, chunk: int = CHUNK) -> list[str]:
     """sha256 of each `chunk`-byte piece of the file, computed in parallel."""
-    return _pass(Path(path), chunk, None, 0)
+    with ThreadPoolExecutor(_workers()) as pool:
+        return _start_pass(Path(path), chunk, None, (), pool)()
 
 
-def _pass(path: Path, chunk: int, dest: torch.Tensor | None, data_start: int,
-          spans: Sequence[tuple[int, int, int]] = ()) -> list[str]:
-    """Hash every piece of `path`; with `dest`, also copy each span (file start, file end, dest
-    start) of the file into it."""
+def _staging(dest: torch.Tensor | None) -> tuple[torch.Tensor, memoryview, object]:
+    cuda = dest is not None and dest.device.type == "cuda"
+    key = (str(dest.device) if cuda else "cpu")
+    bufs = _LOCAL.__dict__.setdefault("bufs", {})
+    if key not in bufs:
+        buf = torch.empty(BLOCK, dtype=torch.uint8, pin_memory=cuda)
+        bufs[key] = (buf, memoryview(buf.numpy()), torch.cuda.Stream(dest.device) if cuda else None)
+    return bufs[key]
+
+
+def _start_pass(path: Path, chunk: int, dest: torch.Tensor | None, spans: Sequence[tuple[int, int, int]],
+                pool: ThreadPoolExecutor) -> Callable[[], list[str]]:
+    """Queue on `pool` the hashing of every piece of `path` and, with `dest`, the copy of each span
+    (file start, file end, dest start) of the file into it; returns `wait() -> the pieces' hashes`."""
     import bisect
 
     starts = [a for a, _, _ in spans]
     size = path.stat().st_size
     fd = os.open(path, os.O_RDONLY)
-    local = threading.local()
-    cuda = dest is not None and dest.device.type == "cuda"
-
-    def staging() -> tuple[torch.Tensor, memoryview, object]:
-        if not hasattr(local, "buf"):
-            local.buf = torch.empty(BLOCK, dtype=torch.uint8, pin_memory=cuda)
-            local.view = memoryview(local.buf.numpy())
-            local.stream = torch.cuda.Stream(dest.device) if cuda else None
-        return local.buf, local.view, local.stream
 
     def piece(offset: int) -> str:
         h, end = hashlib.sha256(), min(offset + chunk, size)
-        buf, view, stream = staging()
+        buf, view, stream = _staging(dest)
         pos = offset
         while pos < end:
             n = os.preadv(fd, [view[: min(BLOCK, end - pos)]], pos)
@@ -88,10 +93,23 @@ def _pass(path: Path, chunk: int, dest: torch.Tensor | None, data_start: int,
         return h.hexdigest()
 
     try:
-        with ThreadPoolExecutor(_workers()) as pool:
-            return list(pool.map(piece, range(0, max(size, 1), chunk)))
-    finally:
+        futures = [pool.submit(piece, off) for off in range(0, max(size, 1), chunk)]
+    except BaseException:
         os.close(fd)
+        raise
+
+    def wait() -> list[str]:
+        try:
+            return [f.result() for f in futures]
+        finally:
+            for f in futures:
+                f.cancel()
+            import concurrent.futures
+
+            concurrent.futures.wait(futures)  # no piece still reads fd
+            os.close(fd)
+
+    return wait
 
 
 def read_verified(path: str | Path, expected: Sequence[str] | None, device: torch.device,
@@ -99,6 +117,16 @@ def read_verified(path: str | Path, expected: Sequence[str] | None, device: torc
                   chunk: int = CHUNK) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a safetensors file, read once onto `device`; `refuse(why)` is raised
     when the file's chunk hashes differ from `expected` or its header is not safetensors."""
+    with ThreadPoolExecutor(_workers()) as pool:
+        return start_verified(path, expected, device, refuse, pool, chunk)()
+
+
+def start_verified(path: str | Path, expected: Sequence[str] | None, device: torch.device,
+                   refuse: Callable[[str], Exception], pool: ThreadPoolExecutor,
+                   chunk: int = CHUNK) -> Callable[[], tuple[dict[str, torch.Tensor], dict[str, str]]]:
+    """`read_verified`, queued on `pool` (several files share its threads, and the caller works
+    meanwhile): the header is read and the device buffer made now; the returned `wait()` gives
+    (tensors, metadata) once every piece is read and verified."""
     path = Path(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -118,10 +146,15 @@ def read_verified(path: str | Path, expected: Sequence[str] | None, device: torc
         spans.append((data_start + s, data_start + e, at))
         at += -(-(e - s) // ALIGN) * ALIGN
     dest = torch.empty(max(at, 1), dtype=torch.uint8, device=device)  # every tensor is a view of this
-    got = _pass(path, chunk, dest, data_start, spans)
-    if expected is not None and got != list(expected):
-        raise refuse(f"{path} does not match its manifest (sha256 differs: corrupted, truncated or replaced)")
-    tensors = {}
-    for (name, info), (a, b, d) in zip(items, spans):
-        tensors[name] = dest[d: d + b - a].view(DTYPES[info["dtype"]]).view(info["shape"])
-    return tensors, meta
+    hashes = _start_pass(path, chunk, dest, spans, pool)
+
+    def wait() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        got = hashes()
+        if expected is not None and got != list(expected):
+            raise refuse(f"{path} does not match its manifest (sha256 differs: corrupted, truncated or replaced)")
+        tensors = {}
+        for (name, info), (a, b, d) in zip(items, spans):
+            tensors[name] = dest[d: d + b - a].view(DTYPES[info["dtype"]]).view(info["shape"])
+        return tensors, meta
+
+    return wait

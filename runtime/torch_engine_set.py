@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -37,7 +37,7 @@ from .config import VariantConfig
 from .engine_manifest import (EngineEntry, EngineManifest, EngineSetError, check_device, check_engine_files,
                               check_flavor, check_library, rebuild_command)
 from .files import MANIFEST, atomic_write
-from .set_reader import chunk_hashes, read_verified
+from .set_reader import chunk_hashes, read_verified, start_verified
 
 FLAVOR = "torch-fp8"
 BF16 = torch.bfloat16  # what every module of a set computes in (FP8 GEMMs write bf16)
@@ -128,12 +128,23 @@ def save_state(module: nn.Module, path: Path, metadata: Mapping[str, str] | None
     return atomic_write(path, lambda f: f.write(blob))
 
 
-def load_state(module: nn.Module, path: Path, device: torch.device, chunks: list[str] | None = None) -> nn.Module:
+def _refuse(why: str) -> EngineSetError:
+    return EngineSetError(f"{why}; rebuild the engine set")
+
+
+def start_state(path: Path, device: torch.device, chunks: list[str] | None, pool) -> Callable[[], tuple]:
+    """Queue the verified read of a set file on `pool` (set_reader.start_verified): `wait()` gives
+    what `load_state(..., read=wait)` fills a module with."""
+    return start_verified(path, chunks, device, _refuse, pool)
+
+
+def load_state(module: nn.Module, path: Path, device: torch.device, chunks: list[str] | None = None,
+               read: Callable[[], tuple] | None = None) -> nn.Module:
     """Load what `save_state` wrote into `module` (made on the meta device, converted like the
     saved one), strictly, the file read once straight onto `device` and checked against its
-    manifest `chunks` hashes on the way (set_reader); non-persistent buffers the file cannot hold
-    (position ids) are rebuilt there."""
-    state, meta = read_verified(path, chunks, device, lambda why: EngineSetError(f"{why}; rebuild the engine set"))
+    manifest `chunks` hashes on the way (set_reader; `read`: a read `start_state` queued);
+    non-persistent buffers the file cannot hold (position ids) are rebuilt there."""
+    state, meta = read() if read is not None else read_verified(path, chunks, device, _refuse)
     aliases = json.loads(meta.get("aliases", "{}"))
     state = {k: (t.t() if k.endswith("weight_t") else t) for k, t in state.items()}
     state.update({k: state[v] for k, v in aliases.items()})

@@ -22,10 +22,12 @@ from ..errors import InvalidInputError
 from ..models.flash_attention import fa4_import_error
 from ..models.fp8 import load_amax
 from ..torch_engine_set import CACHE, CALIBRATION, check_set, installed_versions, is_torch_set, load_cache, load_state
-from ..torch_engine_set import set_components, skeleton
+from ..torch_engine_set import set_components, skeleton, start_state
 from .base import BackendBase, Limits
 from .torch_backend import TorchBackend
 from .torch_fp8 import TorchFP8Backend, compile_options
+
+MODES = (False, True, "default", "reduce-overhead")  # compile_options' modes (checked before its import)
 
 
 class TorchFP8SetBackend(TorchBackend):
@@ -41,9 +43,10 @@ class TorchFP8SetBackend(TorchBackend):
         self.manifest, self.path, self.dtype = m, Path(checkpoint.path), torch.bfloat16
         self.timings: dict[str, float] = {}
         mode = m.components["transformer"].flags.get("compile", "reduce-overhead") if compile is None else compile
-        options = compile_options(mode)
+        if not isinstance(mode, (bool, str)) or mode not in MODES:
+            compile_options(mode)  # raises, naming the modes (before its inductor import, which overlaps the read)
         self.device = torch.device(device or "cuda")
-        if self.device.type != "cuda" and options is not None:
+        if self.device.type != "cuda" and mode is not False:
             raise EngineSetError(f"{self.path}: a torch-fp8 engine set's compiled artifacts run on the CUDA GPU it "
                                  f"was built for ({m.target}), not on {self.device}; pass compile=False to run its "
                                  f"weights eagerly there")
@@ -53,12 +56,7 @@ class TorchFP8SetBackend(TorchBackend):
             check_set(m, self.path, cc, installed_versions())  # cc None: eager weights only, nothing compiled
         if self.device.type == "cuda":
             fa4.start()
-        with self._timed("cache_s"):
-            blob = load_cache(self.path / m.components[CACHE].file) if options is not None else b""
-            if blob:  # empty while the build itself warms the set up
-                torch.compiler.load_cache_artifacts(blob)
-        with self._timed("weights_s"):
-            self._load_weights(config, load_t5)
+        options = self._load(config, load_t5, mode)
         with self._timed("attention_s"):
             if fa4.ident is not None:  # started (CUDA)
                 fa4.join()
@@ -69,9 +67,10 @@ class TorchFP8SetBackend(TorchBackend):
                                  f"run {self.attention.name!r} ({self.attention.reason}); install what the build "
                                  f"had (`pip install 'sd35trt[hopper]'`) or rebuild the set here")
         if options is not None:
-            scope = m.components["transformer"].flags.get("compile_scope", "model")
-            self.modules["transformer"] = compile_mmdit(self.modules["transformer"], scope, options=options)
-            self.modules["vae_decoder"] = torch.compile(self.modules["vae_decoder"].to(memory_format=torch.channels_last))
+            with self._timed("compile_wrap_s"):
+                scope = m.components["transformer"].flags.get("compile_scope", "model")
+                self.modules["transformer"] = compile_mmdit(self.modules["transformer"], scope, options=options)
+                self.modules["vae_decoder"] = torch.compile(self.modules["vae_decoder"].to(memory_format=torch.channels_last))
         self.bind()
 
     @contextmanager
@@ -80,18 +79,47 @@ class TorchFP8SetBackend(TorchBackend):
         yield
         self.timings[key] = round(time.perf_counter() - t, 3)
 
-    def _load_weights(self, config: VariantConfig, load_t5: bool) -> None:
-        """Every component's module: its skeleton, filled from its file in one verified read."""
-        m = self.manifest
-        amax = load_amax(self.path / CALIBRATION)
+    def _load(self, config: VariantConfig, load_t5: bool, mode: bool | str) -> dict | None:
+        """Every component's module, its skeleton filled from its file in one verified read, and
+        the compile artifacts loaded; returns the compile options. All files' reads are queued at
+        once on one pool (no file waits for the tail of the one before) and run while this thread
+        imports the compiler, loads the artifacts and makes the skeletons."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from ..set_reader import _workers
+
+        m, t = self.manifest, time.perf_counter()
+        comps = set_components(m, load_t5)
         self.modules = {}
-        for comp in set_components(m, load_t5):
-            entry = m.components[comp]
-            self.modules[comp] = load_state(skeleton(comp, config, entry.flags, amax), self.path / entry.file,
-                                            self.device, entry.flags.get("sha256_chunks"))
+        with ThreadPoolExecutor(_workers()) as pool:
+            reads = {c: start_state(self.path / m.components[c].file, self.device,
+                                    m.components[c].flags.get("sha256_chunks"), pool) for c in comps}
+            try:
+                with self._timed("compiler_import_s"):
+                    options = compile_options(mode)
+                with self._timed("cache_s"):
+                    blob = load_cache(self.path / m.components[CACHE].file) if options is not None else b""
+                    if blob:  # empty while the build itself warms the set up
+                        torch.compiler.load_cache_artifacts(blob)
+                with self._timed("skeletons_s"):
+                    amax = load_amax(self.path / CALIBRATION)
+                    shells = {c: skeleton(c, config, m.components[c].flags, amax) for c in comps}
+                t_wait = time.perf_counter()
+                for comp in comps:
+                    self.modules[comp] = load_state(shells[comp], self.path / m.components[comp].file, self.device,
+                                                    read=reads.pop(comp))
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                self.timings["weights_wait_s"] = round(time.perf_counter() - t_wait, 3)
+            finally:
+                for wait in reads.values():  # a failure above: let the queued reads finish and close their files
+                    try:
+                        wait()
+                    except Exception:
+                        pass
+        self.timings["weights_s"] = round(time.perf_counter() - t, 3)  # reads start -> all on the device
         self.fp8_layers = m.components["transformer"].flags.get("fp8_layers", 0)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        return options
 
 
 def compile_mmdit(mmdit: torch.nn.Module, scope: str, **compile_args: Any) -> torch.nn.Module:
@@ -101,11 +129,27 @@ def compile_mmdit(mmdit: torch.nn.Module, scope: str, **compile_args: Any) -> to
     the rest of the step stays eager)."""
     if scope == "blocks":
         for block in mmdit.transformer_blocks:
-            block.compile(fullgraph=True, **compile_args)
+            _compile_block(block, **compile_args)
         return mmdit
     if scope != "model":
         raise InvalidInputError(f"compile_scope={scope!r}: use 'model' or 'blocks'")
     return torch.compile(mmdit, fullgraph=True, **compile_args)
+
+
+def _compile_block(block: torch.nn.Module, **compile_args: Any) -> None:
+    """`block.compile(fullgraph=True, ...)` (the module's own compiled call, so every block of a kind
+    shares dynamo's trace and the state dict keeps its names), its outputs cloned on the way out.
+    With CUDA graphs (reduce-overhead) all blocks replay one compiled function, each call a new
+    cudagraph-tree root over one memory pool: block i+1's replay overwrites block i's outputs while
+    they are its inputs ("accessing tensor output of CUDAGraphs that has been overwritten"). A clone
+    outside the compiled region (x [B, N, D] and ctx [B, 77+T, D]: ~2 x 43 MB a block at 1024²) is
+    the input of the next block instead."""
+    compiled = torch.compile(block._call_impl, fullgraph=True, **compile_args)
+
+    def call(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+        return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in compiled(*args, **kwargs))
+
+    block._compiled_call_impl = call  # what nn.Module.compile sets; __call__ runs it in place of _call_impl
 
 
 class TorchFP8Factory:

@@ -52,3 +52,31 @@ def test_every_tensor_starts_aligned(tmp_path: Path) -> None:
     base = min(t.untyped_storage().data_ptr() for t in got.values())
     assert all((t.data_ptr() - base) % ALIGN == 0 for t in got.values() if t.numel())
     assert len({t.untyped_storage().data_ptr() for t in got.values()}) == 1  # one buffer per file
+
+
+def test_files_queued_on_one_pool_read_as_alone(tmp_path: Path) -> None:
+    """Several files' pieces on one pool (as the set backend loads): each file's tensors are its own,
+    and a changed file is refused without spoiling the others."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sd35trt.runtime.set_reader import start_verified
+
+    paths, want = [], []
+    for i in range(3):
+        paths.append(tmp_path / f"f{i}.safetensors")
+        save_file({k: v + i if v.dtype in (torch.float32, torch.bfloat16) else v for k, v in _tensors().items()},
+                  str(paths[-1]))
+        want.append(chunk_hashes(paths[-1], 100))
+    bad = bytearray(paths[1].read_bytes())
+    bad[-1] ^= 1
+    paths[1].write_bytes(bytes(bad))
+    with ThreadPoolExecutor(2) as pool:  # every file's pieces queued before any is waited for
+        waits = [start_verified(p, h, torch.device("cpu"), ValueError, pool, chunk=100) for p, h in zip(paths, want)]
+        got = {i: waits[i]()[0] for i in (2, 0)}
+        with pytest.raises(ValueError, match="sha256 differs"):
+            waits[1]()
+    for i in (0, 2):
+        ref = load_file(str(paths[i]))
+        assert set(got[i]) == set(ref)
+        for k in ref:
+            assert torch.equal(got[i][k].reshape(-1).view(torch.uint8), ref[k].reshape(-1).view(torch.uint8)), (i, k)
