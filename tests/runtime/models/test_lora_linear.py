@@ -149,3 +149,35 @@ def test_fuse_into_a_wrapped_catk_layer_rederives_its_lora() -> None:
     fuse_delta(layer, 0, 1, d)  # a new weight scale for the base
     want = x @ (lin.weight + d).T.detach() + lin.bias.detach() + (x @ a.T) @ b.T
     assert _cos(layer(x).float(), want) > 0.999
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fp8_variants_switch_loras_and_strengths_without_recompiling(variant: str) -> None:
+    """dynamo fullgraph over an FP8 layer with the variant's side path: new LoRA weights (set_slot)
+    and new strengths (set_rows) change buffers in place, so the first graph serves them all."""
+    g = torch.Generator().manual_seed(7)
+    lin = nn.Linear(32, 48)
+    x = torch.randn(2, 16, 32, generator=g)  # [B, N, in]
+    base = FP8Linear(lin, in_amax=float(x.abs().max()), w_amax=float(lin.weight.detach().abs().max()))
+    bank = LoraBank(slots=2, rank=4, device=torch.device("cpu"), dtype=torch.bfloat16, variant=variant)
+    layer = LoraLinear(base, bank, groups=3)
+    compiles = []
+
+    def counting(gm, inputs):
+        compiles.append(len(gm.graph.nodes))
+        return gm.forward
+
+    from torch import _dynamo
+
+    _dynamo.reset()
+    fn = torch.compile(layer, backend=counting, fullgraph=True)
+    outs = []
+    for seed, rows in ((1, [[1.0, 0.0], [0.5, 0.0]]), (2, [[0.0, 1.0], [0.0, -0.7]]), (3, [[0.3, 0.9], [1.0, 1.0]])):
+        gs = torch.Generator().manual_seed(seed)
+        for grp in range(3):
+            layer.set_slot(seed % 2, grp, torch.randn(4, 32, generator=gs) * 0.1, torch.randn(16, 4, generator=gs) * 0.03)
+        bank.set_rows(torch.tensor(rows))
+        outs.append(fn(x))
+        assert torch.allclose(outs[-1].float(), layer(x).float())  # compiled == eager for the new buffers
+    assert len(compiles) == 1, compiles
+    assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
