@@ -34,7 +34,9 @@ class LoraBank(nn.Module):
                  variant: str = DEFAULT_VARIANT) -> None:
         super().__init__()
         if variant not in lora_fp8.VARIANTS:
-            raise ValueError(f"LoRA side-path variant {variant!r}; use one of {lora_fp8.VARIANTS}")
+            from ..errors import InvalidInputError
+
+            raise InvalidInputError(f"LoRA side-path variant {variant!r}; use one of {lora_fp8.VARIANTS}")
         self.slots, self.rank, self.dtype, self.variant = slots, rank, dtype, variant
         self.register_buffer("strengths", torch.zeros(rows, slots, device=device, dtype=dtype), persistent=False)
 
