@@ -9,9 +9,10 @@ vs the BF16 MMDiT with the same LoRA (side path in bf16); FP8 without LoRA vs BF
 
 Cost: the same step compiled as the runtime's torch-fp8 compile="reduce-overhead" (fast
 accumulation, sigmoid GELU, CUDA graphs) on the first `--blocks` blocks (real widths and token
-counts). First no LoRA and fuse=True, compiled side by side and timed in alternating rounds (the
-spread of the per-round ratio is the noise); then each side-path variant at rank 64 and rank 16
-(one slot). A row is skipped (and says so) when it would start after `--budget-s`. The JSON is
+counts), rows in `--plan` order: `alternate` (no LoRA and fuse=True, compiled side by side and
+timed in alternating rounds: the spread of the per-round ratio is the noise), `plain` (no LoRA),
+`VARIANT:RANK` (one slot), `profile` (eager kernels per step with torch.profiler: no LoRA, delta,
+splitk). A row is skipped (and says so) when it would start after `--budget-s`. The JSON is
 rewritten after every row, and the end prints a table and the variant to make the default.
 `--tiny`: a 2-block, 64-wide model at 64² on CPU (dynamo fullgraph + aot_eager): proves the code path.
 """
@@ -186,7 +187,52 @@ def side_row(m8, args, lora, variant: str, rank: int, iters: int) -> dict:
         uninstall(m8)
 
 
-def cost(config, blocks: int, budget_s: float, doc: dict, out: Path) -> None:
+def plain_row(m8, args, iters: int) -> dict:
+    torch._dynamo.reset()
+    fn, first = compiled(m8, args)
+    with torch.inference_mode():
+        time_ms(lambda: fn(*args), 0 if S["device"] == "cpu" else 3)
+        ms = statistics.median(time_ms(lambda: fn(*args), iters))
+    return {"name": "fp8, no LoRA", "step_ms": round(ms, 3), "first_call_s": round(first, 1)}
+
+
+@torch.inference_mode()
+def profile(m8, args, lora, variants: tuple[str, ...], steps: int) -> dict:
+    """Eager (no compile: the LoRA GEMMs are the same cuBLAS calls as compiled) kernels per step:
+    no LoRA and each variant at rank 64: kernel count, summed kernel µs, and the top kernels."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    out = {}
+    for variant in ("none",) + variants:
+        if variant != "none":
+            attach({"transformer": m8}, lora, 0, bank_for(1, 64, variant))
+        try:
+            m8(*args), sync()  # warm-up outside the trace
+            cuda = S["device"] == "cuda"
+            with torch_profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+                for _ in range(steps):
+                    m8(*args)
+                sync()
+            us = (lambda e: e.device_time_total) if cuda else (lambda e: e.self_cpu_time_total)  # --tiny: CPU ops
+            evts = sorted((e for e in prof.key_averages() if us(e) > 0), key=lambda e: -us(e))
+            out[variant] = {"kernels_per_step": round(sum(e.count for e in evts) / steps, 1),
+                            "kernel_us_per_step": round(sum(us(e) for e in evts) / steps, 1),
+                            "top": [[e.key[:90], round(e.count / steps, 1), round(us(e) / steps, 1)] for e in evts[:14]]}
+        except Exception as e:  # the profile must not lose the rows measured after it
+            out[variant] = {"error": repr(e)[:300]}
+        finally:
+            if variant != "none":
+                uninstall(m8)
+        print(f"profile {variant}: {out[variant].get('kernels_per_step')} kernels, "
+              f"{out[variant].get('kernel_us_per_step')} us/step", flush=True)
+    return out
+
+
+DEFAULT_PLAN = "alternate,catk:64,fp8down:64,addmm:64,delta:64,catk:16,fp8down:16,addmm:16"
+
+
+def cost(config, blocks: int, budget_s: float, doc: dict, out: Path, plan: list[str]) -> None:
     cfg = replace(config, transformer=replace(config.transformer, num_layers=blocks))
     with torch.inference_mode():
         model = random_mmdit(cfg, torch.bfloat16, S["device"])
@@ -195,22 +241,24 @@ def cost(config, blocks: int, budget_s: float, doc: dict, out: Path) -> None:
         loras = {r: random_lora(model, r, seed=r) for r in (16, 64)}
         m8 = to_fp8(model, amax, fast_accum=True)
         use_sigmoid_gelu(m8)
-    rows = doc["cost"]
-    tiny = S["device"] == "cpu"
-    rows += alternate(m8, args, rounds=1 if tiny else 8, iters=1 if tiny else 10)
-    save(doc, out)
-    longest = max(r["first_call_s"] for r in rows) + 2.0
-    order = [(v, 64) for v in ("catk", "fp8down", "addmm", "delta")]
-    order += [] if tiny else [(v, 16) for v in ("catk", "fp8down", "addmm")]  # --tiny: CPU forwards are slow
-    for variant, rank in order:
-        if time.perf_counter() - T0 + longest > budget_s:
-            rows.append({"name": f"side {variant} rank {rank}", "variant": variant, "rank": rank,
-                         "skipped": f"time budget {budget_s:.0f} s"})
+    rows, tiny = doc["cost"], S["device"] == "cpu"
+    longest = 0.0
+    for item in plan:
+        name, _, rank = item.partition(":")
+        if rows and time.perf_counter() - T0 + longest > budget_s:
+            rows.append({"name": item, "skipped": f"time budget {budget_s:.0f} s"})
             continue
         t = time.perf_counter()
-        rows.append(side_row(m8, args, loras[rank], variant, rank, iters=1 if tiny else 20))
+        if name == "alternate":
+            rows += alternate(m8, args, rounds=1 if tiny else 8, iters=1 if tiny else 10)
+        elif name == "plain":
+            rows.append(plain_row(m8, args, iters=1 if tiny else 20))
+        elif name == "profile":
+            doc["profile_eager_rank64"] = profile(m8, args, loras[64], ("delta", "splitk"), steps=1 if tiny else 3)
+        else:
+            rows.append(side_row(m8, args, loras[int(rank)], name, int(rank), iters=1 if tiny else 20))
         longest = max(longest, time.perf_counter() - t)
-        print(f"[{time.perf_counter() - T0:.0f} s] {rows[-1]}", flush=True)
+        print(f"[{time.perf_counter() - T0:.0f} s] {rows[-1] if name != 'profile' else 'profile done'}", flush=True)
         save(doc, out)
     base = rows[0]["step_ms"]
     for r in rows:
@@ -241,6 +289,9 @@ def pick(doc: dict) -> str:
 def summary(doc: dict) -> None:
     print(f"\n== LoRA bench: {doc['device']}, {doc['blocks_timed']} blocks timed, {doc['size']}², wall "
           f"{doc['wall_s']} s")
+    for variant, p in doc.get("profile_eager_rank64", {}).items():
+        print(f"profile (eager, rank 64) {variant}: {p.get('kernels_per_step')} kernels/step, "
+              f"{p.get('kernel_us_per_step')} us/step; top: {p.get('top', p.get('error'))[:6]}")
     for r in doc["cost"]:
         extra = r.get("vs_no_lora_per_round") or r.get("skipped") or r.get("error") or ""
         print(f"{r['name']:<34} {r.get('step_ms', '-'):>9} ms  x{r.get('vs_no_lora', '-')}  {extra}")
@@ -257,6 +308,8 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=140.0, help="start no compiled row after this (s)")
     ap.add_argument("--tiny", action="store_true", help="CPU, a 2-block 64-wide model at 64² (a smoke run)")
     ap.add_argument("--no-fidelity", action="store_true", help="cost rows only")
+    ap.add_argument("--plan", default=DEFAULT_PLAN, help="rows in order: alternate (no LoRA and fuse=True) | "
+                    "plain (no LoRA) | profile (eager kernels: none, delta, splitk) | VARIANT:RANK; first = baseline")
     a = ap.parse_args()
     config = VARIANTS["sd3.5-large"]
     if a.tiny:
@@ -272,7 +325,7 @@ def main() -> None:
         doc["fidelity_full_depth"] = fidelity(config)
         print(doc["fidelity_full_depth"], flush=True)
     save(doc, out)
-    cost(config, a.blocks if not a.tiny else 2, a.budget_s, doc, out)
+    cost(config, a.blocks if not a.tiny else 2, a.budget_s, doc, out, a.plan.split(","))
     doc["recommended_variant"] = pick(doc)
     doc["wall_s"] = round(time.perf_counter() - T0, 1)
     save(doc, out)

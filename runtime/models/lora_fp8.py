@@ -15,6 +15,13 @@ GEMM output: memory passes, not FLOPs, are its cost. The variants cut passes:
   with max|h|·max|B| near max|x|·max|W| saturates one of them (large random LoRAs can: measure).
   W's E4M3 bytes move into the concatenated weight (the base keeps a view: no second copy).
 
+* `splitk`: as `fp8down`, with the down-projection's K folded into M. x_q [M, K] is viewed (free,
+  row-major) as [M·s, K/s] and multiplied by all s K-chunks of A side by side ([K/s, s·G·S·R]); the
+  s diagonal blocks of that [M, s, s, G·S·R] product summed are h. The plain down-projection is a
+  skinny GEMM (N = G·S·R ≤ 192): few output tiles, one long K loop each, so it runs on a fraction
+  of the SMs for the same time at any rank (H200: every other variant cost the same ~17 %); s× the
+  tiles with an s× shorter K loop, for s× its (tiny) FLOPs.
+
 All state is buffers updated in place (`derive`), so switching LoRAs or strengths never recompiles.
 """
 
@@ -25,7 +32,7 @@ import torch.nn.functional as F
 
 from .fp8 import E4M3, E4M3_MAX
 
-VARIANTS = ("delta", "addmm", "fp8down", "catk")
+VARIANTS = ("delta", "addmm", "fp8down", "catk", "splitk")
 
 
 def block_diag_b(lora_b: torch.Tensor) -> torch.Tensor:
@@ -42,16 +49,28 @@ def setup(layer) -> None:
     base, width = layer.base, layer.lora_a.shape[0] * layer.lora_a.shape[1]  # G*S*R
     dev, k, n = base.weight_t.device, layer.in_features, layer.out_features
     layer.register_buffer("h_scale", torch.ones(width, device=dev, dtype=torch.float32), persistent=False)
-    if layer.variant in ("fp8down", "catk"):
+    if layer.variant in ("fp8down", "catk", "splitk"):
         layer.register_buffer("a_q", torch.zeros(width, k, device=dev, dtype=E4M3), persistent=False)  # [GSR, K]
         layer.register_buffer("one", torch.ones((), device=dev, dtype=torch.float32), persistent=False)
-    if layer.variant in ("addmm", "fp8down"):
+    if layer.variant == "splitk":
+        layer.split = split_factor(k, width)
+        layer.register_buffer("a_split", torch.zeros(layer.split * width, k // layer.split, device=dev, dtype=E4M3),
+                              persistent=False)  # [s*GSR, K/s]: chunk j of A's rows, chunks side by side
+    if layer.variant in ("addmm", "fp8down", "splitk"):
         layer.register_buffer("b_t", torch.zeros(width, n, device=dev, dtype=torch.bfloat16), persistent=False)
     if layer.variant == "catk":
         w = torch.zeros(n, k + width, device=dev, dtype=E4M3)  # [N, K + GSR] row-major = [K+GSR, N] col-major
         w[:, :k] = base.weight_t.t()
         layer.register_buffer("w_cat", w, persistent=False)
         base.weight_t = w[:, :k].t()  # the base's bytes now live in w_cat: [K, N] view (no copy kept)
+
+
+def split_factor(k: int, width: int, max_cols: int = 256) -> int:
+    """The largest s in 8, 4, 2 with s·width ≤ max_cols and K/s a multiple of 16 (else 1)."""
+    for s in (8, 4, 2):
+        if s * width <= max_cols and k % (16 * s) == 0:
+            return s
+    return 1
 
 
 def release(layer) -> None:
@@ -77,7 +96,10 @@ def derive(layer) -> None:
         return
     inv_sa = _rowwise_scale(a, E4M3_MAX)  # [GSR]: A row r -> E4M3 at scale 1 / inv_sa[r]
     layer.a_q.copy_((a * inv_sa[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3))
-    if layer.variant == "fp8down":
+    if layer.variant == "splitk":
+        gsr, sp = a.shape[0], layer.split
+        layer.a_split.copy_(layer.a_q.view(gsr, sp, k // sp).transpose(0, 1).reshape(sp * gsr, k // sp))
+    if layer.variant in ("fp8down", "splitk"):
         layer.b_t.copy_(b_full.t())
         layer.h_scale.copy_(1.0 / inv_sa)
         return
@@ -101,6 +123,16 @@ def _row_strengths(layer, x: torch.Tensor, m_pad: int) -> torch.Tensor:
     return F.pad(rows, (0, 0, 0, m_pad - m))
 
 
+def _split_down(layer, xq: torch.Tensor) -> torch.Tensor:
+    """h = x_q A_qᵀ (A's row scales still to apply) as one GEMM with K/s: [M_pad, K] -> [M_pad, GSR]."""
+    m, k = xq.shape
+    sp, gsr = layer.split, layer.h_scale.shape[0]
+    p = torch._scaled_mm(xq.view(m * sp, k // sp), layer.a_split.t(), scale_a=layer.base.scale_x,
+                         scale_b=layer.one, out_dtype=torch.bfloat16,
+                         use_fast_accum=layer.base.fast_accum)  # [M*s, s*GSR]: chunk i of x times chunk j of A
+    return p.view(m, sp, sp, gsr).diagonal(dim1=1, dim2=2).float().sum(-1)  # [M, GSR, s] -> [M, GSR]
+
+
 def forward(layer, x: torch.Tensor) -> torch.Tensor:
     """[..., in] -> [..., out] through the bank's variant (not `delta`)."""
     base, bank = layer.base, layer.bank
@@ -112,6 +144,8 @@ def forward(layer, x: torch.Tensor) -> torch.Tensor:
     g = layer.groups
     if layer.variant == "addmm":
         h = F.linear(x2.to(layer.lora_a.dtype), layer.lora_a.flatten(0, 1)).float()  # [M_pad, GSR]
+    elif layer.variant == "splitk":
+        h = _split_down(layer, xq)  # [M_pad, GSR]
     else:
         h = torch._scaled_mm(xq, layer.a_q.t(), scale_a=base.scale_x, scale_b=layer.one,
                              out_dtype=torch.bfloat16, use_fast_accum=base.fast_accum).float()  # [M_pad, GSR]
