@@ -218,7 +218,8 @@ def profile(m8, args, lora, variants: tuple[str, ...], steps: int) -> dict:
             evts = sorted((e for e in prof.key_averages() if us(e) > 0), key=lambda e: -us(e))
             out[variant] = {"kernels_per_step": round(sum(e.count for e in evts) / steps, 1),
                             "kernel_us_per_step": round(sum(us(e) for e in evts) / steps, 1),
-                            "top": [[e.key[:90], round(e.count / steps, 1), round(us(e) / steps, 1)] for e in evts[:14]]}
+                            "top": [[e.key[:90], round(e.count / steps, 1), round(us(e) / steps, 1)]
+                                    for e in evts[:14]]}
         except Exception as e:  # the profile must not lose the rows measured after it
             out[variant] = {"error": repr(e)[:300]}
         finally:
@@ -319,7 +320,8 @@ def main() -> None:
                                                      joint_attention_dim=64, pooled_projection_dim=64))
     out = Path(a.out)
     device = torch.cuda.get_device_name() if S["device"] == "cuda" else "cpu"
-    doc = {"device": device, "torch": torch.__version__, "size": S["size"], "batch": 1, "blocks_timed": 2 if a.tiny else a.blocks,
+    doc = {"device": device, "torch": torch.__version__, "size": S["size"], "batch": 1,
+           "blocks_timed": 2 if a.tiny else a.blocks,
            "cost": []}
     if not a.no_fidelity:
         doc["fidelity_full_depth"] = fidelity(config)

@@ -175,7 +175,8 @@ def test_fp8_variants_switch_loras_and_strengths_without_recompiling(variant: st
     for seed, rows in ((1, [[1.0, 0.0], [0.5, 0.0]]), (2, [[0.0, 1.0], [0.0, -0.7]]), (3, [[0.3, 0.9], [1.0, 1.0]])):
         gs = torch.Generator().manual_seed(seed)
         for grp in range(3):
-            layer.set_slot(seed % 2, grp, torch.randn(4, 32, generator=gs) * 0.1, torch.randn(16, 4, generator=gs) * 0.03)
+            a, b = torch.randn(4, 32, generator=gs) * 0.1, torch.randn(16, 4, generator=gs) * 0.03
+            layer.set_slot(seed % 2, grp, a, b)
         bank.set_rows(torch.tensor(rows))
         outs.append(fn(x))
         assert torch.allclose(outs[-1].float(), layer(x).float())  # compiled == eager for the new buffers
