@@ -20,7 +20,7 @@ GEMM output: memory passes, not FLOPs, are its cost. The variants cut passes:
   s diagonal blocks of that [M, s, s, G·S·R] product summed are h. The plain down-projection is a
   skinny GEMM (N = G·S·R ≤ 192): few output tiles, one long K loop each, so it runs on a fraction
   of the SMs for the same time at any rank (H200: every other variant cost the same ~17 %); s× the
-  tiles with an s× shorter K loop, for s× its (tiny) FLOPs.
+  tiles with an s× shorter K loop, for s× its (tiny) FLOPs. Its cost is not measured yet.
 
 All state is buffers updated in place (`derive`), so switching LoRAs or strengths never recompiles.
 """

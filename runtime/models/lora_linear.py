@@ -24,7 +24,9 @@ from torch import nn
 from . import lora_fp8
 from .fp8 import E4M3_MAX, FP8Linear, replace_module, to_e4m3
 
-DEFAULT_VARIANT = "fp8down"  # the FP8 side path the runtime uses (tools/lora_bench.py measures all)
+# The FP8 side path the runtime uses. H200, 4 of 38 Large blocks (BENCHMARKS.md): delta / fp8down / catk
+# cost the same (+17 %, within noise), addmm +22 %; fp8down has the best full-depth cosine. splitk: unmeasured.
+DEFAULT_VARIANT = "fp8down"
 
 
 class LoraBank(nn.Module):
