@@ -10,6 +10,9 @@ replays as captured. A slot's per-layer scale (alpha / rank) is folded into its 
 A wrapped layer keeps A as [G, S·R, in] and B as [G, out/G, S·R]: G = 3 for a fused q/k/v (or
 add_q/k/v) projection, whose three LoRAs are independent, else 1. Unused slots and ranks are zero.
 `fuse_delta` adds `ΔW` into the base weights instead (E4M3 re-quantized with a recomputed scale).
+Over an FP8Linear the bank's `variant` picks how the side path is computed (models/lora_fp8.py:
+`delta` is the plain form below; `addmm`, `fp8down`, `catk` cut memory passes); `DEFAULT_VARIANT`
+is what the runtime uses.
 """
 
 from __future__ import annotations
@@ -18,15 +21,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import lora_fp8
 from .fp8 import E4M3_MAX, FP8Linear, replace_module, to_e4m3
+
+# The FP8 side path the runtime uses. H200, 4 of 38 Large blocks (BENCHMARKS.md): delta / fp8down / catk
+# cost the same (+17 %, within noise), addmm +22 %; fp8down has the best full-depth cosine (0.99297 vs 0.99272).
+# The default is delta: the GPU no-recompile test (test_torch_fp8_lora_gpu.py) passed with it; splitk: unmeasured.
+DEFAULT_VARIANT = "delta"
 
 
 class LoraBank(nn.Module):
     """What the wrapped layers of one model share: `slots` × `rank`, per-row strengths [rows, slots]."""
 
-    def __init__(self, slots: int, rank: int, device: torch.device, dtype: torch.dtype, rows: int = 8) -> None:
+    def __init__(self, slots: int, rank: int, device: torch.device, dtype: torch.dtype, rows: int = 8,
+                 variant: str = DEFAULT_VARIANT) -> None:
         super().__init__()
-        self.slots, self.rank, self.dtype = slots, rank, dtype
+        if variant not in lora_fp8.VARIANTS:
+            from ..errors import InvalidInputError
+
+            raise InvalidInputError(f"LoRA side-path variant {variant!r}; use one of {lora_fp8.VARIANTS}")
+        self.slots, self.rank, self.dtype, self.variant = slots, rank, dtype, variant
         self.register_buffer("strengths", torch.zeros(rows, slots, device=device, dtype=dtype), persistent=False)
 
     def set_rows(self, rows: torch.Tensor) -> None:
@@ -54,6 +68,9 @@ class LoraLinear(nn.Module):
                              persistent=False)  # [G, S*R, in]
         self.register_buffer("lora_b", torch.zeros(groups, self.out_features // groups, width, device=dev,
                                                    dtype=bank.dtype), persistent=False)  # [G, out/G, S*R]
+        self.variant = bank.variant if isinstance(base, FP8Linear) else "delta"
+        if self.variant != "delta":
+            lora_fp8.setup(self)
 
     @property
     def bank(self) -> LoraBank:
@@ -69,8 +86,12 @@ class LoraLinear(nn.Module):
             r = a.shape[0]
             self.lora_a[group, r0:r0 + r].copy_(a)
             self.lora_b[group, :, r0:r0 + r].copy_(b)
+        if self.variant != "delta":
+            lora_fp8.derive(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.variant != "delta":
+            return lora_fp8.forward(self, x)
         y = self.base(x)
         bank = self.bank
         s = bank.strengths[: x.shape[0]]  # [B, S]: row b of x (and of its tokens) uses s[b]
@@ -88,7 +109,11 @@ def fuse_delta(layer: nn.Module, group: int, groups: int, delta: torch.Tensor) -
     """W[rows of `group`] += ΔW [out/G, in], in place. An FP8Linear is dequantized, updated and
     re-quantized to E4M3 with a weight scale recomputed from the new max |W| (the activation
     scale stays the calibrated one); a LoraLinear passes it to its base."""
-    layer = layer.base if isinstance(layer, LoraLinear) else layer
+    if isinstance(layer, LoraLinear):
+        fuse_delta(layer.base, group, groups, delta)
+        if layer.variant != "delta":
+            lora_fp8.derive(layer)  # catk's B_q depends on the base's weight scale
+        return
     rows = slice(group * layer.out_features // groups, (group + 1) * layer.out_features // groups)
     if isinstance(layer, FP8Linear):
         w = layer.weight_t.t().float() * layer.scale_w  # [out, in]
@@ -119,7 +144,10 @@ def uninstall(model: nn.Module) -> int:
     for name in names:
         parent, _, leaf = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
-        base = model.get_submodule(name).base
+        layer = model.get_submodule(name)
+        if layer.variant != "delta":
+            lora_fp8.release(layer)
+        base = layer.base
         if isinstance(owner, nn.ModuleList):
             owner[int(leaf)] = base
         else:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
 from sd35trt.runtime import Pipeline
 from sd35trt.runtime.models.fp8 import HIGH_PRECISION, FP8Linear, max_calibrate
+from sd35trt.runtime.models.lora_fp8 import VARIANTS
 from sd35trt.runtime.models.lora_linear import LoraBank, LoraLinear, fuse_delta
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -101,3 +103,82 @@ def test_switching_loras_and_strengths_does_not_recompile(tiny_models: dict[str,
         outs.append(pipe(**kw, generator=torch.Generator().manual_seed(0), progress=False, loras=loras).images)
     assert len(compiles) == 1, compiles
     assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[3])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fp8_side_path_variants_match_the_plain_side_path(variant: str) -> None:
+    """Every FP8 side-path variant (models/lora_fp8.py) ≈ FP8 base + exact bf16 side path, per row,
+    for a fused q/k/v with 2 slots; uninstalling gives the base its own weight back."""
+    g = torch.Generator().manual_seed(5)
+    lin = nn.Linear(64, 3 * 32)
+    x = torch.randn(3, 21, 64, generator=g)  # [B, N, in]: M = 63, padded to 64 inside
+    base = FP8Linear(lin, in_amax=float(x.abs().max()), w_amax=float(lin.weight.detach().abs().max()))
+    want_base = base(x).float()
+    bank = LoraBank(slots=2, rank=8, device=torch.device("cpu"), dtype=torch.bfloat16, variant=variant)
+    layer = LoraLinear(base, bank, groups=3)
+    ab = [(torch.randn(r, 64, generator=g) * 0.1, torch.randn(32, r, generator=g) * 0.03) for r in (4, 8, 6)]
+    for grp, (a, b) in enumerate(ab):
+        layer.set_slot(1, grp, a, b)
+    layer.set_slot(0, 0, torch.randn(3, 64, generator=g), torch.randn(32, 3, generator=g))  # strength 0 below
+    bank.set_rows(torch.tensor([[0.0, 0.5], [0.0, -1.0], [0.0, 0.0]]))
+    delta = torch.cat([(x @ a.T) @ b.T for a, b in ab], -1) * torch.tensor([0.5, -1.0, 0.0])[:, None, None]
+    got = layer(x).float()
+    assert got.shape == (3, 21, 96)
+    assert _cos(got[:2] - want_base[:2], delta[:2]) > 0.99  # the LoRA part, through FP8 where the variant uses it
+    assert _cos(got, want_base + delta) > 0.999
+    assert torch.allclose(got[2], want_base[2], atol=0.05 * float(want_base.abs().max()))  # strength 0
+    from sd35trt.runtime.models.lora_linear import uninstall
+
+    holder = nn.Sequential(layer)
+    assert uninstall(holder) == 1 and holder[0] is base
+    assert base.weight_t.is_contiguous() or base.weight_t.t().is_contiguous()
+    assert torch.equal(base(x), want_base.to(torch.bfloat16))
+
+
+def test_fuse_into_a_wrapped_catk_layer_rederives_its_lora() -> None:
+    g = torch.Generator().manual_seed(6)
+    lin = nn.Linear(32, 32)
+    x = torch.randn(2, 16, 32, generator=g)  # [B, N, in]
+    base = FP8Linear(lin, in_amax=float(x.abs().max()), w_amax=float(lin.weight.detach().abs().max()))
+    bank = LoraBank(slots=1, rank=4, device=torch.device("cpu"), dtype=torch.bfloat16, variant="catk")
+    layer = LoraLinear(base, bank)
+    a, b = torch.randn(4, 32, generator=g) * 0.1, torch.randn(32, 4, generator=g) * 0.1
+    layer.set_slot(0, 0, a, b)
+    bank.set_rows(torch.ones(2, 1))
+    d = torch.randn(32, 32, generator=g) * 0.5
+    fuse_delta(layer, 0, 1, d)  # a new weight scale for the base
+    want = x @ (lin.weight + d).T.detach() + lin.bias.detach() + (x @ a.T) @ b.T
+    assert _cos(layer(x).float(), want) > 0.999
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fp8_variants_switch_loras_and_strengths_without_recompiling(variant: str) -> None:
+    """dynamo fullgraph over an FP8 layer with the variant's side path: new LoRA weights (set_slot)
+    and new strengths (set_rows) change buffers in place, so the first graph serves them all."""
+    g = torch.Generator().manual_seed(7)
+    lin = nn.Linear(32, 48)
+    x = torch.randn(2, 16, 32, generator=g)  # [B, N, in]
+    base = FP8Linear(lin, in_amax=float(x.abs().max()), w_amax=float(lin.weight.detach().abs().max()))
+    bank = LoraBank(slots=2, rank=4, device=torch.device("cpu"), dtype=torch.bfloat16, variant=variant)
+    layer = LoraLinear(base, bank, groups=3)
+    compiles = []
+
+    def counting(gm, inputs):
+        compiles.append(len(gm.graph.nodes))
+        return gm.forward
+
+    from torch import _dynamo
+
+    _dynamo.reset()
+    fn = torch.compile(layer, backend=counting, fullgraph=True)
+    outs = []
+    for seed, rows in ((1, [[1.0, 0.0], [0.5, 0.0]]), (2, [[0.0, 1.0], [0.0, -0.7]]), (3, [[0.3, 0.9], [1.0, 1.0]])):
+        gs = torch.Generator().manual_seed(seed)
+        for grp in range(3):
+            a, b = torch.randn(4, 32, generator=gs) * 0.1, torch.randn(16, 4, generator=gs) * 0.03
+            layer.set_slot(seed % 2, grp, a, b)
+        bank.set_rows(torch.tensor(rows))
+        outs.append(fn(x))
+        assert torch.allclose(outs[-1].float(), layer(x).float())  # compiled == eager for the new buffers
+    assert len(compiles) == 1, compiles
+    assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
