@@ -126,6 +126,10 @@ class Residency:
         self.trace: deque[tuple[str, frozenset[str]]] = deque(maxlen=trace)
         self._copies = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.moving = {c for c in self.handles if any(c not in p for p in self.plan.values())}
+        for h in self.handles.values():  # low: T5 streams block by block (models/streaming.py)
+            if hasattr(h, "streaming"):
+                h.streaming = mode == "low"
+        self.observers: list = []  # (stage left or None, stage entered) at every boundary (bench: stage peaks)
         self._on: frozenset[str] = frozenset()
         self._stage: str | None = None
         if mode == "balanced":  # what stays between requests; low loads each stage when it comes
@@ -134,6 +138,10 @@ class Residency:
     def resident(self) -> frozenset[str]:
         """The components whose weights are on the device now (measured from their tensors)."""
         return frozenset(c for c, h in self.handles.items() if h.resident())
+
+    def weight_bytes(self, stage: str) -> int:
+        """Weight bytes the plan puts on the device while `stage` runs (a streamed module: its most at once)."""
+        return sum(getattr(self.handles[c], "peak_bytes", self.handles[c].nbytes) for c in self.plan[stage])
 
     def _go(self, want: frozenset[str], now: Sequence[str]) -> None:
         for c in self._on - want:
@@ -147,6 +155,8 @@ class Residency:
     def _enter(self, name: str) -> None:
         """At a stage boundary (a stage other than the last call's): the plan's residency, measured and kept."""
         if name != self._stage:
+            for observe in self.observers:
+                observe(self._stage, name)
             self._go(self.plan[name], [c for c in STAGES[name] if c in self.handles])
             self._stage = name
             self.trace.append((name, self.resident()))

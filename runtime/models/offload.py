@@ -18,10 +18,11 @@ from torch import nn
 
 
 class ModuleWeights:
-    def __init__(self, module: nn.Module, device: torch.device) -> None:
+    def __init__(self, module: nn.Module, device: torch.device, skip: frozenset[int] = frozenset()) -> None:
+        """`skip`: ids of tensors another handle moves (models/streaming.py: the streamed pieces)."""
         self.device = torch.device(device)
         _unview(module)
-        seen, tensors = set(), []
+        seen, tensors = set(skip), []
         for t in list(module.parameters()) + list(module.buffers()):
             if id(t) not in seen:  # tied weights (T5's shared embedding) move once
                 seen.add(id(t))

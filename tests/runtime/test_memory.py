@@ -48,6 +48,56 @@ def test_low_holds_one_stage_at_a_time(pipes) -> None:
     assert _on_device(pipe) == {"vae_decoder", "vae_encoder"}  # the last stage stays until the next one
 
 
+def test_low_streams_t5_one_or_two_blocks_at_a_time(pipes) -> None:
+    """In low, T5's embedding and blocks come to the device one at a time (the next one prefetched),
+    no other stage's weights with them; measured from the tensors at each piece's start."""
+    from functools import partial
+
+    from sd35trt.runtime.models.streaming import t5_pieces
+
+    res = pipes["low"].backend.residency
+    t5 = res.handles["t5"]
+    pieces = t5_pieces(pipes["low"].backend.modules["t5"])  # [embedding, block 0, block 1, ...]
+    assert t5.streaming and len(t5.pieces) == len(pieces) >= 3
+    seen: list[tuple[int, list[bool], frozenset[str]]] = []
+    probe = lambda i, m, args: seen.append((i, [w.resident() for w in t5.pieces], res.resident()))  # noqa: E731
+    hooks = [p.register_forward_pre_hook(partial(probe, i)) for i, p in enumerate(pieces)]
+    try:
+        _run(pipes["low"], prompt="a streamed T5 test")
+    finally:
+        for h in hooks:
+            h.remove()
+    assert [i for i, _, _ in seen] == list(range(len(pieces)))  # each piece ran once, in order
+    for i, on, components in seen:
+        assert {j for j, r in enumerate(on) if r} == {i, i + 1} & set(range(len(on))), (i, on)  # this + the next
+        assert components == {"t5"}, (i, components)  # never two stages' weights at once
+    assert t5.most_pieces == 2 and not t5.resident()  # all of T5 gone once denoising starts
+    sizes = [w.nbytes for w in t5.pieces]
+    assert t5.peak_bytes == t5.rest.nbytes + max(a + b for a, b in zip(sizes, sizes[1:])) < t5.nbytes
+    assert res.weight_bytes("t5") == t5.peak_bytes
+
+
+def test_streamed_weights_without_prefetch_hold_one_piece(pipes) -> None:
+    from sd35trt.runtime.models.streaming import StreamedWeights
+
+    mod = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(4)])
+    x = torch.randn(2, 8)  # [B, 8]
+    ref = mod(x)
+    handle = StreamedWeights(mod, list(mod), torch.device("cpu"), prefetch=False)
+    handle.streaming = True
+    on: list[int] = []
+    for layer in mod:
+        layer.register_forward_pre_hook(lambda m, a: on.append(sum(w.resident() for w in handle.pieces)))
+    handle.load()
+    assert torch.equal(mod(x), ref) and on == [1, 1, 1, 1] and handle.peak_bytes == handle.pieces[0].nbytes
+    handle.unload()
+    handle.streaming = False  # balanced: the whole module comes and goes
+    handle.load()
+    assert all(w.resident() for w in handle.pieces) and torch.equal(mod(x), ref) and handle.peak_bytes == handle.nbytes
+    handle.unload()
+    assert not handle.resident()
+
+
 def test_balanced_keeps_transformer_and_vae_and_sends_text_encoders_away(pipes) -> None:
     pipe = pipes["balanced"]
     before = len(pipe.backend.residency_report())
@@ -56,6 +106,7 @@ def test_balanced_keeps_transformer_and_vae_and_sends_text_encoders_away(pipes) 
     assert report["clip_l"] >= {"clip_l", "transformer", "vae_decoder"}
     assert "clip_l" not in report["clip_g"] and "clip_l" not in report["t5"]
     assert report["transformer"] == report["vae"] == {"transformer", "vae_decoder", "vae_encoder"}
+    assert not pipe.backend.residency.handles["t5"].streaming  # balanced moves T5 whole
     assert _on_device(pipe) == {"transformer", "vae_decoder", "vae_encoder"}  # between requests
 
 
