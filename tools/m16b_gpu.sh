@@ -26,7 +26,6 @@ step() {  # name, limit s, gpu_run.sh arguments...
 bench() { step "$1" "$2" bench --configs e2e --size 1024 --steps 28 --memory-repeats 0 "${@:3}"; }
 {
   nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader
-  git log -1 --format='commit %H' 2>/dev/null || true
   bench large-t5 85 --preset sd3.5-large --memory default,low --json "$tmp/large.json"
   bench medium-t5 40 --preset sd3.5-medium --memory default,low --json "$tmp/medium.json"
   bench medium-no-t5 30 --preset sd3.5-medium --memory low --no-t5 --json "$tmp/medium_no_t5.json"
