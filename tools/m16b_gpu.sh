@@ -8,6 +8,7 @@
 #   eager, `sd35trt bench --configs e2e --memory ... --memory-repeats 0`: one whole image per mode, a
 #   new prompt through every stage: the peak; no time rows, those were measured this morning)
 #   pytest -m gpu tests/runtime/test_memory_gpu.py
+# GPU_RUN replaces `bash tools/gpu_run.sh` (a CPU dry run of the plumbing).
 # Writes $OUT/m16b.log and $OUT/m16b.json (the bench rows, with each stage's weights and peak).
 set -uo pipefail
 out=${OUT:-/tmp/out}; mkdir -p "$out"
@@ -20,7 +21,7 @@ step() {  # name, limit s, gpu_run.sh arguments...
   left=$(( cap - (SECONDS - t0) )); (( left < lim )) && lim=$left
   if (( lim < 15 )); then echo "== $name: SKIPPED (${left}s left of ${cap}s)"; return; fi
   echo "== $name (limit ${lim}s)"
-  timeout -k 5 "$lim" bash tools/gpu_run.sh "$@"  # gpu_run execs python: timeout ends it
+  timeout -k 5 "$lim" ${GPU_RUN:-bash tools/gpu_run.sh} "$@"  # gpu_run execs python: timeout ends it
   echo "== $name rc=$? at $((SECONDS - t0))s"
 }
 bench() { step "$1" "$2" bench --configs e2e --size 1024 --steps 28 --memory-repeats 0 "${@:3}"; }
