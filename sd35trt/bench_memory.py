@@ -161,7 +161,8 @@ def measure_modes(config: VariantConfig, backend, tokenizers: tuple, size: int, 
         if isinstance(previous, MemoryBackend):  # the last mode's device copies go; its host masters are reused
             for h in previous.residency.handles.values():
                 h.unload()
-        pipe = apply_memory(Pipeline(config, backend, tokenizers, Path(f"random-{config.name}")), MemorySettings.check(mode))
+        pipe = Pipeline(config, backend, tokenizers, Path(f"random-{config.name}"))
+        pipe = apply_memory(pipe, MemorySettings.check(mode))
         previous, stages = pipe.backend, None
         if isinstance(pipe.backend, MemoryBackend):
             stages = StagePeaks()

@@ -131,11 +131,11 @@ class TorchBackend(BackendBase):
         """component -> its module's weights, moved to the host now (memory modes move them back per
         stage); T5-XXL's can also stream block by block (memory='low', models/streaming.py)."""
         from ..models.offload import ModuleWeights
-        from ..models.streaming import StreamedWeights, t5_pieces
+        from ..models.streaming import BlockStream, t5_pieces
 
         pieces = t5_pieces(self.modules["t5"]) if "t5" in self.modules else None
-        return {name: StreamedWeights(m, pieces, self.device) if name == "t5" and pieces else ModuleWeights(m, self.device)
-                for name, m in self.modules.items()}
+        return {name: BlockStream(m, pieces, self.device) if name == "t5" and pieces
+                else ModuleWeights(m, self.device) for name, m in self.modules.items()}
 
     def close(self) -> None:
         self.modules = {}

@@ -121,7 +121,7 @@ def select_attention(device_type: str, capability: tuple[int, int] | None, dtype
     cudnn = lambda reason: AttentionChoice("sdpa-cudnn", sdpa, _cudnn_context, reason)  # noqa: E731
     sm = f"sm{capability[0]}{capability[1]}" if capability else "sm?"
     if dtype not in FA4_DTYPES:  # cuDNN and flash SDPA take bf16/fp16 only: torch picks (efficient / math)
-        return AttentionChoice("sdpa", sdpa, nullcontext, f"dtype {dtype}: FA4, cuDNN and flash SDPA run bf16/fp16 only")
+        return AttentionChoice("sdpa", sdpa, nullcontext, f"dtype {dtype}: FA4, cuDNN and flash SDPA take bf16/fp16")
     if capability is None or capability[0] not in FA4_MAJORS:
         return cudnn(f"{sm}: FA4 is used on sm90/sm100 only")
     if fa4_error is not None:

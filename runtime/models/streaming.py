@@ -1,6 +1,6 @@
 """Streaming a module's weights piece by piece through the device during each call (memory='low').
 
-`StreamedWeights` is a weight handle (load/wait/unload/resident/nbytes, as `offload.ModuleWeights`)
+`BlockStream` is a weight handle (load/wait/unload/resident/nbytes, as `offload.ModuleWeights`)
 for a module whose forward runs `pieces` (submodules) once each, in order: T5-XXL's embedding, then
 its 24 blocks. With `streaming` off it moves the whole module like `ModuleWeights`. With it on,
 `load()` brings the rest (T5: the final norm) and the first piece; forward hooks then bring each
@@ -25,7 +25,7 @@ from torch import nn
 from .offload import ModuleWeights, _unview
 
 
-class StreamedWeights:
+class BlockStream:
     def __init__(self, module: nn.Module, pieces: Sequence[nn.Module], device: torch.device,
                  prefetch: bool = True) -> None:
         self.device, self.prefetch = torch.device(device), prefetch

@@ -78,12 +78,12 @@ def test_low_streams_t5_one_or_two_blocks_at_a_time(pipes) -> None:
 
 
 def test_streamed_weights_without_prefetch_hold_one_piece(pipes) -> None:
-    from sd35trt.runtime.models.streaming import StreamedWeights
+    from sd35trt.runtime.models.streaming import BlockStream
 
     mod = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(4)])
     x = torch.randn(2, 8)  # [B, 8]
     ref = mod(x)
-    handle = StreamedWeights(mod, list(mod), torch.device("cpu"), prefetch=False)
+    handle = BlockStream(mod, list(mod), torch.device("cpu"), prefetch=False)
     handle.streaming = True
     on: list[int] = []
     for layer in mod:
