@@ -26,6 +26,8 @@ from .offload import ModuleWeights, _unview
 
 
 class BlockStream:
+    """The weight handle of a module whose `pieces` run once each, in order, per call (see above)."""
+
     def __init__(self, module: nn.Module, pieces: Sequence[nn.Module], device: torch.device,
                  prefetch: bool = True) -> None:
         self.device, self.prefetch = torch.device(device), prefetch
