@@ -131,7 +131,8 @@ class Residency:
         for h in self.handles.values():  # low: T5 streams block by block (models/streaming.py)
             if hasattr(h, "streaming"):
                 h.streaming = mode == "low"
-        self.observers: list = []  # (stage left or None, stage entered) at every boundary (bench: stage peaks)
+        self.observers: list = []  # (stage left or None, stage entered) at every boundary, between the old
+        # stage's weights leaving and the new one's arriving (bench_memory.StagePeaks)
         self._on: frozenset[str] = frozenset()
         self._stage: str | None = None
         if mode == "balanced":  # what stays between requests; low loads each stage when it comes
@@ -145,9 +146,11 @@ class Residency:
         """Weight bytes the plan puts on the device while `stage` runs (a streamed module: its most at once)."""
         return sum(getattr(self.handles[c], "peak_bytes", self.handles[c].nbytes) for c in self.plan[stage])
 
-    def _go(self, want: frozenset[str], now: Sequence[str]) -> None:
+    def _go(self, want: frozenset[str], now: Sequence[str], between: Any = None) -> None:
         for c in self._on - want:
             self.handles[c].unload()
+        if between is not None:  # the old stage's weights are gone, the new one's not yet copied
+            between()
         for c in sorted(want - self._on, key=lambda c: c not in now):  # the stage's own first
             self.handles[c].load(None if c in now else self._copies)
         for c in now:
@@ -157,9 +160,9 @@ class Residency:
     def _enter(self, name: str) -> None:
         """At a stage boundary (a stage other than the last call's): the plan's residency, measured and kept."""
         if name != self._stage:
-            for observe in self.observers:
-                observe(self._stage, name)
-            self._go(self.plan[name], [c for c in STAGES[name] if c in self.handles])
+            left = self._stage
+            self._go(self.plan[name], [c for c in STAGES[name] if c in self.handles],
+                     lambda: [observe(left, name) for observe in self.observers])
             self._stage = name
             self.trace.append((name, self.resident()))
 

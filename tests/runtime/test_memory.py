@@ -216,3 +216,34 @@ def test_view_weights_release_their_base() -> None:
     assert handle.resident() and mod.weight_t.data_ptr() != host and mod.weight_t.stride() == (1, 32)
     handle.unload()
     assert not handle.resident() and mod.weight_t.data_ptr() == host and mod.weight_t._base is None
+
+
+def test_streaming_on_an_indexed_device_loads_each_piece_once() -> None:
+    """Handles made for `cpu:0` (like `cuda` vs `cuda:0` on the GPU: torch calls the devices different)
+    still see their copies: a prefetched piece is used as it is, not copied again (the first H200 run
+    of the GPU test found `resident()` False for every component on `cuda`)."""
+    from sd35trt.runtime.models.offload import ModuleWeights
+    from sd35trt.runtime.models.streaming import BlockStream
+
+    mod = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(4)])
+    x = torch.randn(2, 8)  # [B, 8]
+    ref = mod(x)
+    handle = BlockStream(mod, list(mod), torch.device("cpu", 0))
+    handle.streaming = True
+    prefetched: dict[int, int] = {}
+    used: dict[int, int] = {}
+
+    def probe(i, m, a):  # runs after the handle's own pre-hook: piece i there, piece i + 1 prefetched
+        used[i] = mod[i].weight.data_ptr()
+        if i + 1 < len(mod):
+            prefetched[i + 1] = mod[i + 1].weight.data_ptr()
+
+    for i, layer in enumerate(mod):
+        layer.register_forward_pre_hook(lambda m, a, i=i: probe(i, m, a))
+    handle.load()
+    assert handle.resident() and torch.equal(mod(x), ref)
+    assert all(used[i] == prefetched[i] for i in prefetched) and handle.most_pieces == 2
+    handle.unload()
+    whole = ModuleWeights(torch.nn.Linear(4, 4), torch.device("cpu", 0))
+    whole.load()
+    assert whole.resident()
