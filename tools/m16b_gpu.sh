@@ -2,7 +2,8 @@
 # Issue 16 (helper m16b), one device window: memory='low' peaks on the H200 after the FP8 view-weight
 # fix and T5 block streaming, then the -m gpu memory test. Run from the repository root on the GPU
 # host with .whl/1 (diffusers + torchao, for the test's tiny checkpoint) carried:
-#   OUT=... bash tools/m16b_gpu.sh
+#   OUT=... bash tools/m16b_gpu.sh            (CAP=165: the first window)
+#   OUT=... CAP=58 bash tools/m16b_gpu.sh retest   (the -m gpu test, then Medium+T5 low alone)
 # Steps (each under `timeout`, all inside CAP seconds, default 165):
 #   Large + T5 default,low | Medium + T5 default,low | Medium no T5 low   (1024², 28 steps, torch-fp8,
 #   eager, `sd35trt bench --configs e2e --memory ... --memory-repeats 0`: one whole image per mode, a
@@ -27,6 +28,13 @@ step() {  # name, limit s, gpu_run.sh arguments...
 bench() { step "$1" "$2" bench --configs e2e --size 1024 --steps 28 --memory-repeats 0 "${@:3}"; }
 {
   nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader
+  if [[ "${1:-}" == retest ]]; then  # second window: the -m gpu test, then Medium low's per-stage peaks
+    step gpu-test 30 pytest -q -x -rs -s -m gpu tests/runtime/test_memory_gpu.py
+    bench medium-t5-low 40 --preset sd3.5-medium --memory low --json "$tmp/medium.json"
+    python3 tools/m16b_summary.py "$out/m16b.json" "$tmp"/*_memory.json
+    echo "wall $((SECONDS - t0))s"
+    exit 0
+  fi
   bench large-t5 85 --preset sd3.5-large --memory default,low --json "$tmp/large.json"
   bench medium-t5 40 --preset sd3.5-medium --memory default,low --json "$tmp/medium.json"
   bench medium-no-t5 30 --preset sd3.5-medium --memory low --no-t5 --json "$tmp/medium_no_t5.json"
