@@ -11,7 +11,9 @@ components on the compute device while a stage runs.
   come to the device for their stage, the next encoder's copy overlapping the current one's work
   (a side stream), and leave when denoising starts.
 * `low`: one stage on the device at a time: the previous stage's weights are dropped before the
-  next stage's are copied in. The VAE decodes and encodes in tiles (models/vae_tiling.py).
+  next stage's are copied in. T5-XXL streams within its stage: its embedding and blocks one at a
+  time, the next prefetched (models/streaming.py), ~0.45 GiB of its 4.4 on the device. The VAE
+  decodes and encodes in tiles (models/vae_tiling.py).
 
 `balanced` and `low` also cache prompt embeddings (a bounded LRU on the host, keyed by the
 prompts and the T5 length), so a repeated request skips the text encoders. A backend takes part
@@ -126,6 +128,11 @@ class Residency:
         self.trace: deque[tuple[str, frozenset[str]]] = deque(maxlen=trace)
         self._copies = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.moving = {c for c in self.handles if any(c not in p for p in self.plan.values())}
+        for h in self.handles.values():  # low: T5 streams block by block (models/streaming.py)
+            if hasattr(h, "streaming"):
+                h.streaming = mode == "low"
+        self.observers: list = []  # (stage left or None, stage entered) at every boundary, between the old
+        # stage's weights leaving and the new one's arriving (bench_memory.StagePeaks)
         self._on: frozenset[str] = frozenset()
         self._stage: str | None = None
         if mode == "balanced":  # what stays between requests; low loads each stage when it comes
@@ -135,9 +142,15 @@ class Residency:
         """The components whose weights are on the device now (measured from their tensors)."""
         return frozenset(c for c, h in self.handles.items() if h.resident())
 
-    def _go(self, want: frozenset[str], now: Sequence[str]) -> None:
+    def weight_bytes(self, stage: str) -> int:
+        """Weight bytes the plan puts on the device while `stage` runs (a streamed module: its most at once)."""
+        return sum(getattr(self.handles[c], "peak_bytes", self.handles[c].nbytes) for c in self.plan[stage])
+
+    def _go(self, want: frozenset[str], now: Sequence[str], between: Any = None) -> None:
         for c in self._on - want:
             self.handles[c].unload()
+        if between is not None:  # the old stage's weights are gone, the new one's not yet copied
+            between()
         for c in sorted(want - self._on, key=lambda c: c not in now):  # the stage's own first
             self.handles[c].load(None if c in now else self._copies)
         for c in now:
@@ -147,7 +160,9 @@ class Residency:
     def _enter(self, name: str) -> None:
         """At a stage boundary (a stage other than the last call's): the plan's residency, measured and kept."""
         if name != self._stage:
-            self._go(self.plan[name], [c for c in STAGES[name] if c in self.handles])
+            left = self._stage
+            self._go(self.plan[name], [c for c in STAGES[name] if c in self.handles],
+                     lambda: [observe(left, name) for observe in self.observers])
             self._stage = name
             self.trace.append((name, self.resident()))
 

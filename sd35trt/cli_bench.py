@@ -32,7 +32,7 @@ def _bench(args: argparse.Namespace) -> int:
 
         configs = [c for c in configs if c != "e2e"]
         bench_memory(args.preset, args.size, args.steps, args.memory.split(","), t5=not args.no_t5,
-                     out=args.json.with_name(f"{args.json.stem}_memory.json"))
+                     repeats=args.memory_repeats, out=args.json.with_name(f"{args.json.stem}_memory.json"))
     for part in [c for c in ("text", "e2e", "modes") if c in configs]:
         from .bench import Runner
         from .bench_e2e import bench_e2e, bench_text
@@ -71,5 +71,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--memory", help="e2e: memory modes to compare, comma list in this order: default,balanced,low "
                                     "(peak GPU memory and seconds per image on a repeated and a new prompt)")
     b.add_argument("--no-t5", action="store_true", help="--memory: run without T5-XXL (zeros, as SD3 allows)")
+    b.add_argument("--memory-repeats", type=int, default=2, metavar="N",
+                   help="--memory: images timed per mode and prompt kind after the first (0: the first image only, "
+                        "a new prompt through every stage: the peak, no time ratios)")
     b.add_argument("--json", type=Path, default=Path("bench.json"))
     b.set_defaults(func=_bench)

@@ -128,10 +128,14 @@ class TorchBackend(BackendBase):
         return load_any(folder, mmdit.spec, pos_embed, self.device, self.dtype)
 
     def weight_handles(self) -> dict:
-        """component -> its module's weights, moved to the host now (memory modes move them back per stage)."""
+        """component -> its module's weights, moved to the host now (memory modes move them back per
+        stage); T5-XXL's can also stream block by block (memory='low', models/streaming.py)."""
         from ..models.offload import ModuleWeights
+        from ..models.streaming import BlockStream, t5_pieces
 
-        return {name: ModuleWeights(m, self.device) for name, m in self.modules.items()}
+        pieces = t5_pieces(self.modules["t5"]) if "t5" in self.modules else None
+        return {name: BlockStream(m, pieces, self.device) if name == "t5" and pieces
+                else ModuleWeights(m, self.device) for name, m in self.modules.items()}
 
     def close(self) -> None:
         self.modules = {}

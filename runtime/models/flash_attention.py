@@ -120,10 +120,10 @@ def select_attention(device_type: str, capability: tuple[int, int] | None, dtype
         return AttentionChoice("sdpa", sdpa, nullcontext, f"device {device_type}: FA4 needs CUDA")
     cudnn = lambda reason: AttentionChoice("sdpa-cudnn", sdpa, _cudnn_context, reason)  # noqa: E731
     sm = f"sm{capability[0]}{capability[1]}" if capability else "sm?"
+    if dtype not in FA4_DTYPES:  # cuDNN and flash SDPA take bf16/fp16 only: torch picks (efficient / math)
+        return AttentionChoice("sdpa", sdpa, nullcontext, f"dtype {dtype}: FA4, cuDNN and flash SDPA take bf16/fp16")
     if capability is None or capability[0] not in FA4_MAJORS:
         return cudnn(f"{sm}: FA4 is used on sm90/sm100 only")
-    if dtype not in FA4_DTYPES:
-        return cudnn(f"dtype {dtype}: FA4 runs bf16/fp16 only")
     if fa4_error is not None:
         return cudnn(f"{sm}: {fa4_error}; {INSTALL_HINT}")
     return AttentionChoice("flash-attn-4", flash_attention, nullcontext)

@@ -18,10 +18,11 @@ from torch import nn
 
 
 class ModuleWeights:
-    def __init__(self, module: nn.Module, device: torch.device) -> None:
+    def __init__(self, module: nn.Module, device: torch.device, skip: frozenset[int] = frozenset()) -> None:
+        """`skip`: ids of tensors another handle moves (models/streaming.py: the streamed pieces)."""
         self.device = torch.device(device)
         _unview(module)
-        seen, tensors = set(), []
+        seen, tensors = set(skip), []
         for t in list(module.parameters()) + list(module.buffers()):
             if id(t) not in seen:  # tied weights (T5's shared embedding) move once
                 seen.add(id(t))
@@ -43,6 +44,7 @@ class ModuleWeights:
 
     def load(self, stream: torch.cuda.Stream | None = None) -> None:
         """Device copies of every tensor; with a side `stream`, asynchronous until `wait()`."""
+        self.wait()  # a copy still in flight must land before its memory can be dropped
         copies = [(t, torch.empty_like(m, device=self.device), m) for t, m in self.tensors]
         if self.device.type == "cuda":
             current = torch.cuda.current_stream(self.device)
@@ -71,8 +73,10 @@ class ModuleWeights:
             t.data = m
 
     def resident(self) -> bool:
-        """Whether any (non-empty) tensor of the module lives in a device copy now."""
-        return any(t.numel() and t.data_ptr() != m.data_ptr() and t.device == self.device for t, m in self.tensors)
+        """Whether any (non-empty) tensor of the module lives in a device copy now. Device types are
+        compared, not devices: a copy made for `cuda` lives on `cuda:0`, and torch says they differ."""
+        return any(t.numel() and t.data_ptr() != m.data_ptr() and t.device.type == self.device.type
+                   for t, m in self.tensors)
 
 
 def _unview(module: nn.Module) -> None:

@@ -48,6 +48,56 @@ def test_low_holds_one_stage_at_a_time(pipes) -> None:
     assert _on_device(pipe) == {"vae_decoder", "vae_encoder"}  # the last stage stays until the next one
 
 
+def test_low_streams_t5_one_or_two_blocks_at_a_time(pipes) -> None:
+    """In low, T5's embedding and blocks come to the device one at a time (the next one prefetched),
+    no other stage's weights with them; measured from the tensors at each piece's start."""
+    from functools import partial
+
+    from sd35trt.runtime.models.streaming import t5_pieces
+
+    res = pipes["low"].backend.residency
+    t5 = res.handles["t5"]
+    pieces = t5_pieces(pipes["low"].backend.modules["t5"])  # [embedding, block 0, block 1, ...]
+    assert t5.streaming and len(t5.pieces) == len(pieces) >= 3
+    seen: list[tuple[int, list[bool], frozenset[str]]] = []
+    probe = lambda i, m, args: seen.append((i, [w.resident() for w in t5.pieces], res.resident()))  # noqa: E731
+    hooks = [p.register_forward_pre_hook(partial(probe, i)) for i, p in enumerate(pieces)]
+    try:
+        _run(pipes["low"], prompt="a streamed T5 test")
+    finally:
+        for h in hooks:
+            h.remove()
+    assert [i for i, _, _ in seen] == list(range(len(pieces)))  # each piece ran once, in order
+    for i, on, components in seen:
+        assert {j for j, r in enumerate(on) if r} == {i, i + 1} & set(range(len(on))), (i, on)  # this + the next
+        assert components == {"t5"}, (i, components)  # never two stages' weights at once
+    assert t5.most_pieces == 2 and not t5.resident()  # all of T5 gone once denoising starts
+    sizes = [w.nbytes for w in t5.pieces]
+    assert t5.peak_bytes == t5.rest.nbytes + max(a + b for a, b in zip(sizes, sizes[1:])) < t5.nbytes
+    assert res.weight_bytes("t5") == t5.peak_bytes
+
+
+def test_streamed_weights_without_prefetch_hold_one_piece(pipes) -> None:
+    from sd35trt.runtime.models.streaming import BlockStream
+
+    mod = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(4)])
+    x = torch.randn(2, 8)  # [B, 8]
+    ref = mod(x)
+    handle = BlockStream(mod, list(mod), torch.device("cpu"), prefetch=False)
+    handle.streaming = True
+    on: list[int] = []
+    for layer in mod:
+        layer.register_forward_pre_hook(lambda m, a: on.append(sum(w.resident() for w in handle.pieces)))
+    handle.load()
+    assert torch.equal(mod(x), ref) and on == [1, 1, 1, 1] and handle.peak_bytes == handle.pieces[0].nbytes
+    handle.unload()
+    handle.streaming = False  # balanced: the whole module comes and goes
+    handle.load()
+    assert all(w.resident() for w in handle.pieces) and torch.equal(mod(x), ref) and handle.peak_bytes == handle.nbytes
+    handle.unload()
+    assert not handle.resident()
+
+
 def test_balanced_keeps_transformer_and_vae_and_sends_text_encoders_away(pipes) -> None:
     pipe = pipes["balanced"]
     before = len(pipe.backend.residency_report())
@@ -56,6 +106,7 @@ def test_balanced_keeps_transformer_and_vae_and_sends_text_encoders_away(pipes) 
     assert report["clip_l"] >= {"clip_l", "transformer", "vae_decoder"}
     assert "clip_l" not in report["clip_g"] and "clip_l" not in report["t5"]
     assert report["transformer"] == report["vae"] == {"transformer", "vae_decoder", "vae_encoder"}
+    assert not pipe.backend.residency.handles["t5"].streaming  # balanced moves T5 whole
     assert _on_device(pipe) == {"transformer", "vae_decoder", "vae_encoder"}  # between requests
 
 
@@ -165,3 +216,34 @@ def test_view_weights_release_their_base() -> None:
     assert handle.resident() and mod.weight_t.data_ptr() != host and mod.weight_t.stride() == (1, 32)
     handle.unload()
     assert not handle.resident() and mod.weight_t.data_ptr() == host and mod.weight_t._base is None
+
+
+def test_streaming_on_an_indexed_device_loads_each_piece_once() -> None:
+    """Handles made for `cpu:0` (like `cuda` vs `cuda:0` on the GPU: torch calls the devices different)
+    still see their copies: a prefetched piece is used as it is, not copied again (the first H200 run
+    of the GPU test found `resident()` False for every component on `cuda`)."""
+    from sd35trt.runtime.models.offload import ModuleWeights
+    from sd35trt.runtime.models.streaming import BlockStream
+
+    mod = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(4)])
+    x = torch.randn(2, 8)  # [B, 8]
+    ref = mod(x)
+    handle = BlockStream(mod, list(mod), torch.device("cpu", 0))
+    handle.streaming = True
+    prefetched: dict[int, int] = {}
+    used: dict[int, int] = {}
+
+    def probe(i, m, a):  # runs after the handle's own pre-hook: piece i there, piece i + 1 prefetched
+        used[i] = mod[i].weight.data_ptr()
+        if i + 1 < len(mod):
+            prefetched[i + 1] = mod[i + 1].weight.data_ptr()
+
+    for i, layer in enumerate(mod):
+        layer.register_forward_pre_hook(lambda m, a, i=i: probe(i, m, a))
+    handle.load()
+    assert handle.resident() and torch.equal(mod(x), ref)
+    assert all(used[i] == prefetched[i] for i in prefetched) and handle.most_pieces == 2
+    handle.unload()
+    whole = ModuleWeights(torch.nn.Linear(4, 4), torch.device("cpu", 0))
+    whole.load()
+    assert whole.resident()

@@ -24,13 +24,39 @@ def _weights_on_cuda(pipe: Pipeline) -> dict[str, int]:
             for c, h in pipe.backend.residency.handles.items()}
 
 
+def _t5_probe(pipe: Pipeline) -> tuple[list[tuple[int, set[int], int]], list]:
+    """Pre-hooks on T5's streamed pieces recording (piece, pieces with CUDA tensors, other components'
+    CUDA bytes) as each piece starts, read from the tensors' devices."""
+    from functools import partial
+
+    from sd35trt.runtime.models.streaming import t5_pieces
+
+    t5 = pipe.backend.residency.handles["t5"]
+    seen: list[tuple[int, set[int], int]] = []
+
+    def probe(i, m, args):
+        on = {j for j, w in enumerate(t5.pieces) if any(t.is_cuda for t, _ in w.tensors)}
+        others = sum(b for c, b in _weights_on_cuda(pipe).items() if c != "t5")
+        seen.append((i, on, others))
+
+    pieces = t5_pieces(pipe.backend.modules["t5"])
+    return seen, [p.register_forward_pre_hook(partial(probe, i)) for i, p in enumerate(pieces)]
+
+
 def test_modes_on_the_gpu(tiny_medium: Path) -> None:
     images, allocated = {}, {}
     for mode in MODES:
         pipe = Pipeline.from_pretrained(tiny_medium, backend="torch", device="cuda", dtype=torch.float32, memory=mode)
         seen: list[dict[str, int]] = []
         hook = (lambda p, i, t, kw: seen.append(_weights_on_cuda(p)) or {}) if mode != "default" else None
+        streamed, hooks = _t5_probe(pipe) if mode == "low" else ([], [])
         out = pipe(**KW, generator=torch.Generator().manual_seed(2), callback_on_step_end=hook)
+        for h in hooks:
+            h.remove()
+        if mode == "low":  # T5 streams: this piece and the next (prefetched) on the GPU, nothing of other stages
+            assert [i for i, _, _ in streamed] == list(range(len(streamed))) and len(streamed) >= 3
+            for i, on, others in streamed:
+                assert i in on and on <= {i, i + 1} and others == 0, (i, on, others)
         images[mode] = np.asarray(out.images[0])
         torch.cuda.synchronize()
         allocated[mode] = torch.cuda.memory_allocated()

@@ -90,8 +90,11 @@ def test_selection_from_facts() -> None:
     assert ada.name == "sdpa-cudnn" and "sm89" in ada.reason
     missing = select_attention("cuda", (9, 0), bf16, "flash_attn.cute does not import (ModuleNotFoundError: x)")
     assert missing.name == "sdpa-cudnn" and "ModuleNotFoundError" in missing.reason and INSTALL_HINT in missing.reason
-    fp32 = select_attention("cuda", (9, 0), torch.float32, None)
-    assert fp32.name == "sdpa-cudnn" and "float32" in fp32.reason
+    for cap in ((8, 0), (9, 0)):  # cuDNN / flash SDPA have no fp32 kernel: the fp32 model must not be restricted
+        fp32 = select_attention("cuda", cap, torch.float32, None)
+        assert fp32.name == "sdpa" and fp32.core is sdpa and "float32" in fp32.reason
+        with fp32.context():
+            assert torch.backends.cuda.math_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
     for cap in ((9, 0), (10, 0)):
         fa4 = select_attention("cuda", cap, bf16, None)
         assert fa4.name == "flash-attn-4" and fa4.core is flash_attention and fa4.reason == ""

@@ -18,3 +18,15 @@ def test_sigmoid_gelu_is_the_tanh_gelu() -> None:
     assert all(m.act is gelu_tanh_sigmoid for m in model.modules() if hasattr(m, "act"))
     use_sigmoid_gelu(model, enabled=False)
     assert all(m.act is gelu_tanh for m in model.modules() if hasattr(m, "act"))
+
+
+def test_eager_in_place_form_is_bitwise_the_expression() -> None:
+    """Eager gelu_tanh_sigmoid runs in place (one fp32 temporary); it equals the expression exactly."""
+    def expression(x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.sigmoid(1.5957691216057308 * (xf + 0.044715 * xf * xf * xf))).to(x.dtype)
+
+    x = torch.randn(3, 257, 96, generator=torch.Generator().manual_seed(0)) * 4  # [B, N, 4D]
+    for t in (x, x.bfloat16(), x.half()):
+        before = t.clone()
+        assert torch.equal(gelu_tanh_sigmoid(t), expression(t)) and torch.equal(t, before)  # input untouched
