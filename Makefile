@@ -12,7 +12,8 @@ PYTEST_ARGS ?=
 # then build (engines/<preset or custom-family>-<precision>-<gpu>/). FAMILY only overrides the family
 # read from the checkpoint (Large and Large Turbo share one architecture; Turbo engines need no CFG batch).
 # FLAVOR=torch-fp8 (run on the GPU itself, e.g. GPU=sm90): the export's FP8 calibration, then
-# engines/<preset>-fp8-<gpu>-torch/ (FP8 weights + torch's compile artifacts, `sd35trt build --flavor torch-fp8`).
+# engines/<preset>-fp8-<gpu>-torch/ (FP8 weights + torch's compile artifacts, `sd35trt build --flavor torch-fp8`);
+# COMPILE_SCOPE=blocks compiles its MMDiT per joint block (faster build and first image, slower step; default model).
 # CONTROLNET=path: export that ControlNet too (its graph + a transformer taking its residuals); the build then
 # makes its engine as well.
 GPU ?=
@@ -22,6 +23,7 @@ PRECISION ?= fp8
 DTYPE ?=
 FLAVOR ?= tensorrt-rtx
 ENGINE_ARGS ?=
+COMPILE_SCOPE ?=
 CONTROLNET ?=
 ONNX_DIR ?= build/onnx/$(notdir $(abspath $(MODEL)))-$(PRECISION)$(if $(CONTROLNET),-$(basename $(notdir $(abspath $(CONTROLNET)))))
 
@@ -49,9 +51,9 @@ demo: $(STAMP)
 	$(VENV)/bin/sd35trt build --onnx $(DEMO)/onnx-fp8 --out $(DEMO)/engines-fp8-sm89 --gpu sm89 --flavor tensorrt-rtx --quiet
 
 engines: $(STAMP)
-	@test -n "$(GPU)" -a -n "$(MODEL)" || { echo "usage: make engines GPU=sm89 MODEL=path/to/sd3.5 [FAMILY=large|medium|large-turbo] [PRECISION=fp8|fp16|bf16] [DTYPE=fp16|bf16|fp32] [FLAVOR=tensorrt-rtx|tensorrt|torch-fp8] [CONTROLNET=path]"; exit 2; }
+	@test -n "$(GPU)" -a -n "$(MODEL)" || { echo "usage: make engines GPU=sm89 MODEL=path/to/sd3.5 [FAMILY=large|medium|large-turbo] [PRECISION=fp8|fp16|bf16] [DTYPE=fp16|bf16|fp32] [FLAVOR=tensorrt-rtx|tensorrt|torch-fp8 [COMPILE_SCOPE=model|blocks]] [CONTROLNET=path]"; exit 2; }
 	$(VENV)/bin/sd35trt export --model $(MODEL) --out $(ONNX_DIR) --precision $(PRECISION) $(if $(and $(DTYPE),$(filter fp8,$(PRECISION))),--dtype $(DTYPE)) $(if $(CONTROLNET),--controlnet $(CONTROLNET))
-	$(if $(filter torch-fp8,$(FLAVOR)),$(VENV)/bin/sd35trt build --model $(MODEL) --calibration $(ONNX_DIR)/calibration,$(VENV)/bin/sd35trt build --onnx $(ONNX_DIR)) --gpu $(GPU) --flavor $(FLAVOR) $(if $(FAMILY),--family $(FAMILY)) $(ENGINE_ARGS)
+	$(if $(filter torch-fp8,$(FLAVOR)),$(VENV)/bin/sd35trt build --model $(MODEL) --calibration $(ONNX_DIR)/calibration,$(VENV)/bin/sd35trt build --onnx $(ONNX_DIR)) --gpu $(GPU) --flavor $(FLAVOR) $(if $(FAMILY),--family $(FAMILY)) $(if $(COMPILE_SCOPE),--compile-scope $(COMPILE_SCOPE)) $(ENGINE_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)

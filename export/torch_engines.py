@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from ..runtime.backends.torch_fp8_set import COMPILE_SCOPES
 from ..runtime.checkpoint import Checkpoint
 from ..runtime.config import VariantConfig
 from ..runtime.engine_manifest import BuildArgs, EngineEntry, EngineManifest, EngineShapes, device_cc
@@ -118,6 +119,7 @@ def build_torch_set(modules: dict[str, nn.Module], amax: Mapping[str, float], co
     timings are in its compile-cache entry)."""
     from ..runtime.models.flash_attention import choose_attention
 
+    _check_scope(compile_scope)  # before any write: the scope is used only at the warm-up
     cc = device_cc()
     if gpu != cc:
         raise InvalidInputError(f"gpu={gpu}: a torch-fp8 set is compiled on the GPU it runs on, and this one is "
@@ -168,9 +170,15 @@ def _save_amax(amax: Mapping[str, float], path: Path) -> None:
     atomic_write(path, lambda f: f.write(blob))
 
 
+def _check_scope(scope: str) -> None:
+    if scope not in COMPILE_SCOPES:
+        raise InvalidInputError(f"compile_scope={scope!r}: use one of {', '.join(COMPILE_SCOPES)} (`sd35trt build "
+                                f"--compile-scope`: model for the faster step, blocks for the faster first image)")
+
+
 def build_from_checkpoint(model: str | Path, calibration: str | Path, out: str | Path | None = None, *,
-                          gpu: str, compile: str = "reduce-overhead",
-                          family: str | None = None) -> tuple[Path, EngineManifest]:
+                          gpu: str, compile: str = "reduce-overhead", family: str | None = None,
+                          compile_scope: str = "model") -> tuple[Path, EngineManifest]:
     """`sd35trt build --flavor torch-fp8 --model M --calibration C --gpu smXX`: the checkpoint's
     modules loaded in bf16 on the GPU, the calibration `sd35trt export --precision fp8` wrote."""
     from ..runtime.components import RUNTIME
@@ -178,13 +186,14 @@ def build_from_checkpoint(model: str | Path, calibration: str | Path, out: str |
     from ..runtime.models.loader import load_modules
     from ..runtime.torch_engine_set import default_dir
 
+    _check_scope(compile_scope)
     amax = load_amax(calibration)  # a missing calibration fails before any weights are read
     ckpt = Checkpoint.open(model, family=family)
     out = Path(out) if out is not None else default_dir(ckpt.config.name, gpu)
     names = [c.name for c in RUNTIME if c.name != "vae_encoder"]
     modules = load_modules(ckpt, names, torch.device("cuda"), torch.bfloat16)
     m = build_torch_set(modules, amax, ckpt.config, ckpt, out, gpu=gpu, source=str(model),
-                        calibration=str(calibration), compile=compile)
+                        calibration=str(calibration), compile=compile, compile_scope=compile_scope)
     return out, m
 
 

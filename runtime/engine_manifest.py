@@ -244,6 +244,9 @@ def rebuild_command(m: EngineManifest | Mapping[str, Any], folder: str | Path | 
     argv += [flag for on, flag in ((b.refit, "--refit"), (b.weight_streaming, "--weight-streaming")) if on]
     if b.timing_cache:
         argv += ["--timing-cache", b.timing_cache]
+    mmdit = m.components.get("transformer")
+    if mmdit is not None and mmdit.flags.get("compile_scope", "model") != "model":  # a torch-fp8 set's scope
+        argv += ["--compile-scope", mmdit.flags["compile_scope"]]
     return shlex.join(str(a) for a in argv)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from . import cli_checks as check
 from . import cli_control
 from .cli_bench import add_bench_parser
+from .cli_build_torch import add_scope_flag, build_torch, refuse_scope
 from .cli_checks import UsageError, flagged
 from .cli_lora import lora_arg
 from .cli_lora import resolve as resolve_loras
@@ -175,9 +176,8 @@ def _batch_range(text: str) -> tuple[int, int]:
 
 def _build(args: argparse.Namespace) -> int:
     if args.flavor == "torch-fp8":
-        from .cli_build_torch import build_torch
-
         return build_torch(args)
+    refuse_scope(args)
     if args.onnx is None:
         raise UsageError(f"--flavor {args.flavor} builds from an exported folder: pass --onnx ONNX_DIR")
     info = check.inspect_model(args.onnx, flag="--onnx")
@@ -294,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--weight-streaming", action="store_true", help="engines that can stream weights from host memory")
     b.add_argument("--timing-cache", type=Path, help="timing cache file to reuse and update (enterprise TensorRT)")
     b.add_argument("--family", choices=FAMILIES, help="override the exported family (Turbo: no CFG batch)")
+    add_scope_flag(b)
     b.add_argument("--quiet", action="store_true", help="no progress lines")
     b.set_defaults(func=_build, dynamic=False)
 

@@ -11,6 +11,22 @@ from . import cli_checks as check
 from .cli_checks import UsageError
 
 
+COMPILE_SCOPES = ("model", "blocks")  # runtime/backends/torch_fp8_set.py's (no torch import here)
+
+
+def add_scope_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compile-scope", choices=COMPILE_SCOPES,
+                        help="--flavor torch-fp8: compile the MMDiT as one graph (default, the faster step) or "
+                             "per joint block (blocks: a faster build and first image, a few ms slower step)")
+
+
+def refuse_scope(args: argparse.Namespace) -> None:
+    """--compile-scope on a TensorRT flavor: refused before any work."""
+    if getattr(args, "compile_scope", None) is not None:
+        raise UsageError(f"--compile-scope {args.compile_scope} applies to --flavor torch-fp8 (how torch compiles "
+                         f"the MMDiT); TensorRT builds the whole graph: drop it for --flavor {args.flavor}")
+
+
 def build_torch(args: argparse.Namespace) -> int:
     if args.model is None or args.onnx is not None:
         raise UsageError("--flavor torch-fp8 builds from the checkpoint: pass --model CKPT --calibration DIR "
@@ -34,7 +50,8 @@ def build_torch(args: argparse.Namespace) -> int:
         raise UsageError(f"--flavor torch-fp8 compiles on the GPU the set is for ({args.gpu}), and none is visible "
                          f"here; run the build on that machine")
     t0 = time.perf_counter()
-    out, m = build_from_checkpoint(args.model, calibration, args.out, gpu=args.gpu, family=args.family)
+    out, m = build_from_checkpoint(args.model, calibration, args.out, gpu=args.gpu, family=args.family,
+                                   compile_scope=args.compile_scope or "model")
     size = sum(e.bytes for e in m.components.values()) / 2**30
     if not args.quiet:
         print(f"torch-fp8 set for {args.gpu} in {out}: {size:.2f} GiB, {time.perf_counter() - t0:.1f}s "

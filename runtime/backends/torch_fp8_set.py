@@ -28,6 +28,7 @@ from .torch_backend import TorchBackend
 from .torch_fp8 import TorchFP8Backend, compile_options
 
 MODES = (False, True, "default", "reduce-overhead")  # compile_options' modes (checked before its import)
+COMPILE_SCOPES = ("model", "blocks")  # compile_mmdit's scopes: the whole step's graph, or one per joint block
 
 
 class TorchFP8SetBackend(TorchBackend):
@@ -68,9 +69,7 @@ class TorchFP8SetBackend(TorchBackend):
                                  f"had (`pip install 'sd35trt[hopper]'`) or rebuild the set here")
         if options is not None:
             with self._timed("compile_wrap_s"):
-                scope = m.components["transformer"].flags.get("compile_scope", "model")
-                self.modules["transformer"] = compile_mmdit(self.modules["transformer"], scope, options=options)
-                self.modules["vae_decoder"] = torch.compile(self.modules["vae_decoder"].to(memory_format=torch.channels_last))
+                compile_set_modules(self.modules, m.components["transformer"].flags, options)
         self.bind()
 
     @contextmanager
@@ -122,6 +121,13 @@ class TorchFP8SetBackend(TorchBackend):
         return options
 
 
+def compile_set_modules(modules: dict[str, torch.nn.Module], flags: Any, options: dict[str, Any]) -> None:
+    """Wrap the MMDiT and the VAE decoder in `modules` as the set's build did: the MMDiT in the
+    transformer entry's `compile_scope` (a set without one was built whole), the decoder channels-last."""
+    modules["transformer"] = compile_mmdit(modules["transformer"], flags.get("compile_scope", "model"), options=options)
+    modules["vae_decoder"] = torch.compile(modules["vae_decoder"].to(memory_format=torch.channels_last))
+
+
 def compile_mmdit(mmdit: torch.nn.Module, scope: str, **compile_args: Any) -> torch.nn.Module:
     """torch.compile(fullgraph) of the MMDiT: `scope="model"` one graph of the whole step;
     `"blocks"` each joint block compiled in place (regional compilation: the blocks share their
@@ -132,7 +138,7 @@ def compile_mmdit(mmdit: torch.nn.Module, scope: str, **compile_args: Any) -> to
             _compile_block(block, **compile_args)
         return mmdit
     if scope != "model":
-        raise InvalidInputError(f"compile_scope={scope!r}: use 'model' or 'blocks'")
+        raise InvalidInputError(f"compile_scope={scope!r}: use one of {', '.join(COMPILE_SCOPES)}")
     return torch.compile(mmdit, fullgraph=True, **compile_args)
 
 
