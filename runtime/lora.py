@@ -7,7 +7,8 @@ tensor [rows, slots], so they differ per image of a batch and switching LoRAs or
 changes no shape (no recompile, no CUDA-graph re-capture). Loading a LoRA that touches a layer no
 earlier LoRA touched wraps that layer (the one time a compiled model recompiles). Layers of the
 MMDiT, CLIP-L and CLIP-G are patched, as diffusers' SD3 loader does. `fuse=True` adds s·BA into the
-weights (FP8: re-quantized with a recomputed scale) at zero per-step cost; its strength is fixed.
+weights (FP8: re-quantized once with a recomputed scale, from the checkpoint's bf16 weight where
+the backend can read it, `source_weight`) at zero per-step cost; its strength is fixed.
 
 Thread safety: load/unload wait for the running calls to finish and hold new ones back; each
 component call of a LoRA pipeline writes its rows' strengths and runs under one lock.
@@ -19,14 +20,14 @@ import math
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
 from .errors import CheckpointError, InvalidInputError
 from .lora_files import LoraFile, read_lora
-from .models.lora_linear import LoraBank, fuse_delta, install, is_linear
+from .models.lora_linear import LoraBank, fuse_deltas, install, is_linear
 from .text import PromptEncoder
 
 MAX_SCALE = 8.0  # |strength| per LoRA per call
@@ -93,12 +94,17 @@ def plan(models: Mapping[str, nn.Module], lora: LoraFile) -> list[tuple[str, str
     return out
 
 
-def fuse_lora(models: Mapping[str, nn.Module], lora: LoraFile, scale: float) -> int:
-    """W += scale · B A in every layer of `lora` (in place; FP8 layers re-quantized). Returns the layer count."""
+def fuse_lora(models: Mapping[str, nn.Module], lora: LoraFile, scale: float,
+              source: Callable[[str, str], torch.Tensor | None] | None = None) -> int:
+    """W += scale · B A in every layer of `lora` (in place; FP8 layers re-quantized once, from
+    `source(component, layer)`, the layer's high-precision weight, where it gives one). Returns the layer count."""
     steps = plan(models, lora)
+    per_layer: dict[tuple[str, str], list] = {}
     for comp, target, group, groups, part in steps:
-        delta = scale * (part.up @ part.down)  # [out/G, in] fp32
-        fuse_delta(models[comp].get_submodule(target), group, groups, delta)
+        per_layer.setdefault((comp, target), []).append((group, groups, scale * (part.up @ part.down)))  # [out/G, in]
+    for (comp, target), deltas in per_layer.items():
+        read = None if source is None else (lambda c=comp, t=target: source(c, t))
+        fuse_deltas(models[comp].get_submodule(target), deltas, read)
     return len(steps)
 
 
@@ -180,7 +186,7 @@ class LoraMixin:
             self._state.wait_for(lambda: self._running == 0)  # new calls wait on _state meanwhile
             self._check_name(name)  # again: another thread may have loaded it meanwhile
             if fuse:
-                fuse_lora(models, lora, scale)
+                fuse_lora(models, lora, scale, getattr(self.backend, "source_weight", None))
                 self._loras[name] = LoadedLora(name, lora, None, scale)
                 return name
             slot = self._free_slot(name, lora)

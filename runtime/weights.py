@@ -104,6 +104,15 @@ def load_prefixed(file: Path, prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
 
 
+def read_tensor(files: list[Path], key: str) -> torch.Tensor | None:
+    """The tensor `key` of the first of `files` that holds it, read alone; None when none does."""
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            if key in f.keys():
+                return f.get_tensor(key)
+    return None
+
+
 # --- Stability AI (single-file) names <-> diffusers names: ONE table, read both ways ---------
 # A row is (SAI template, diffusers template, op). Fields in braces are matched on one side and
 # written on the other: {i} {j} block numbers; {r} an LDM decoder level, numbered the other way
@@ -227,3 +236,20 @@ def rename_state(
             f"({unknown[:5]}{'...' if len(unknown) > 5 else ''}); is this an SD3.5 checkpoint?"
         )
     return out
+
+
+def read_renamed(file: Path, prefix: str, key: str, table: tuple[tuple[str, str, str], ...],
+                 last: int = -1) -> torch.Tensor | None:
+    """The tensor `rename_state(…, "diffusers")` names `key`, read alone from the SAI file `file`
+    (its names under `prefix`); None when the file lacks it."""
+    fixed = {"last": last}
+    for sai, dif, op in table:
+        m = _pattern(dif, fixed).match(key)
+        if m is None:
+            continue
+        fields = {**m.groupdict(), **fixed}
+        t = read_tensor([file], prefix + sai.format(**fields))
+        if t is None or op != "qkv":
+            return t if t is None else _convert(op, t, False)
+        return t.chunk(3, dim=0)["qkv".index(fields["x"])]
+    return None

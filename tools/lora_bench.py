@@ -4,7 +4,8 @@
 
 Fidelity, full depth (38 blocks), eager: one CFG step at 1024² (batch 1 -> 2 rows) of the FP8
 MMDiT with a random rank-64 LoRA on every attention and FF Linear (q/k/v/out, add_q/k/v/add_out,
-ff, ff_context) through each side-path variant (models/lora_fp8.py) and fused (fuse=True), each
+ff, ff_context) through each side-path variant (models/lora_fp8.py) and fused (fuse=True, from the
+bf16 weights as the runtime does from a checkpoint: one E4M3 rounding), each
 vs the BF16 MMDiT with the same LoRA (side path in bf16); FP8 without LoRA vs BF16 without LoRA.
 
 Cost: the same step compiled as the runtime's torch-fp8 compile="reduce-overhead" (fast
@@ -34,6 +35,7 @@ from sd35trt.runtime.backends.torch_fp8 import compile_options
 from sd35trt.runtime.config import VARIANTS
 from sd35trt.runtime.lora import attach, fuse_lora
 from sd35trt.runtime.lora_files import LoraFile, LoraPart
+from sd35trt.runtime.lora_source import fused_source
 from sd35trt.runtime.models.fp8 import HIGH_PRECISION, max_calibrate, to_fp8
 from sd35trt.runtime.models.lora_fp8 import VARIANTS as SIDE_VARIANTS
 from sd35trt.runtime.models.lora_linear import DEFAULT_VARIANT, LoraBank, uninstall
@@ -102,6 +104,7 @@ def fidelity(config) -> dict:
     attach({"transformer": model}, lora, 0, bank_for(1, 64, "delta"))
     ref = model(*args).float()  # bf16 with the LoRA (side path in bf16)
     uninstall(model)
+    src = {k: v.detach().cpu() for k, v in model.state_dict().items() if k.endswith(".weight")}  # bf16, host
     m8 = to_fp8(model, amax, fast_accum=True)
     use_sigmoid_gelu(m8)
     plain8 = m8(*args).float()
@@ -120,7 +123,7 @@ def fidelity(config) -> dict:
         print(f"[{time.perf_counter() - T0:.0f} s] fidelity {variant}: {out[f'side_{variant}_cos_vs_bf16_lora']:.5f}",
               flush=True)
     sides.setdefault("delta", ref)
-    fuse_lora({"transformer": m8}, lora, 1.0)
+    fuse_lora({"transformer": m8}, lora, 1.0, lambda _, t: fused_source(src.get, t, torch.bfloat16))  # as from a ckpt
     fused = m8(*args).float()
     out |= {"fused_cos_vs_bf16_lora": cosine(fused, ref), "fused_cos_vs_side_delta": cosine(fused, sides["delta"])}
     del model, m8

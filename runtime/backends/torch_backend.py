@@ -86,6 +86,7 @@ class TorchBackend(BackendBase):
         names = [c.name for c in RUNTIME if c.name != "t5" or load_t5]
         self.modules: dict[str, nn.Module] = load_modules(ckpt, names, torch.device(load_device or self.device),
                                                           self.dtype)
+        self._checkpoint: Checkpoint | None = ckpt  # fuse=True reads a layer's source weight from it
         self._choose_attention()
 
     @classmethod
@@ -126,6 +127,14 @@ class TorchBackend(BackendBase):
             return {f"pos_embed.{k}": v for k, v in mmdit.pos_embed.state_dict().items()}
 
         return load_any(folder, mmdit.spec, pos_embed, self.device, self.dtype)
+
+    def source_weight(self, component: str, layer: str) -> torch.Tensor | None:
+        """`layer`'s weight [out, in] of `component` as the checkpoint holds it (read now, that tensor
+        alone), in this backend's dtype; None when unreadable (fuse=True then re-quantizes FP8 weights)."""
+        from ..lora_source import source_weight
+
+        ckpt = getattr(self, "_checkpoint", None)  # None: built from_modules
+        return None if ckpt is None else source_weight(ckpt, component, layer, self.dtype)
 
     def weight_handles(self) -> dict:
         """component -> its module's weights, moved to the host now (memory modes move them back per

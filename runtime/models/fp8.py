@@ -20,6 +20,7 @@ HIGH_PRECISION = ("pos_embed", "time_text_embed", "context_embedder", "norm_out"
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 _FUSED = {"to_qkv": ("to_q", "to_k", "to_v"), "add_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")}
+FUSED_QKV = _FUSED  # fused projection -> its parts, in the order `fuse_qkv` concatenates them
 
 
 def to_e4m3(x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:

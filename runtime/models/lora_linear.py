@@ -9,7 +9,8 @@ replays as captured. A slot's per-layer scale (alpha / rank) is folded into its 
 
 A wrapped layer keeps A as [G, S·R, in] and B as [G, out/G, S·R]: G = 3 for a fused q/k/v (or
 add_q/k/v) projection, whose three LoRAs are independent, else 1. Unused slots and ranks are zero.
-`fuse_delta` adds `ΔW` into the base weights instead (E4M3 re-quantized with a recomputed scale).
+`fuse_deltas` adds `ΔW` into the base weights instead (E4M3 re-quantized once with a recomputed scale,
+from the checkpoint's high-precision weight where the backend can read it).
 Over an FP8Linear the bank's `variant` picks how the side path is computed (models/lora_fp8.py:
 `delta` is the plain form below; `addmm`, `fp8down`, `catk` cut memory passes); `DEFAULT_VARIANT`
 is what the runtime uses.
@@ -105,27 +106,44 @@ class LoraLinear(nn.Module):
         return y + delta.to(y.dtype)
 
 
-def fuse_delta(layer: nn.Module, group: int, groups: int, delta: torch.Tensor) -> None:
-    """W[rows of `group`] += ΔW [out/G, in], in place. An FP8Linear is dequantized, updated and
-    re-quantized to E4M3 with a weight scale recomputed from the new max |W| (the activation
-    scale stays the calibrated one); a LoraLinear passes it to its base."""
+def fuse_delta(layer: nn.Module, group: int, groups: int, delta: torch.Tensor, source=None) -> None:
+    """W[rows of `group`] += ΔW [out/G, in], in place (`fuse_deltas` with one delta)."""
+    fuse_deltas(layer, [(group, groups, delta)], source)
+
+
+def fuse_deltas(layer: nn.Module, deltas: list[tuple[int, int, torch.Tensor]], source=None) -> None:
+    """W[rows of group] += ΔW for every (group, groups, ΔW [out/G, in]) of `deltas`, in place. An
+    FP8Linear is re-quantized to E4M3 once, with a weight scale recomputed from the new max |W| (the
+    activation scale stays the calibrated one): from `source()`, its high-precision weight [out, in]
+    as the checkpoint holds it, when that gives one and no earlier fuse changed the layer (one
+    rounding of W + ΔW), else from its dequantized E4M3 weight (a second rounding). A LoraLinear
+    passes them to its base."""
     if isinstance(layer, LoraLinear):
-        fuse_delta(layer.base, group, groups, delta)
+        fuse_deltas(layer.base, deltas, source)
         if layer.variant != "delta":
             lora_fp8.derive(layer)  # catk's B_q depends on the base's weight scale
         return
-    rows = slice(group * layer.out_features // groups, (group + 1) * layer.out_features // groups)
     if isinstance(layer, FP8Linear):
-        w = layer.weight_t.t().float() * layer.scale_w  # [out, in]
-        w[rows] += delta.to(w.device, torch.float32)
+        src = source() if source is not None and not getattr(layer, "lora_fused", False) else None
+        src = src if src is not None and tuple(src.shape) == (layer.out_features, layer.in_features) else None
+        dev = layer.weight_t.device
+        w = layer.weight_t.t().float() * layer.scale_w if src is None else src.to(dev, torch.float32, copy=True)
+        for group, groups, delta in deltas:  # w: [out, in]
+            w[_rows(layer, group, groups)] += delta.to(w.device, torch.float32)
         scale = max(float(w.abs().max()), 1e-12) / E4M3_MAX
         layer.weight_t.copy_(to_e4m3(w, scale).t())  # in place: [in, out] column-major, same address
         layer.scale_w.fill_(scale)
+        layer.lora_fused = True  # a later fuse starts from these weights (the source lacks this LoRA)
     elif isinstance(layer, nn.Linear):
         with torch.no_grad():
-            layer.weight[rows] += delta.to(layer.weight.device, layer.weight.dtype)
+            for group, groups, delta in deltas:
+                layer.weight[_rows(layer, group, groups)] += delta.to(layer.weight.device, layer.weight.dtype)
     else:
         raise TypeError(f"cannot fuse a LoRA into {type(layer).__name__}")
+
+
+def _rows(layer: nn.Module, group: int, groups: int) -> slice:
+    return slice(group * layer.out_features // groups, (group + 1) * layer.out_features // groups)
 
 
 def install(model: nn.Module, name: str, bank: LoraBank, groups: int) -> LoraLinear:

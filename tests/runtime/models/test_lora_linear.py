@@ -182,3 +182,36 @@ def test_fp8_variants_switch_loras_and_strengths_without_recompiling(variant: st
         assert torch.allclose(outs[-1].float(), layer(x).float())  # compiled == eager for the new buffers
     assert len(compiles) == 1, compiles
     assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
+
+
+def test_fuse_from_the_source_weight_rounds_once() -> None:
+    """With the layer's high-precision weight, fuse re-quantizes W + ΔW once (fresh scale): equal to
+    quantizing it directly, and closer to the exact W + ΔW than the twice-rounded fuse."""
+    from sd35trt.runtime.models.fp8 import E4M3_MAX, to_e4m3
+    from sd35trt.runtime.models.lora_linear import fuse_deltas
+
+    g = torch.Generator().manual_seed(8)
+    lin = nn.Linear(256, 3 * 128)
+    with torch.no_grad():
+        lin.weight.normal_(0.0, 0.02, generator=g)
+    deltas = [(k, 3, torch.randn(128, 8, generator=g) * 0.02 @ torch.randn(8, 256, generator=g) * 0.02)
+              for k in (0, 2)]  # q and v of a fused q/k/v
+    exact = lin.weight.detach().clone()
+    for k, _, d in deltas:
+        exact[k * 128:(k + 1) * 128] += d
+    once = FP8Linear(lin, in_amax=4.0, w_amax=float(lin.weight.detach().abs().max()))
+    twice = FP8Linear(lin, in_amax=4.0, w_amax=float(lin.weight.detach().abs().max()))
+    fuse_deltas(once, deltas, lambda: lin.weight.detach())
+    fuse_deltas(twice, deltas, lambda: None)  # no source: today's path
+    scale = float(exact.abs().max()) / E4M3_MAX
+    assert torch.equal(once.weight_t.t(), to_e4m3(exact, scale)) and float(once.scale_w) == pytest.approx(scale)
+
+    def err(layer: FP8Linear) -> float:
+        return float((layer.weight_t.t().float() * layer.scale_w - exact).norm() / exact.norm())
+
+    assert err(once) < err(twice)
+    w = once.weight_t.t().float() * once.scale_w
+    fuse_deltas(once, deltas, lambda: lin.weight.detach())  # a second fuse: from the fused weights, not the source
+    for k, _, d in deltas:
+        w[k * 128:(k + 1) * 128] += d
+    assert torch.equal(once.weight_t.t(), to_e4m3(w, float(w.abs().max()) / E4M3_MAX))
