@@ -33,10 +33,13 @@ from .manifest import ExportManifest
 from .weights import (
     MMDIT_SAI_NAMES,
     VAE_SAI_NAMES,
+    component_files,
     finish_text_state,
     load_prefixed,
     load_state_dict,
     read_header,
+    read_renamed,
+    read_tensor,
     rename_state,
 )
 
@@ -106,6 +109,11 @@ class Checkpoint(ABC):
     def transformer_state(self) -> dict[str, torch.Tensor]:
         """MMDiT weights in diffusers SD3Transformer2DModel names."""
 
+    def transformer_tensor(self, key: str) -> torch.Tensor | None:
+        """One MMDiT tensor by its diffusers name, read alone; None when this checkpoint has no
+        weights or lacks it (LoRA fusing from the source weights, runtime/lora_source.py)."""
+        return None
+
     @abstractmethod
     def vae_decoder_state(self) -> dict[str, torch.Tensor]:
         """VAE decoder weights in diffusers AutoencoderKL names (`decoder.*`)."""
@@ -174,6 +182,9 @@ class FolderCheckpoint(Checkpoint):
 
     def transformer_state(self) -> dict[str, torch.Tensor]:
         return load_state_dict(self.path / "transformer")
+
+    def transformer_tensor(self, key: str) -> torch.Tensor | None:
+        return read_tensor(component_files(self.path / "transformer"), key)
 
     def vae_decoder_state(self) -> dict[str, torch.Tensor]:
         return load_state_dict(self.path / "vae", "decoder.")
@@ -262,6 +273,10 @@ class SingleFileCheckpoint(Checkpoint):
         state = load_prefixed(self.path, MODEL_PREFIX)
         last = self.config.transformer.num_layers - 1
         return rename_state(state, MMDIT_SAI_NAMES, "diffusers", self.path, last=last)
+
+    def transformer_tensor(self, key: str) -> torch.Tensor | None:
+        last = self.config.transformer.num_layers - 1
+        return read_renamed(self.path, MODEL_PREFIX, key, MMDIT_SAI_NAMES, last=last)
 
     def _vae_part(self, part: str) -> dict[str, torch.Tensor]:
         state = {part + k: t for k, t in load_prefixed(self.path, VAE_PREFIX + part).items()}

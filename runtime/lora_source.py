@@ -13,9 +13,8 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import MODEL_PREFIX, Checkpoint, FolderCheckpoint, SingleFileCheckpoint
+from .checkpoint import Checkpoint
 from .models.fp8 import FUSED_QKV
-from .weights import MMDIT_SAI_NAMES, component_files, read_renamed, read_tensor
 
 
 def source_weight(ckpt: Checkpoint, component: str, layer: str, dtype: torch.dtype) -> torch.Tensor | None:
@@ -35,11 +34,4 @@ def fused_source(read: Callable[[str], torch.Tensor | None], layer: str, dtype: 
 
 
 def _read(ckpt: Checkpoint, component: str, key: str) -> torch.Tensor | None:
-    if component != "transformer":
-        return None
-    if isinstance(ckpt, FolderCheckpoint):
-        return read_tensor(component_files(ckpt.path / "transformer"), key)
-    if isinstance(ckpt, SingleFileCheckpoint):
-        last = ckpt.config.transformer.num_layers - 1
-        return read_renamed(ckpt.path, MODEL_PREFIX, key, MMDIT_SAI_NAMES, last=last)
-    return None
+    return ckpt.transformer_tensor(key) if component == "transformer" else None  # each format: checkpoint.py
