@@ -12,7 +12,8 @@ Cost: the same step compiled as the runtime's torch-fp8 compile="reduce-overhead
 accumulation, sigmoid GELU, CUDA graphs) on the first `--blocks` blocks (real widths and token
 counts), rows in `--plan` order: `alternate` (no LoRA and fuse=True, compiled side by side and
 timed in alternating rounds: the spread of the per-round ratio is the noise), `plain` (no LoRA),
-`VARIANT:RANK` (one slot), `profile` (eager kernels per step with torch.profiler: no LoRA, delta,
+`VARIANT:RANK` (one slot), `alt:VARIANT:RANK` (that side path and no LoRA, compiled side by side and
+timed in alternating rounds, as `alternate`), `profile` (eager kernels per step with torch.profiler: no LoRA, delta,
 splitk). A row is skipped (and says so) when it would start after `--budget-s`. The JSON is
 rewritten after every row, and the end prints a table and the variant to make the default.
 `--tiny`: a 2-block, 64-wide model at 64² on CPU (dynamo fullgraph + aot_eager): proves the code path.
@@ -145,11 +146,15 @@ def compiled(m8, args):
     return fn, time.perf_counter() - t0
 
 
-def alternate(m8, args, rounds: int, iters: int) -> list[dict]:
-    """No LoRA and fuse=True (rank 64), compiled side by side, timed in alternating rounds."""
+def alternate(m8, args, rounds: int, iters: int, side: tuple[str, int] | None = None) -> list[dict]:
+    """No LoRA and fuse=True (rank 64) — or, with `side` = (variant, rank), that side path — compiled
+    side by side and timed in alternating rounds (the spread of the per-round ratio is the noise)."""
     with torch.inference_mode():
         fused = copy.deepcopy(m8)
-        fuse_lora({"transformer": fused}, random_lora(m8, 64, seed=64), 1.0)
+        if side is None:
+            fuse_lora({"transformer": fused}, random_lora(m8, 64, seed=64), 1.0)
+        else:
+            attach({"transformer": fused}, random_lora(m8, side[1], seed=side[1]), 0, bank_for(1, side[1], side[0]))
     torch._dynamo.reset()
     fn_plain, first_plain = compiled(m8, args)
     fn_fused, first_fused = compiled(fused, args)
@@ -165,7 +170,8 @@ def alternate(m8, args, rounds: int, iters: int) -> list[dict]:
     base = statistics.median(plain)
     rows = [{"name": "fp8, no LoRA", "step_ms": round(base, 3), "first_call_s": round(first_plain, 1),
              "rounds_ms": [round(t, 3) for t in plain]},
-            {"name": "fused rank 64 (fuse=True)", "step_ms": round(statistics.median(fz), 3),
+            {"name": "fused rank 64 (fuse=True)" if side is None else f"side {side[0]} rank {side[1]} (alternating)",
+             **({} if side is None else {"variant": side[0], "rank": side[1]}), "step_ms": round(statistics.median(fz), 3),
              "first_call_s": round(first_fused, 1), "rounds_ms": [round(t, 3) for t in fz],
              "vs_no_lora_per_round": {"min": round(min(ratios), 4), "median": round(statistics.median(ratios), 4),
                                       "max": round(max(ratios), 4)}}]
@@ -255,6 +261,9 @@ def cost(config, blocks: int, budget_s: float, doc: dict, out: Path, plan: list[
         t = time.perf_counter()
         if name == "alternate":
             rows += alternate(m8, args, rounds=1 if tiny else 8, iters=1 if tiny else 10)
+        elif name == "alt":  # alt:VARIANT:RANK: that side path alternating with no LoRA
+            variant, _, r = rank.partition(":")
+            rows += alternate(m8, args, rounds=1 if tiny else 6, iters=1 if tiny else 10, side=(variant, int(r)))[1:]
         elif name == "plain":
             rows.append(plain_row(m8, args, iters=1 if tiny else 20))
         elif name == "profile":
@@ -267,7 +276,8 @@ def cost(config, blocks: int, budget_s: float, doc: dict, out: Path, plan: list[
     base = rows[0]["step_ms"]
     for r in rows:
         if "step_ms" in r:
-            r["vs_no_lora"] = round(r["step_ms"] / base, 4)
+            alt = r.get("vs_no_lora_per_round")  # alternating rows: the median per-round ratio
+            r["vs_no_lora"] = alt["median"] if alt else round(r["step_ms"] / base, 4)
 
 
 def save(doc: dict, out: Path) -> None:
@@ -313,7 +323,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="CPU, a 2-block 64-wide model at 64² (a smoke run)")
     ap.add_argument("--no-fidelity", action="store_true", help="cost rows only")
     ap.add_argument("--plan", default=DEFAULT_PLAN, help="rows in order: alternate (no LoRA and fuse=True) | "
-                    "plain (no LoRA) | profile (eager kernels: none, delta, splitk) | VARIANT:RANK; first = baseline")
+                    "plain (no LoRA) | profile (eager kernels: none, delta, splitk) | VARIANT:RANK | alt:VARIANT:RANK "
+                    "(that side path alternating with no LoRA); first = baseline")
     a = ap.parse_args()
     config = VARIANTS["sd3.5-large"]
     if a.tiny:

@@ -25,10 +25,10 @@ from torch import nn
 from . import lora_fp8
 from .fp8 import E4M3_MAX, FP8Linear, replace_module, to_e4m3
 
-# The FP8 side path the runtime uses. H200, 4 of 38 Large blocks (BENCHMARKS.md): delta / fp8down / catk
-# cost the same (+17 %, within noise), addmm +22 %; fp8down has the best full-depth cosine (0.99297 vs 0.99272).
-# The default is delta: the GPU no-recompile test (test_torch_fp8_lora_gpu.py) passed with it; splitk: unmeasured.
-DEFAULT_VARIANT = "delta"
+# The FP8 side path the runtime uses. H200, 4 of 38 Large blocks, each alternating with no LoRA
+# (BENCHMARKS.md, issue 15): catk +8.0 % (rank 16) / +9.0 % (rank 64) after its joined-K rework,
+# delta +13.9 %; full-depth cosine vs bf16-with-LoRA catk 0.99149, delta 0.99272 (both >= 0.99).
+DEFAULT_VARIANT = "catk"
 
 
 class LoraBank(nn.Module):
@@ -58,9 +58,10 @@ class LoraBank(nn.Module):
 class LoraLinear(nn.Module):
     """`base(x)` plus the bank's slots: [..., in] -> [..., out]; row i of x uses strengths[i]."""
 
-    def __init__(self, base: nn.Module, bank: LoraBank, groups: int = 1) -> None:
+    def __init__(self, base: nn.Module, bank: LoraBank, groups: int = 1, name: str = "") -> None:
         super().__init__()
         self.base, self.groups = base, groups
+        self.join = lora_fp8.join_mode(name)  # catk: how its joined input is made (models/lora_fp8.py)
         self.in_features, self.out_features = base.in_features, base.out_features
         self._bank = [bank]  # a list: shared, not a child (no duplicate entries in the module tree)
         width = bank.slots * bank.rank
@@ -151,7 +152,7 @@ def install(model: nn.Module, name: str, bank: LoraBank, groups: int) -> LoraLin
     layer = model.get_submodule(name)
     if isinstance(layer, LoraLinear):
         return layer
-    wrapped = LoraLinear(layer, bank, groups)
+    wrapped = LoraLinear(layer, bank, groups, name)
     replace_module(model, name, wrapped)
     return wrapped
 

@@ -105,8 +105,9 @@ def test_switching_loras_and_strengths_does_not_recompile(tiny_models: dict[str,
     assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[3])
 
 
+@pytest.mark.parametrize("name", ["attn.to_qkv", "ff.net.2"])  # catk joins by copy / by pad
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_fp8_side_path_variants_match_the_plain_side_path(variant: str) -> None:
+def test_fp8_side_path_variants_match_the_plain_side_path(variant: str, name: str) -> None:
     """Every FP8 side-path variant (models/lora_fp8.py) ≈ FP8 base + exact bf16 side path, per row,
     for a fused q/k/v with 2 slots; uninstalling gives the base its own weight back."""
     g = torch.Generator().manual_seed(5)
@@ -115,7 +116,8 @@ def test_fp8_side_path_variants_match_the_plain_side_path(variant: str) -> None:
     base = FP8Linear(lin, in_amax=float(x.abs().max()), w_amax=float(lin.weight.detach().abs().max()))
     want_base = base(x).float()
     bank = LoraBank(slots=2, rank=8, device=torch.device("cpu"), dtype=torch.bfloat16, variant=variant)
-    layer = LoraLinear(base, bank, groups=3)
+    layer = LoraLinear(base, bank, groups=3, name=f"transformer_blocks.0.{name}")
+    assert layer.join == ("pad" if name == "ff.net.2" else "copy")
     ab = [(torch.randn(r, 64, generator=g) * 0.1, torch.randn(32, r, generator=g) * 0.03) for r in (4, 8, 6)]
     for grp, (a, b) in enumerate(ab):
         layer.set_slot(1, grp, a, b)
@@ -215,3 +217,31 @@ def test_fuse_from_the_source_weight_rounds_once() -> None:
     for k, _, d in deltas:
         w[k * 128:(k + 1) * 128] += d
     assert torch.equal(once.weight_t.t(), to_e4m3(w, float(w.abs().max()) / E4M3_MAX))
+
+
+@pytest.mark.parametrize("name", ["attn.to_qkv", "ff.net.2"])
+def test_catk_under_inductor_equals_eager(name: str) -> None:
+    """The joined-K side path through inductor (its custom ops `lora_down`, `join_columns`,
+    `write_columns` inside a LayerNorm/GELU-fed graph) gives the eager output; K_cat is 128-aligned."""
+    g = torch.Generator().manual_seed(8)
+    lin = nn.Linear(64, 3 * 32)
+    x = torch.randn(2, 24, 64, generator=g)  # [B, N, in]
+    base = FP8Linear(lin, in_amax=4.0, w_amax=float(lin.weight.detach().abs().max()))
+    bank = LoraBank(slots=1, rank=8, device=torch.device("cpu"), dtype=torch.bfloat16, variant="catk")
+    layer = LoraLinear(base, bank, groups=3, name=name)
+    for grp in range(3):
+        layer.set_slot(0, grp, torch.randn(8, 64, generator=g) * 0.1, torch.randn(32, 8, generator=g) * 0.1)
+    bank.set_rows(torch.tensor([[1.0], [0.4]]))
+    assert layer.k_cat == 128 and layer.w_cat.shape == (96, 128)
+    norm = nn.LayerNorm(64)
+
+    def block(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.gelu(layer(norm(t) if name == "attn.to_qkv" else torch.nn.functional.gelu(t)))
+
+    from torch import _dynamo
+
+    _dynamo.reset()
+    with torch.inference_mode():
+        want = block(x).float()
+        got = torch.compile(block, fullgraph=True)(x).float()
+    assert _cos(got, want) > 0.9999, _cos(got, want)
