@@ -146,7 +146,7 @@ def compiled(m8, args):
     return fn, time.perf_counter() - t0
 
 
-def alternate(m8, args, rounds: int, iters: int, side: tuple[str, int] | None = None) -> list[dict]:
+def alternate(m8, args, rounds: int, iters: int, side: tuple[str, int, int] | None = None) -> list[dict]:
     """No LoRA and fuse=True (rank 64) — or, with `side` = (variant, rank), that side path — compiled
     side by side and timed in alternating rounds (the spread of the per-round ratio is the noise)."""
     with torch.inference_mode():
@@ -154,7 +154,7 @@ def alternate(m8, args, rounds: int, iters: int, side: tuple[str, int] | None = 
         if side is None:
             fuse_lora({"transformer": fused}, random_lora(m8, 64, seed=64), 1.0)
         else:
-            attach({"transformer": fused}, random_lora(m8, side[1], seed=side[1]), 0, bank_for(1, side[1], side[0]))
+            attach({"transformer": fused}, random_lora(m8, side[1], seed=side[1]), 0, bank_for(side[2], side[1], side[0]))
     torch._dynamo.reset()
     fn_plain, first_plain = compiled(m8, args)
     fn_fused, first_fused = compiled(fused, args)
@@ -170,8 +170,8 @@ def alternate(m8, args, rounds: int, iters: int, side: tuple[str, int] | None = 
     base = statistics.median(plain)
     rows = [{"name": "fp8, no LoRA", "step_ms": round(base, 3), "first_call_s": round(first_plain, 1),
              "rounds_ms": [round(t, 3) for t in plain]},
-            {"name": "fused rank 64 (fuse=True)" if side is None else f"side {side[0]} rank {side[1]} (alternating)",
-             **({} if side is None else {"variant": side[0], "rank": side[1]}), "step_ms": round(statistics.median(fz), 3),
+            {"name": "fused rank 64 (fuse=True)" if side is None else f"side {side[0]} rank {side[1]}, {side[2]} slot(s) (alternating)",
+             **({} if side is None else {"variant": side[0], "rank": side[1], "slots": side[2]}), "step_ms": round(statistics.median(fz), 3),
              "first_call_s": round(first_fused, 1), "rounds_ms": [round(t, 3) for t in fz],
              "vs_no_lora_per_round": {"min": round(min(ratios), 4), "median": round(statistics.median(ratios), 4),
                                       "max": round(max(ratios), 4)}}]
@@ -263,7 +263,9 @@ def cost(config, blocks: int, budget_s: float, doc: dict, out: Path, plan: list[
             rows += alternate(m8, args, rounds=1 if tiny else 8, iters=1 if tiny else 10)
         elif name == "alt":  # alt:VARIANT:RANK: that side path alternating with no LoRA
             variant, _, r = rank.partition(":")
-            rows += alternate(m8, args, rounds=1 if tiny else 6, iters=1 if tiny else 10, side=(variant, int(r)))[1:]
+            r, _, slots = r.partition("x")  # alt:catk:64x2: a bank of 2 slots × 64 (the runtime's default), slot 0 used
+            rows += alternate(m8, args, rounds=1 if tiny else 6, iters=1 if tiny else 10,
+                              side=(variant, int(r), int(slots or 1)))[1:]
         elif name == "plain":
             rows.append(plain_row(m8, args, iters=1 if tiny else 20))
         elif name == "profile":
@@ -324,7 +326,7 @@ def main() -> None:
     ap.add_argument("--no-fidelity", action="store_true", help="cost rows only")
     ap.add_argument("--plan", default=DEFAULT_PLAN, help="rows in order: alternate (no LoRA and fuse=True) | "
                     "plain (no LoRA) | profile (eager kernels: none, delta, splitk) | VARIANT:RANK | alt:VARIANT:RANK "
-                    "(that side path alternating with no LoRA); first = baseline")
+                    "(that side path alternating with no LoRA; RANKx2: 2 slots) ; first = baseline")
     a = ap.parse_args()
     config = VARIANTS["sd3.5-large"]
     if a.tiny:
