@@ -26,8 +26,8 @@ from . import lora_fp8
 from .fp8 import E4M3_MAX, FP8Linear, replace_module, to_e4m3
 
 # The FP8 side path the runtime uses. H200, 4 of 38 Large blocks, each alternating with no LoRA
-# (BENCHMARKS.md, issue 15): catk +8.0 % (rank 16) / +9.0 % (rank 64) after its joined-K rework,
-# delta +13.9 %; full-depth cosine vs bf16-with-LoRA catk 0.99149, delta 0.99272 (both >= 0.99).
+# (BENCHMARKS.md, issue 15, tools/l15d_gpu.sh): catk +4.9 % (rank 16), +6.9 % (rank 64), +6.8 % (the
+# default bank, 2 slots × 64); delta +13.9 %. Full-depth cosine vs bf16-with-LoRA: catk 0.99149, delta 0.99272.
 DEFAULT_VARIANT = "catk"
 
 
