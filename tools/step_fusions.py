@@ -11,8 +11,9 @@ that beat the baseline by > 0.5 % with cosine >= 0.999, the better persistent va
 `profile` (baseline and best compiled without CUDA graphs: torch.profiler kernels per step by
 category). Per row: step ms (median of 20 after 3 warm-ups, CUDA events), first call s, output
 cosine vs the baseline. A row starts only if it fits in `--budget-s` (candidates leave room for
-`best` and the profiles); the JSON is rewritten after every row. `--tiny`: CPU, 2 blocks 64 wide
-at 64², dynamo + aot_eager (each row's inductor options are checked against this torch's config).
+`best`, `recheck` and the profiles); `recheck` times the baseline again (a compile-cache hit: the
+run's drift). The JSON is rewritten after every row. `--tiny`: CPU, 2 blocks 64 wide at 64², dynamo
++ aot_eager (each row's inductor options are checked against this torch's config).
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ from sd35trt.runtime.models.mmdit import use_sigmoid_gelu
 T0 = time.perf_counter()
 S = {"device": "cuda", "size": 1024, "tiny": False}
 CANDIDATES = ("adaln-bank", "persistent-rows", "combo", "mk-persistent", "aggressive", "pointwise-tune", "tune")
-SLOW = {"profile": 2.0, "pointwise-tune": 2.0, "tune": 2.5}  # compile time vs the longest row so far (estimate)
-DEFAULT_PLAN = ",".join(("baseline",) + CANDIDATES + ("best", "profile"))
+SLOW = {"profile": 2.0, "pointwise-tune": 2.0, "tune": 2.5, "recheck": 0.5}  # row time vs the longest so far
+DEFAULT_PLAN = ",".join(("baseline",) + CANDIDATES + ("best", "recheck", "profile"))
 
 
 def now() -> float:
@@ -256,7 +257,7 @@ def run_plan(doc: dict, out: Path, plan: list[str], budget_s: float, blocks: int
     save(doc, out)
     ctx, rows, ref, longest = choice.context, doc["rows"], None, 0.0
     for item in plan:
-        reserve = 0.0 if item in ("best", "profile") else 2.5 * rows[0].get("row_s", 0.0) if rows else 0.0
+        reserve = 0.0 if item in ("best", "recheck", "profile") else 3.0 * rows[0].get("row_s", 0.0) if rows else 0.0
         need = longest * SLOW.get(item, 1.0) + reserve
         if rows and now() + need > budget_s:
             rows.append({"name": item, "skipped": f"time budget {budget_s:.0f} s (at {now():.0f} s)"})
@@ -272,8 +273,10 @@ def run_plan(doc: dict, out: Path, plan: list[str], budget_s: float, blocks: int
             for p in doc["profile"]:
                 print(f"[{now():.0f} s] profile {p['name']}: {p.get('by_category', p.get('error'))}", flush=True)
         else:
-            fusions = () if item == "baseline" else tuple(doc.setdefault("best", list(pick_best(rows)))) \
-                if item == "best" else (item,)
+            if item == "best":
+                fusions = tuple(doc.setdefault("best", list(pick_best(rows))))
+            else:
+                fusions = () if item in ("baseline", "recheck") else (item,)
             if item == "best" and not fusions:
                 rows.append({"name": "best", "skipped": "no fusion beat the baseline"})
                 continue
@@ -325,11 +328,11 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=6)
     ap.add_argument("--budget-s", type=float, default=230.0, help="start no row that would end after this (s)")
     ap.add_argument("--plan", default=DEFAULT_PLAN, help=f"rows in order; first = baseline; names: baseline, "
-                    f"{', '.join(CANDIDATES)}, best, profile")
+                    f"{', '.join(CANDIDATES)}, best, recheck (the baseline again: the drift), profile")
     ap.add_argument("--tiny", action="store_true", help="CPU, 2 blocks 64 wide at 64² (a smoke run)")
     a = ap.parse_args()
     plan = a.plan.split(",")
-    bad = [p for p in plan if p not in ("baseline", "best", "profile") + CANDIDATES]
+    bad = [p for p in plan if p not in ("baseline", "best", "recheck", "profile") + CANDIDATES]
     if bad or plan[0] != "baseline":
         raise SystemExit(f"--plan {a.plan!r}: unknown {bad} or not starting with baseline")
     if a.tiny:
