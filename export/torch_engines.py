@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from ..runtime.backends.fp8_fusions import check_fusions
 from ..runtime.backends.torch_fp8_set import COMPILE_SCOPES
 from ..runtime.checkpoint import Checkpoint
 from ..runtime.config import VariantConfig
@@ -64,10 +65,12 @@ def _hf_config(module: nn.Module) -> dict | None:
 def write_set(modules: dict[str, nn.Module], amax: Mapping[str, float], config: VariantConfig,
               tokenizers: Checkpoint, out: Path, *, gpu: str, build: BuildArgs, compile: str,
               attention: str, versions: Mapping[str, Any], log: Callable[[str], None] = print,
-              compile_scope: str = "model") -> EngineManifest:
+              compile_scope: str = "model", fusions: tuple[str, ...] = ()) -> EngineManifest:
     """Convert `modules` (bf16, the torch backend's signatures) and write them, the calibration,
     the tokenizers, an empty artifact file and the manifest into `out` (no GPU needed: CI checks
-    sets written here). Consumes `modules`."""
+    sets written here). `fusions` (runtime/backends/fp8_fusions.py, none by default) go into the
+    transformer's flags; the loader applies them. Consumes `modules`."""
+    fusions = check_fusions(fusions)  # before any write
     out.mkdir(parents=True, exist_ok=True)
     remove_temporaries(out)
     (out / MANIFEST).unlink(missing_ok=True)  # the set is not valid until this build finishes
@@ -82,6 +85,8 @@ def write_set(modules: dict[str, nn.Module], amax: Mapping[str, float], config: 
         if comp == "transformer":
             flags.update(fast_accum=True, sigmoid_gelu=True, attention=attention, fp8_layers=fp8_layers,
                          compile_scope=compile_scope)
+            if fusions:  # absent = none (sets written before fusions existed read the same)
+                flags["fusions"] = list(fusions)
         if comp == "t5":
             flags["t5_precision"] = "fp8-weights"
         if (hf := _hf_config(module)) is not None:
@@ -113,7 +118,7 @@ def build_torch_set(modules: dict[str, nn.Module], amax: Mapping[str, float], co
                     tokenizers: Checkpoint, out: str | Path, *, gpu: str, source: str,
                     calibration: str | None = None, compile: str = "reduce-overhead",
                     warmup: Warmup | None = None, log: Callable[[str], None] = print,
-                    compile_scope: str = "model") -> EngineManifest:
+                    compile_scope: str = "model", fusions: tuple[str, ...] = ()) -> EngineManifest:
     """Write a torch-fp8 engine set of these bf16 component modules (on the GPU) into `out`, warm
     it up through the runtime and save the compile artifacts; returns its manifest (the build's
     timings are in its compile-cache entry)."""
@@ -131,7 +136,8 @@ def build_torch_set(modules: dict[str, nn.Module], amax: Mapping[str, float], co
     attention = choose_attention("cuda", torch.bfloat16).name  # what a loading process must also run
     versions = installed_versions()
     m = write_set(modules, amax, config, tokenizers, out, gpu=gpu, build=build, compile=compile,
-                  attention=attention, versions=versions, log=log, compile_scope=compile_scope)
+                  attention=attention, versions=versions, log=log, compile_scope=compile_scope,
+                  fusions=fusions)
     torch.cuda.empty_cache()
     return warm_set(m, out, warmup or default_warmup(config), versions,
                     {"write_s": round(time.perf_counter() - t0, 1)}, log)
@@ -178,7 +184,7 @@ def _check_scope(scope: str) -> None:
 
 def build_from_checkpoint(model: str | Path, calibration: str | Path, out: str | Path | None = None, *,
                           gpu: str, compile: str = "reduce-overhead", family: str | None = None,
-                          compile_scope: str = "model") -> tuple[Path, EngineManifest]:
+                          compile_scope: str = "model", fusions: tuple[str, ...] = ()) -> tuple[Path, EngineManifest]:
     """`sd35trt build --flavor torch-fp8 --model M --calibration C --gpu smXX`: the checkpoint's
     modules loaded in bf16 on the GPU, the calibration `sd35trt export --precision fp8` wrote."""
     from ..runtime.components import RUNTIME
@@ -187,13 +193,15 @@ def build_from_checkpoint(model: str | Path, calibration: str | Path, out: str |
     from ..runtime.torch_engine_set import default_dir
 
     _check_scope(compile_scope)
+    fusions = check_fusions(fusions)
     amax = load_amax(calibration)  # a missing calibration fails before any weights are read
     ckpt = Checkpoint.open(model, family=family)
     out = Path(out) if out is not None else default_dir(ckpt.config.name, gpu)
     names = [c.name for c in RUNTIME if c.name != "vae_encoder"]
     modules = load_modules(ckpt, names, torch.device("cuda"), torch.bfloat16)
     m = build_torch_set(modules, amax, ckpt.config, ckpt, out, gpu=gpu, source=str(model),
-                        calibration=str(calibration), compile=compile, compile_scope=compile_scope)
+                        calibration=str(calibration), compile=compile, compile_scope=compile_scope,
+                        fusions=fusions)
     return out, m
 
 

@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from sd35trt.runtime.backends.fp8_fusions import FUSIONS
 from sd35trt.runtime.config import VARIANTS, VariantConfig
 from sd35trt.runtime.models.fp8 import HIGH_PRECISION as EXCLUDE
 from sd35trt.runtime.models.mmdit import MMDiT
@@ -194,7 +195,8 @@ def bench_attention(config: VariantConfig, size: int, batch: int, runner: Runner
 
 FP8_FLAGS = {"fast": "fast-accumulation FP8 GEMMs", "fa4": "FlashAttention-4 attention core (custom op)",
              "tune": "inductor coordinate-descent tuning of its Triton kernels",
-             "gelu": "GELU(tanh) as x*sigmoid(2z)", "mk": "inductor multi-kernel (persistent LayerNorm rows)"}
+             "gelu": "GELU(tanh) as x*sigmoid(2z)", "mk": "inductor multi-kernel (persistent LayerNorm rows)",
+             **{k: v for k, v in FUSIONS.items() if k != "tune"}}  # runtime/backends/fp8_fusions.py (`tune` above)
 
 
 def fp8_config(cfg: str) -> tuple[str | None, set[str]]:
@@ -234,6 +236,17 @@ def set_fp8_options(model: torch.nn.Module, flags: set[str]) -> None:
         core = choice.core
     set_attention_core(model, core)
     use_sigmoid_gelu(model, "gelu" in flags)
+    from sd35trt.runtime.backends.fp8_fusions import apply_fusions, uninstall_persistent_rows
+    from sd35trt.runtime.models.adaln_bank import unbatch_adaln
+
+    unbatch_adaln(model)  # the previous row's fusions off, this row's on (their inductor options: fused_options)
+    uninstall_persistent_rows()
+    apply_fusions(model, fused(flags))
+
+
+def fused(flags: set[str]) -> tuple[str, ...]:
+    """The config's flags that are runtime step fusions (fp8_fusions.py), `tune` left to inductor_options."""
+    return tuple(f for f in FUSIONS if f in flags and f != "tune")
 
 
 def bench_transformer(variant: str, size: int, batch: int, configs: list[str], attention: str,
@@ -241,6 +254,7 @@ def bench_transformer(variant: str, size: int, batch: int, configs: list[str], a
     """Time `configs` on a random-weight model of `variant`; with `fidelity`, every FP8 row is also
     compared (cosine, relative L2) with a BF16 output of the same inputs, even when no peer or bf16
     row is timed (then an untimed eager BF16 forward is the reference)."""
+    from sd35trt.runtime.backends.fp8_fusions import fusion_options
     from sd35trt.runtime.models.fp8 import max_calibrate, to_fp8
 
     fp8_rows = {c: fp8_config(c) for c in configs if c.startswith("fp8")}  # bad names fail before setup
@@ -281,7 +295,8 @@ def bench_transformer(variant: str, size: int, batch: int, configs: list[str], a
         for mode, flags in fp8_rows.values():
             set_fp8_options(m8, flags)
             torch._dynamo.reset()
-            options = None if mode is None else inductor_options(mode, "tune" in flags, "mk" in flags)
+            options = None if mode is None else {**inductor_options(mode, "tune" in flags, "mk" in flags),
+                                                 **fusion_options(fused(flags))}
             fn = m8 if options is None else torch.compile(m8, fullgraph=True, options=options)
             name = f"ours {'eager' if mode is None else 'compile ' + mode} fp8{''.join(' +' + f for f in sorted(flags))}"
             runner.record(f"{name} [{'fa4' if 'fa4' in flags else attention}]", lambda: fn(*args), ref)

@@ -35,6 +35,7 @@ def test_fp8_config_grammar() -> None:
 
     assert fp8_config("fp8") == (None, set())
     assert fp8_config("fp8-compile-reduce-overhead+fast+gelu") == ("reduce-overhead", {"fast", "gelu"})
+    assert fp8_config("fp8-compile-reduce-overhead+adaln-bank+combo")[1] == {"adaln-bank", "combo"}
     assert inductor_options("reduce-overhead", tune=True) == {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
     for bad in ("fp8+turbo", "fp8-fast", "fp8-compile-default+fast+x"):
         with pytest.raises(ValueError, match=bad.replace("+", r"\+")):
@@ -62,6 +63,10 @@ def test_flags_switch_the_model_and_back() -> None:
     assert all(m.act is gelu_tanh for m in m8.modules() if isinstance(m, FeedForward))
     with pytest.raises(RuntimeError, match=r"\+fa4.*device cpu"):  # a row must be what its name says
         set_fp8_options(m8, {"fa4"})
+    set_fp8_options(m8, {"adaln-bank"})  # a runtime step fusion (fp8_fusions.py) as a bench flag, and off again
+    assert hasattr(m8, "adaln_bank")
+    set_fp8_options(m8, set())
+    assert not hasattr(m8, "adaln_bank")
 
 
 def test_e2e_prompts_go_through_the_runtime_prompt_encoder() -> None:

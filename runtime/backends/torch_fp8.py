@@ -26,6 +26,7 @@ from ..config import VariantConfig
 from ..errors import CheckpointError, InvalidInputError
 from ..models.fp8 import FP8Linear, fp8_weights_only, load_amax, to_fp8
 from ..models.mmdit import use_sigmoid_gelu
+from .fp8_fusions import apply_fusions, check_fusions, fusion_options
 from .torch_backend import TorchBackend
 
 
@@ -54,8 +55,12 @@ class TorchFP8Backend(TorchBackend):
         compile: bool | str = False,
         fast_accum: bool = False,
         load_device: str | torch.device | None = None,
+        fusions: tuple[str, ...] = (),
     ) -> None:
         options = compile_options(compile)
+        fusions = check_fusions(fusions)  # opt-in step fusions (fp8_fusions.py); none by default
+        if options is not None:
+            options = {**options, **fusion_options(fusions)}
         if calibration is None:
             raise CheckpointError("backend 'torch-fp8' needs calibration=<dir with amax.safetensors> "
                                   "(written by `sd35trt export --precision fp8` under <out>/calibration)")
@@ -66,6 +71,7 @@ class TorchFP8Backend(TorchBackend):
         amax = dict(calibration) if isinstance(calibration, Mapping) else load_amax(calibration)
         mmdit = to_fp8(self.modules["transformer"], amax, fast_accum=fast_accum)  # bf16 weights dropped
         use_sigmoid_gelu(mmdit)
+        apply_fusions(mmdit, fusions)
         self.fp8_layers = sum(isinstance(m, FP8Linear) for m in mmdit.modules())
         if "t5" in self.modules:  # weight-only FP8 (activation outliers keep T5's GEMMs in bf16): half the memory
             fp8_weights_only(self.modules["t5"])

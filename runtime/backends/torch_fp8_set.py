@@ -24,6 +24,7 @@ from ..models.fp8 import load_amax
 from ..torch_engine_set import CACHE, CALIBRATION, check_set, installed_versions, is_torch_set, load_cache, load_state
 from ..torch_engine_set import set_components, skeleton, start_state
 from .base import BackendBase, Limits
+from .fp8_fusions import apply_fusions, check_fusions, fusion_options
 from .torch_backend import TorchBackend
 from .torch_fp8 import TorchFP8Backend, compile_options
 
@@ -58,6 +59,7 @@ class TorchFP8SetBackend(TorchBackend):
         if self.device.type == "cuda":
             fa4.start()
         options = self._load(config, load_t5, mode)
+        options = self._fusions(options)
         with self._timed("attention_s"):
             if fa4.ident is not None:  # started (CUDA)
                 fa4.join()
@@ -71,6 +73,18 @@ class TorchFP8SetBackend(TorchBackend):
             with self._timed("compile_wrap_s"):
                 compile_set_modules(self.modules, m.components["transformer"].flags, options)
         self.bind()
+
+    def _fusions(self, options: dict | None) -> dict | None:
+        """The build's opt-in step fusions (flag `fusions`, fp8_fusions.py; absent = none) applied to the
+        MMDiT as the build's warm-up applied them, and their inductor options added."""
+        names = self.manifest.components["transformer"].flags.get("fusions", ())
+        try:
+            fusions = check_fusions(tuple(names))
+        except InvalidInputError as exc:
+            raise EngineSetError(f"{self.path}: the set was built with step fusions this runtime does not know "
+                                 f"({exc}); rebuild it with this version") from exc
+        apply_fusions(self.modules["transformer"], fusions)
+        return None if options is None else {**options, **fusion_options(fusions)}
 
     @contextmanager
     def _timed(self, key: str):

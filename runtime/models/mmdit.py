@@ -183,15 +183,16 @@ class JointBlock(nn.Module):
             self.ff_context = FeedForward(d)
 
     def forward(
-        self, x: torch.Tensor, ctx: torch.Tensor, temb: torch.Tensor
+        self, x: torch.Tensor, ctx: torch.Tensor, temb: torch.Tensor, adaln: tuple | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        mods = self.norm1(temb)
+        """`adaln`: (norm1's, norm1_context's chunks) precomputed by the model's AdaLNBank, else computed here."""
+        mods, c_mods = (self.norm1(temb), self.norm1_context(temb)) if adaln is None else adaln
         shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = mods[:6]
         x_norm = _layer_norm(x, self.dim)
         if self.last:
-            c_scale, c_shift = self.norm1_context(temb)  # AdaLayerNormContinuous: scale first
+            c_scale, c_shift = c_mods  # AdaLayerNormContinuous: scale first
         else:
-            c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(temb)
+            c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = c_mods
         attn, ctx_attn = self.attn(_affine(x_norm, shift, scale), _modulate(ctx, c_shift, c_scale, self.dim))
         x = x + gate[:, None] * attn
         if self.dual:  # MMDiT-X: a second, image-only attention on the same normalized input
@@ -292,13 +293,15 @@ class MMDiT(nn.Module):
         flags = skip_layers if isinstance(skip_layers, torch.Tensor) else None  # [num_layers], 1 = skip
         skipped = frozenset(() if flags is not None else (skip_layers or ()))
         n_res = 0 if controlnet_residuals is None else len(controlnet_residuals)
+        bank = getattr(self, "adaln_bank", None)  # adaln_bank.batch_adaln: every block's adaLN in one GEMM
+        adaln = bank(temb) if bank is not None else [None] * len(self.transformer_blocks)
         for index, block in enumerate(self.transformer_blocks):
             if flags is not None:  # exported graphs: run the block, keep its input where flagged
                 drop = flags[index] > 0.5  # [] bool
-                new_x, new_ctx = block(x, ctx, temb)
+                new_x, new_ctx = block(x, ctx, temb, adaln[index])
                 x, ctx = torch.where(drop, x, new_x), torch.where(drop, ctx, new_ctx)
             elif index not in skipped:
-                x, ctx = block(x, ctx, temb)
+                x, ctx = block(x, ctx, temb, adaln[index])
             if n_res and not block.last:  # diffusers: interval = L / R, residual int(i / interval)
                 x = x + controlnet_residuals[int(index / (len(self.transformer_blocks) / n_res))].to(x.dtype)
         scale, shift = self.norm_out(temb)

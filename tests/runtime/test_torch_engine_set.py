@@ -196,3 +196,26 @@ def test_the_compile_scope_is_recorded_and_the_loaded_set_compiles_that_way(buil
         base = ["build", "--flavor", "torch-fp8", "--gpu", "sm90", "--model", str(ckpt.path)]
         assert main(base + ["--calibration", str(blocks / "calibration"), "--compile-scope", "blocks"]) == 2
         assert "none is visible" in capsys.readouterr().err
+
+
+def test_fusions_are_recorded_and_applied_by_the_loader(built, tmp_path: Path) -> None:
+    """A set written with fusions=("adaln-bank",) records them; the loaded MMDiT has the bank and
+    gives the latents of the set without it (same math; seen equal on the CPU); an unknown name is
+    refused before any write."""
+    out, ckpt, amax, versions = built
+    banked = tmp_path / "banked-set"
+    build = BuildArgs(onnx=str(ckpt.path), out=str(banked), gpu="sm90", flavor="torch-fp8", dynamic=False,
+                      batch=[1, 1], calibration="calib")
+    write_set(_modules(ckpt), amax, ckpt.config, ckpt, banked, gpu="sm90", build=build, compile="reduce-overhead",
+              attention="flash-attn-4", versions=versions, log=lambda _: None, fusions=("adaln-bank",))
+    assert EngineManifest.load(banked).components["transformer"].flags["fusions"] == ["adaln-bank"]
+    assert "fusions" not in EngineManifest.load(out).components["transformer"].flags
+    pipes = [Pipeline.from_pretrained(f, device="cpu", compile=False) for f in (out, banked)]
+    assert [hasattr(p.backend.modules["transformer"], "adaln_bank") for p in pipes] == [False, True]
+    one = {**KW, "num_inference_steps": 1}
+    a, b = (p(**one, generator=torch.Generator().manual_seed(2)).images.flatten().double() for p in pipes)
+    assert float(torch.nn.functional.cosine_similarity(a, b, dim=0)) > 0.99999
+    with pytest.raises(InvalidInputError, match="nope"):
+        write_set({}, amax, ckpt.config, ckpt, tmp_path / "bad", gpu="sm90", build=build, compile="reduce-overhead",
+                  attention="flash-attn-4", versions=versions, log=lambda _: None, fusions=("nope",))
+    assert not (tmp_path / "bad").exists()
