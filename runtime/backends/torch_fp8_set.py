@@ -166,6 +166,10 @@ class TorchFP8Factory:
     checkpoint -> `TorchFP8Backend` (which needs `calibration=`)."""
 
     limits = Limits()
+    # What memory modes ask of the backend class (runtime/memory.py `prepare`): a checkpoint's
+    # TorchFP8Backend loads on the host and moves its weights per stage (an engine set refuses load_device).
+    stages_weights = True
+    weight_handles = TorchFP8Backend.weight_handles
 
     def __call__(self, path: Any, config: VariantConfig, **options: Any):
         if is_torch_set(getattr(path, "manifest", None)):

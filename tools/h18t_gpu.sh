@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Issue 18 item 4 (helper h18t), one device call, no wheel parts: `sd35trt bench --configs text`
+# on Large real shapes with random weights: the peer (transformers BF16 eager CLIP-L + CLIP-G +
+# T5-XXL) and the torch-fp8 backend's own text path (T5 FP8 GEMMs from T5's calibration, T5 + CLIPs
+# compiled; also eager, and the previous weight-only T5) in interleaved rounds, one process.
+#   OUT=... [TINY=<tiny checkpoint folder: its tokenizers tokenize calib_prompts/>] bash tools/h18t_gpu.sh
+# Without TINY the prompts are seeded random token ids. Writes $OUT/h18t_text.json (the rows) and
+# $OUT/h18t.log; prints the table at the end. H18T_LIMIT_S (default 190 s) bounds the bench.
+# CPU check of the same path: OMP_NUM_THREADS=1 sd35trt bench --configs text --tiny --tokenizers TINY
+set -uo pipefail
+out=${OUT:-/tmp/out}; mkdir -p "$out"
+cd "$(dirname "$0")/.."
+tok=()
+if [ -n "${TINY:-}" ]; then tok=(--tokenizers "$(realpath "$TINY")"); fi  # gpu_run.sh runs from /tmp
+{
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.used,temperature.gpu --format=csv
+  timeout -k 5 "${H18T_LIMIT_S:-190}" bash tools/gpu_run.sh bench --configs text "${tok[@]}" --json "$out/h18t.json"
+  echo "bench rc=$?"
+  python3 - "$out/h18t_text.json" <<'PY'
+import json, sys
+try:
+    rows = json.load(open(sys.argv[1]))
+except (OSError, ValueError) as exc:
+    sys.exit(f"no rows: {exc}")
+print(f"{'h18t text encoders (one CFG pair)':<62} {'ms':>7} {'time/peer':>9} {'compile s':>9} {'ctx cos':>8} {'T5 cos':>8}")
+for r in rows:
+    t5 = min(r.get("t5_part_cos", [float("nan")]))
+    print(f"{r['name']:<62} {r['step_ms']:>7.2f} {r['time_vs_peer']:>8.3f}x {r.get('compile_s', ''):>9} "
+          f"{r.get('cos_vs_bf16', ''):>8} {t5:>8.5f}")
+PY
+} 2>&1 | grep -v "prompt truncated\|indexing errors" | tee "$out/h18t.log"
