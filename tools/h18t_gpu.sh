@@ -6,14 +6,15 @@
 #   OUT=... [TINY=<tiny checkpoint folder: its tokenizers tokenize calib_prompts/>] bash tools/h18t_gpu.sh
 # Without TINY the prompts are seeded random token ids. Writes $OUT/h18t_text.json (the rows) and
 # $OUT/h18t.log; prints the table at the end. H18T_LIMIT_S (default 190 s) bounds the bench.
-# CPU check of the same path: OMP_NUM_THREADS=1 sd35trt bench --configs text --tiny --tokenizers TINY
+# H18T_TINY=1: the same on the CPU at tiny widths (`--tiny`: the check of this script, no figures).
 set -uo pipefail
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 cd "$(dirname "$0")/.."
 tok=()
 if [ -n "${TINY:-}" ]; then tok=(--tokenizers "$(realpath "$TINY")"); fi  # gpu_run.sh runs from /tmp
+if [ -n "${H18T_TINY:-}" ]; then tok+=(--tiny); export OMP_NUM_THREADS=1; fi
 {
-  nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.used,temperature.gpu --format=csv
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.used,temperature.gpu --format=csv || true
   timeout -k 5 "${H18T_LIMIT_S:-190}" bash tools/gpu_run.sh bench --configs text "${tok[@]}" --json "$out/h18t.json"
   echo "bench rc=$?"
   python3 - "$out/h18t_text.json" <<'PY'
