@@ -29,4 +29,4 @@ for r in rows:
     print(f"{r['name']:<62} {r['step_ms']:>7.2f} {r['time_vs_peer']:>8.3f}x {r.get('compile_s', ''):>9} "
           f"{r.get('cos_vs_bf16', ''):>8} {t5:>8.5f}")
 PY
-} 2>&1 | grep -v "prompt truncated\|indexing errors" | tee "$out/h18t.log"
+} 2>&1 | grep --line-buffered -v "prompt truncated\|indexing errors" | tee "$out/h18t.log"
