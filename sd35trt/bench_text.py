@@ -197,7 +197,8 @@ def bench_text(runner: Runner, variant: str = "sd3.5-large", tokenizers: str | P
         row = {"name": name, "step_ms": round(statistics.median(flat), 2), "first_call_s": first[name],
                "peak_gib": peaks[name], "activation_peak_gib": peaks[name], "weights_gib": _weights_gib(confs[name]),
                "round_median_ms": [round(x, 2) for x in per_round], "time_vs_peer": round(ratio, 3),
-               "calls": len(flat), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
+               "calls": len(flat), "rounds": rounds, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+               "torch": torch.__version__, "prompts": f"calib_prompts/ via {tokenizers}" if tokenizers else "seeded ids"}
         if name in cos:
             row.update(cos_vs_bf16=min(cos[name]), held_out_cos=cos[name], t5_part_cos=t5_cos[name])
         if "compiled" in name:

@@ -25,8 +25,8 @@ except (OSError, ValueError) as exc:
     sys.exit(f"no rows: {exc}")
 print(f"{'h18t text encoders (one CFG pair)':<62} {'ms':>7} {'time/peer':>9} {'compile s':>9} {'ctx cos':>8} {'T5 cos':>8}")
 for r in rows:
-    t5 = min(r.get("t5_part_cos", [float("nan")]))
+    t5 = f"{min(r['t5_part_cos']):.6f}" if "t5_part_cos" in r else ""
     print(f"{r['name']:<62} {r['step_ms']:>7.2f} {r['time_vs_peer']:>8.3f}x {r.get('compile_s', ''):>9} "
-          f"{r.get('cos_vs_bf16', ''):>8} {t5:>8.5f}")
+          f"{r.get('cos_vs_bf16', ''):>8} {t5:>8}")
 PY
 } 2>&1 | grep --line-buffered -v "prompt truncated\|indexing errors" | tee "$out/h18t.log"
