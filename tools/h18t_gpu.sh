@@ -4,8 +4,11 @@
 # T5-XXL) and the torch-fp8 backend's own text path (T5 FP8 GEMMs from T5's calibration, T5 + CLIPs
 # compiled; also eager, and the previous weight-only T5) in interleaved rounds, one process.
 #   OUT=... [TINY=<tiny checkpoint folder: its tokenizers tokenize calib_prompts/>] bash tools/h18t_gpu.sh
-# Without TINY the prompts are seeded random token ids. Writes $OUT/h18t_text.json (the rows) and
-# $OUT/h18t.log; prints the table at the end. H18T_LIMIT_S (default 190 s) bounds the bench.
+# Without TINY the prompts are seeded random token ids. Then, with TINY and time left of the wall cap
+# H18T_WALL_S (195 s), tools/h18t_smoke.py: the backend through Pipeline on the tiny checkpoint
+# (compile=True / eager / compile + memory='low', text encoders only). Writes $OUT/h18t_text.json
+# (the bench rows), $OUT/h18t_smoke.json and $OUT/h18t.log; prints the table at the end.
+# H18T_LIMIT_S (default 140 s) bounds the bench.
 # H18T_TINY=1: the same on the CPU at tiny widths (`--tiny`: the check of this script, no figures).
 set -uo pipefail
 out=${OUT:-/tmp/out}; mkdir -p "$out"
@@ -15,10 +18,24 @@ if [ -n "${TINY:-}" ]; then tok=(--tokenizers "$(realpath "$TINY")"); fi  # gpu_
 if [ -n "${H18T_TINY:-}" ]; then tok+=(--tiny); export OMP_NUM_THREADS=1; fi
 {
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.used,temperature.gpu --format=csv || true
-  timeout -k 5 "${H18T_LIMIT_S:-190}" bash tools/gpu_run.sh bench --configs text "${tok[@]}" --json "$out/h18t.json"
-  echo "bench rc=$?"
-  python3 - "$out/h18t_text.json" <<'PY'
+  timeout -k 5 "${H18T_LIMIT_S:-140}" bash tools/gpu_run.sh bench --configs text "${tok[@]}" --json "$out/h18t.json"
+  echo "bench rc=$? at ${SECONDS}s"
+  left=$(( ${H18T_WALL_S:-195} - SECONDS ))  # the smoke gets what the bench left of the wall cap
+  if [ -n "${TINY:-}" ] && [ "$left" -gt 20 ]; then
+    timeout -k 5 "$left" bash tools/gpu_run.sh tools/h18t_smoke.py "$(realpath "$TINY")" "$out/h18t_smoke.json" \
+      "$([ -n "${H18T_TINY:-}" ] && echo cpu || echo cuda)"
+    echo "smoke rc=$? at ${SECONDS}s"
+  else
+    echo "smoke skipped (TINY unset or ${left}s left)"
+  fi
+  python3 - "$out/h18t_text.json" "$out/h18t_smoke.json" <<'PY'
 import json, sys
+try:
+    for r in json.load(open(sys.argv[2])):
+        print(f"smoke {r['name']:<36} {r['t5_precision']} compiled={r['compiled_text']} cos={r['cos_vs_bf16']} "
+              f"first={r['first_call_s']}s")
+except (OSError, ValueError):
+    print("smoke: no rows")
 try:
     rows = json.load(open(sys.argv[1]))
 except (OSError, ValueError) as exc:
