@@ -180,6 +180,7 @@ def bench_text(runner: Runner, variant: str = "sd3.5-large", tokenizers: str | P
             fn()
             sync()
             first[name] = round(time.perf_counter() - t, 2)
+            print(f"first call {name}: {first[name]} s", flush=True)
         peaks = {name: activation_peak(fn, device) for name, fn in fns.items()}
         refs = [encoder(config, confs[PEER], ids, device)().clone() for ids in held]
         outs = {name: [encoder(config, mods, ids, device)().clone() for ids in held]
@@ -188,6 +189,11 @@ def bench_text(runner: Runner, variant: str = "sd3.5-large", tokenizers: str | P
         cos = {name: [round(cosine(o, r), 6) for o, r in zip(got, refs)] for name, got in outs.items()}
         t5_cos = {name: [round(cosine(o[:, n_clip:], r[:, n_clip:]), 6) for o, r in zip(got, refs)]
                   for name, got in outs.items()}
+        partial = [{"name": n, "first_call_s": first[n], "held_out_cos": cos.get(n), "t5_part_cos": t5_cos.get(n),
+                    "partial": "no timed rounds yet"} for n in fns]
+        runner.out.parent.mkdir(parents=True, exist_ok=True)
+        runner.out.write_text(json.dumps(partial, indent=1))  # kept if the rounds do not finish
+        print(json.dumps(partial), flush=True)
         times = interleaved(fns, rounds, iters)
     peer_rounds = [statistics.median(t) for t in times[PEER]]
     for name in fns:
