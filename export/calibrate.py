@@ -25,7 +25,9 @@ from ..runtime.backends.base import ComponentCall
 from ..runtime.backends.torch_backend import ModuleRun
 from ..runtime.errors import CheckpointError, InvalidInputError
 from ..runtime.files import atomic_write
+from ..runtime.config import VariantConfig
 from ..runtime.models.fp8 import HIGH_PRECISION
+from ..runtime.models.fp8_text import calibrate_linears
 from ..runtime.pipeline import sample
 from ..runtime.requests import normalize_request
 from ..runtime.text import PromptEncoder
@@ -146,3 +148,29 @@ def calibrate(encode: PromptEncoder, model: nn.Module, settings: CalibSettings,
         model = quantize_module(model, settings.exclude, loop)
     digest = hashlib.sha256("\n".join(prompts + negatives).encode()).hexdigest()[:16]
     return CalibState(collect_amax(model), settings, {"prompts_sha256": digest}), model
+
+
+def prompts_digest(prompts: Sequence[str], negatives: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join([*prompts, *negatives]).encode()).hexdigest()[:16]
+
+
+def t5_calibration_ids(tokenizer, config: VariantConfig, num_prompts: int,
+                       device: torch.device | str = "cpu") -> tuple[list[torch.Tensor], dict[str, str]]:
+    """The T5 token ids [2, T] of the first `num_prompts` calibration pairs [negative; prompt], as the
+    pipeline encodes a CFG pair (T = the variant's max_sequence_length), and their description."""
+    prompts, negatives = read_prompts(num_prompts)
+    n = config.max_sequence_length
+    ids = [tokenizer([negatives[i % len(negatives)], p], n).to(device) for i, p in enumerate(prompts)]
+    meta = {"prompts_sha256": prompts_digest(prompts, negatives), "num_prompts": str(num_prompts),
+            "max_sequence_length": str(n)}
+    return ids, meta
+
+
+def calibrate_t5(t5: nn.Module, tokenizer, config: VariantConfig, num_prompts: int,
+                 device: torch.device | str = "cpu") -> tuple[dict[str, float], dict[str, str]]:
+    """(amax, metadata) of T5's Linears (transformers' T5EncoderModel names; a loader.T5Graph or the
+    model itself) over the calibration pairs: max |x| of every input, |W| of every weight, the
+    statistic the MMDiT's calibration takes (runtime/models/fp8_text.py stores and applies it)."""
+    model = getattr(t5, "model", t5)
+    batches, meta = t5_calibration_ids(tokenizer, config, num_prompts, device)
+    return calibrate_linears(model, batches, lambda ids: model(ids)), meta

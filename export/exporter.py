@@ -182,6 +182,7 @@ def export_model(model: str | Path, out: str | Path, opts: ExportOptions, progre
                 hashes.put(name, digest)
             commit()
             rows.append(Row(comp, e.file, e.bytes, e.precision, e.qdq_pairs, "exported", time.perf_counter() - t0))
+    _t5_calibration(ckpt, out, opts)
     return sorted(rows, key=lambda r: list(plan).index(r.component))
 
 
@@ -210,6 +211,31 @@ def _modules(ckpt: Checkpoint, opts: ExportOptions, calib: dict[str, CalibState]
         else:
             mods["transformer"] = apply_calibration(mods["transformer"], calib["transformer"])
     return mods, calib
+
+
+def _t5_calibration(ckpt: Checkpoint, out: Path, opts: ExportOptions) -> None:
+    """FP8 exports with T5: its activation amax over the calibration prompts, beside the MMDiT's
+    (calibration/t5_amax.safetensors, for the torch-fp8 backend's FP8 T5 GEMMs; the ONNX graphs
+    do not use it). Kept when made from the same T5, prompts, count and dtype."""
+    from ..runtime.models.fp8_text import load_t5_amax, save_t5_amax
+    from .calibrate import calibrate_t5, prompts_digest, read_prompts
+
+    if opts.precision != "fp8" or not opts.t5 or ckpt.files.get("t5") is None:
+        return
+    fp = _fingerprint(source_fingerprint(ckpt, "t5"), prompts_digest(*read_prompts(opts.calib.num_prompts)),
+                      opts.calib.num_prompts, opts.dtype)
+    try:
+        saved = load_t5_amax(out / "calibration")
+    except CheckpointError:  # unreadable: made again
+        saved = None
+    if saved is not None and saved[1].get("fingerprint") == fp:
+        return
+    tokenizer = load_tokenizers(ckpt)[2]
+    if tokenizer is None:  # no T5 tokenizer: the runtime cannot run T5 either
+        return
+    t5 = load_modules(ckpt, ["t5"], torch.device("cpu"), DTYPES[opts.dtype])["t5"]
+    amax, meta = calibrate_t5(t5, tokenizer, ckpt.config, opts.calib.num_prompts)
+    save_t5_amax(amax, out / "calibration", {**meta, "fingerprint": fp, "dtype": opts.dtype})
 
 
 def _export_one(module, spec, config: VariantConfig, dtype, out: Path, opts: ExportOptions, fp: str) -> ExportEntry:

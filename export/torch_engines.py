@@ -2,8 +2,8 @@
 set (runtime/torch_engine_set.py: layout, and why the inductor artifacts).
 
 The build runs on the GPU the set is for (compiled kernels are per architecture): it converts the
-modules as the torch-fp8 backend runs them (FP8 MMDiT from the calibration, weight-only FP8
-T5-XXL), writes their state dicts, then loads the set back through the runtime's own
+modules as the torch-fp8 backend runs them (FP8 MMDiT from the calibration, T5-XXL with FP8
+GEMMs from T5's calibration beside it, made here when the folder has none), writes their state dicts, then loads the set back through the runtime's own
 `Pipeline.from_pretrained(set)` (so the compiled graphs are exactly the ones a later process
 asks for), generates one image per warm-up shape and saves torch's compile artifacts. Every file
 is written atomically; the manifest is written last but once before the warm-up (with an empty
@@ -43,16 +43,19 @@ def default_warmup(config: VariantConfig) -> Warmup:
                              generator=torch.Generator().manual_seed(0))
 
 
-def convert(modules: dict[str, nn.Module], amax: Mapping[str, float]) -> dict[str, nn.Module]:
+def convert(modules: dict[str, nn.Module], amax: Mapping[str, float],
+            t5_amax: Mapping[str, float] | None = None) -> dict[str, nn.Module]:
     """The modules as the set stores them, in place: FP8 MMDiT (fused q/k/v, fast accumulation,
-    sigmoid-form GELU), weight-only FP8 T5-XXL; the CLIPs and the VAE as they are (bf16)."""
-    from ..runtime.models.fp8 import fp8_weights_only, to_fp8
+    sigmoid-form GELU), T5-XXL with FP8 GEMMs from `t5_amax` (weight-only FP8 without it); the
+    CLIPs and the VAE as they are (bf16)."""
+    from ..runtime.models.fp8 import to_fp8
+    from ..runtime.models.fp8_text import t5_precision
     from ..runtime.models.mmdit import use_sigmoid_gelu
 
     modules["transformer"] = to_fp8(modules["transformer"], amax, fast_accum=True)
     use_sigmoid_gelu(modules["transformer"], True)
     if "t5" in modules:
-        fp8_weights_only(modules["t5"])
+        t5_precision(modules["t5"], t5_amax, "the T5 calibration of this build")
     return modules
 
 
@@ -65,30 +68,36 @@ def _hf_config(module: nn.Module) -> dict | None:
 def write_set(modules: dict[str, nn.Module], amax: Mapping[str, float], config: VariantConfig,
               tokenizers: Checkpoint, out: Path, *, gpu: str, build: BuildArgs, compile: str,
               attention: str, versions: Mapping[str, Any], log: Callable[[str], None] = print,
-              compile_scope: str = "model", fusions: tuple[str, ...] = ()) -> EngineManifest:
-    """Convert `modules` (bf16, the torch backend's signatures) and write them, the calibration,
-    the tokenizers, an empty artifact file and the manifest into `out` (no GPU needed: CI checks
-    sets written here). `fusions` (runtime/backends/fp8_fusions.py, none by default) go into the
-    transformer's flags; the loader applies them. Consumes `modules`."""
+              compile_scope: str = "model", fusions: tuple[str, ...] = (),
+              t5_amax: tuple[Mapping[str, float], Mapping[str, str]] | None = None) -> EngineManifest:
+    """Convert `modules` (bf16, the torch backend's signatures) and write them, the calibration
+    (T5's beside the MMDiT's when given: (amax, metadata)), the tokenizers, an empty artifact file
+    and the manifest into `out` (no GPU needed: CI checks sets written here). `fusions`
+    (runtime/backends/fp8_fusions.py, none by default) go into the transformer's flags; the loader
+    applies them. Consumes `modules`."""
+    from ..runtime.models.fp8_text import save_t5_amax
+
     fusions = check_fusions(fusions)  # before any write
     out.mkdir(parents=True, exist_ok=True)
     remove_temporaries(out)
+    remove_temporaries(out / Path(CALIBRATION).parent)
     (out / MANIFEST).unlink(missing_ok=True)  # the set is not valid until this build finishes
-    convert(modules, amax)
+    convert(modules, amax, t5_amax[0] if t5_amax else None)
+    t5_mode = "fp8-gemms" if t5_amax else "fp8-weights"  # models.fp8_text.t5_precision's names
     shapes = EngineShapes.for_variant(config)
     profiles = json.loads(json.dumps(shapes.profiles(config)))
     fp8_layers = sum(type(m).__name__ == "FP8Linear" for m in modules["transformer"].modules())
     entries: dict[str, EngineEntry] = {}
     for comp in list(modules):
         module = modules.pop(comp)
-        flags: dict[str, Any] = {"compile": compile if comp in ("transformer", "vae_decoder") else None}
+        flags: dict[str, Any] = {"compile": compile if comp in ("transformer", "vae_decoder") else "default"}
         if comp == "transformer":
             flags.update(fast_accum=True, sigmoid_gelu=True, attention=attention, fp8_layers=fp8_layers,
                          compile_scope=compile_scope)
             if fusions:  # absent = none (sets written before fusions existed read the same)
                 flags["fusions"] = list(fusions)
         if comp == "t5":
-            flags["t5_precision"] = "fp8-weights"
+            flags["t5_precision"] = t5_mode
         if (hf := _hf_config(module)) is not None:
             flags["hf_config"] = hf
         path = save_state(module, out / file_name(comp))
@@ -97,6 +106,11 @@ def write_set(modules: dict[str, nn.Module], amax: Mapping[str, float], config: 
         log(f"wrote {path.name} ({path.stat().st_size / 2**30:.2f} GiB)")
         del module
     _save_amax(amax, out / CALIBRATION)
+    t5_file = out / Path(CALIBRATION).parent / "t5_amax.safetensors"
+    if t5_amax and t5_mode == "fp8-gemms":
+        save_t5_amax(t5_amax[0], t5_file.parent, t5_amax[1])
+    else:
+        t5_file.unlink(missing_ok=True)  # a set rebuilt without T5's calibration
     copy_tokenizers(tokenizers, out)
     return commit_cache(EngineManifest(config, "fp8", "bf16", FLAVOR, "torch", versions["torch_version"], gpu,
                                        shapes, build, entries), out, b"", {}, versions)
@@ -118,7 +132,8 @@ def build_torch_set(modules: dict[str, nn.Module], amax: Mapping[str, float], co
                     tokenizers: Checkpoint, out: str | Path, *, gpu: str, source: str,
                     calibration: str | None = None, compile: str = "reduce-overhead",
                     warmup: Warmup | None = None, log: Callable[[str], None] = print,
-                    compile_scope: str = "model", fusions: tuple[str, ...] = ()) -> EngineManifest:
+                    compile_scope: str = "model", fusions: tuple[str, ...] = (),
+                    t5_amax: tuple[Mapping[str, float], Mapping[str, str]] | None = None) -> EngineManifest:
     """Write a torch-fp8 engine set of these bf16 component modules (on the GPU) into `out`, warm
     it up through the runtime and save the compile artifacts; returns its manifest (the build's
     timings are in its compile-cache entry)."""
@@ -137,7 +152,7 @@ def build_torch_set(modules: dict[str, nn.Module], amax: Mapping[str, float], co
     versions = installed_versions()
     m = write_set(modules, amax, config, tokenizers, out, gpu=gpu, build=build, compile=compile,
                   attention=attention, versions=versions, log=log, compile_scope=compile_scope,
-                  fusions=fusions)
+                  fusions=fusions, t5_amax=t5_amax)
     torch.cuda.empty_cache()
     return warm_set(m, out, warmup or default_warmup(config), versions,
                     {"write_s": round(time.perf_counter() - t0, 1)}, log)
@@ -199,10 +214,32 @@ def build_from_checkpoint(model: str | Path, calibration: str | Path, out: str |
     out = Path(out) if out is not None else default_dir(ckpt.config.name, gpu)
     names = [c.name for c in RUNTIME if c.name != "vae_encoder"]
     modules = load_modules(ckpt, names, torch.device("cuda"), torch.bfloat16)
+    t5_amax = set_t5_amax(modules, ckpt, calibration)
     m = build_torch_set(modules, amax, ckpt.config, ckpt, out, gpu=gpu, source=str(model),
                         calibration=str(calibration), compile=compile, compile_scope=compile_scope,
-                        fusions=fusions)
+                        fusions=fusions, t5_amax=t5_amax)
     return out, m
+
+
+def set_t5_amax(modules: Mapping[str, nn.Module], ckpt: Checkpoint, calibration: str | Path,
+                num_prompts: int = 16) -> tuple[dict[str, float], dict[str, str]] | None:
+    """T5's calibration for a set: the one beside `calibration` (`sd35trt export` writes it), else
+    made now on the loaded T5 over the first `num_prompts` calibration pairs (< 2 s on a GPU);
+    None without T5 or its tokenizer (then T5 is weight-only FP8)."""
+    from ..runtime.models.fp8_text import load_t5_amax
+    from ..runtime.text import load_tokenizers
+    from .calibrate import calibrate_t5
+
+    if "t5" not in modules:
+        return None
+    found = load_t5_amax(calibration)  # CheckpointError: an unreadable file is not silently replaced
+    if found is not None:
+        return found
+    tokenizer = load_tokenizers(ckpt)[2]
+    if tokenizer is None:
+        return None
+    amax, meta = calibrate_t5(modules["t5"], tokenizer, ckpt.config, num_prompts, next(modules["t5"].parameters()).device)
+    return amax, {**meta, "made_by": "build"}
 
 
 __all__ = ["build_from_checkpoint", "build_torch_set", "convert", "default_warmup", "warm_set", "write_set"]

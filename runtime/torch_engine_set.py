@@ -7,8 +7,9 @@ engines/<variant>-fp8-<gpu>-torch/ holds
                               sha256, and per component the Triton / FlashAttention-4 versions and
                               the compile mode the artifacts were made with;
   <component>.safetensors     each runtime component's state dict as the backend runs it (MMDiT
-                              Linears already FP8 with their static scales, T5-XXL's weight-only FP8);
-  calibration/amax.safetensors the calibration the FP8 MMDiT was made from;
+                              Linears already FP8 with their static scales, T5-XXL's FP8 too);
+  calibration/amax.safetensors the calibration the FP8 MMDiT was made from (t5_amax.safetensors
+                              beside it: T5-XXL's, when its GEMMs are FP8; t5's flags say which);
   compile_cache.safetensors   torch's compile artifacts (`torch.compiler.save_cache_artifacts`:
                               inductor's compiled graphs, their Triton kernels and autotune results)
                               as one uint8 tensor, loaded with `load_cache_artifacts` before compiling;
@@ -180,8 +181,9 @@ def load_cache(path: Path) -> bytes:
 
 def skeleton(component: str, config: VariantConfig, flags: Mapping[str, Any], amax: Mapping[str, float]) -> nn.Module:
     """The component's module on the meta device, converted as the set stores it (FP8 MMDiT from
-    the calibration, weight-only FP8 T5), ready for `load_state`."""
+    the calibration, T5 as its flags say), ready for `load_state`."""
     from .models.fp8 import fp8_weights_only, to_fp8
+    from .models.fp8_text import placeholder_amax, t5_to_fp8
     from .models.loader import ClipGraph, T5Graph
     from .models.mmdit import MMDiT, use_sigmoid_gelu
     from .models.vae import VaeDecoder, VaeEncoder
@@ -200,6 +202,8 @@ def skeleton(component: str, config: VariantConfig, flags: Mapping[str, Any], am
             model = transformers.T5EncoderModel(transformers.T5Config.from_dict(hf)).to(BF16)  # dtype probes: bf16
             if flags.get("t5_precision") == "fp8-weights":
                 fp8_weights_only(model)
+            elif flags.get("t5_precision") == "fp8-gemms":  # the scales are buffers of t5.safetensors:
+                t5_to_fp8(model, placeholder_amax(model))  # the skeleton needs only which Linear is which kind
             return T5Graph(model)
         return ClipGraph(transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig.from_dict(hf)).to(BF16))
 

@@ -28,18 +28,21 @@ T5_XXL = dict(d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_heads=64, fe
               vocab_size=32128, is_encoder_decoder=False, use_cache=False)
 
 
-def text_encoders() -> dict[str, torch.nn.Module]:
+def text_encoders(dims: tuple[dict, dict, dict] = (CLIP_L, CLIP_G, T5_XXL),
+                  device: str = "cuda") -> dict[str, torch.nn.Module]:
+    """CLIP-L, CLIP-G and T5-XXL (transformers, bf16) with seeded random weights; `dims`: their
+    configs (the released ones by default; sd35trt/bench_text.py's tiny ones for CPU checks)."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     with torch.device("meta"):
-        mods = {"clip_l": CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=49408, **CLIP_L)),
-                "clip_g": CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=49408, **CLIP_G)),
-                "t5": T5EncoderModel(T5Config(**T5_XXL))}
-    out = {k: random_init(m, "cuda", i) for i, (k, m) in enumerate(mods.items())}
+        mods = {"clip_l": CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=49408, **dims[0])),
+                "clip_g": CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=49408, **dims[1])),
+                "t5": T5EncoderModel(T5Config(**dims[2]))}
+    out = {k: random_init(m, device, i) for i, (k, m) in enumerate(mods.items())}
     for m in out.values():  # position ids are buffers the random fill must not touch
         for mod in m.modules():
             if hasattr(mod, "position_ids"):
-                mod.position_ids = torch.arange(mod.position_ids.shape[-1], device="cuda")[None]
+                mod.position_ids = torch.arange(mod.position_ids.shape[-1], device=device)[None]
     return out
 
 
@@ -84,22 +87,6 @@ def prompt_ids(config: VariantConfig, g: torch.Generator) -> dict[str, torch.Ten
     """Token ids of [negative; positive]: CLIP-L/G `clip_tokens`, T5 `max_sequence_length`, from `g`."""
     lengths = {"clip_l": config.clip_tokens, "clip_g": config.clip_tokens, "t5": config.max_sequence_length}
     return {k: torch.randint(0, 30000, (2, n), generator=g, device="cuda") for k, n in lengths.items()}
-
-
-def bench_text(runner: Runner, variant: str = "sd3.5-large") -> None:
-    """The three text encoders for one CFG prompt pair: transformers BF16 eager (peer) vs ours
-    (T5-XXL's Linears weight-only FP8, as the torch-fp8 end-to-end path runs them)."""
-    from sd35trt.runtime.models.fp8 import fp8_weights_only
-
-    config = VARIANTS[variant]
-    enc, ids = text_encoders(), prompt_ids(config, torch.Generator(device="cuda").manual_seed(9))
-    encode = prompt_encoder(config, enc, ids)
-    with torch.no_grad():
-        ref = runner.record("text encoders (CLIP-L, CLIP-G, T5-XXL) transformers eager bf16",
-                            lambda: encode()[0])
-        fp8_weights_only(enc["t5"])
-        free()
-        runner.record("text encoders, ours (T5-XXL weight-only FP8)", lambda: encode()[0], ref)
 
 
 def bench_e2e(variant: str, size: int, steps: int, runner: Runner, mode: str = "reduce-overhead") -> None:

@@ -35,14 +35,18 @@ def _bench(args: argparse.Namespace) -> int:
                      repeats=args.memory_repeats, out=args.json.with_name(f"{args.json.stem}_memory.json"))
     for part in [c for c in ("text", "e2e", "modes") if c in configs]:
         from .bench import Runner
-        from .bench_e2e import bench_e2e, bench_text
+        from .bench_e2e import bench_e2e
+        from .bench_text import bench_text
         from .bench_modes import bench_modes
 
         runner = Runner(args.json.with_name(f"{args.json.stem}_{part}.json"))
         if part == "modes":
             bench_modes(args.preset, args.size, args.steps, args.strength, runner)
         else:
-            bench_text(runner) if part == "text" else bench_e2e(args.preset, args.size, args.steps, runner)
+            if part == "text":
+                bench_text(runner, args.preset, tokenizers=args.tokenizers, tiny=args.tiny)
+            else:
+                bench_e2e(args.preset, args.size, args.steps, runner)
         print(runner.table(runner.rows[0]["name"]))
     for c in control:  # ControlNet step: peer and ours in one run (sd35trt/bench_control.py)
         from .bench_control import bench_control
@@ -74,5 +78,10 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--memory-repeats", type=int, default=2, metavar="N",
                    help="--memory: images timed per mode and prompt kind after the first (0: the first image only, "
                         "a new prompt through every stage: the peak, no time ratios)")
+    b.add_argument("--tokenizers", type=Path, metavar="CKPT",
+                   help="text: tokenize calib_prompts/ with this checkpoint's tokenizers (T5 calibrated over the first "
+                        "16 pairs, context cosine on the last 3); default: seeded random token ids")
+    b.add_argument("--tiny", action="store_true",
+                   help="text: tiny encoder widths on the CPU (checks the bench itself; its figures mean nothing)")
     b.add_argument("--json", type=Path, default=Path("bench.json"))
     b.set_defaults(func=_bench)

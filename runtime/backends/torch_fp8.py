@@ -2,15 +2,21 @@
 
 For GPUs without TensorRT, and the runtime's reference for FP8 fidelity. The calibration is the
 one `sd35trt export --precision fp8` saved (ModelOpt max calibration); q/k/v are fused, weights
-kept only in FP8, activations quantized with the static calibrated scales, everything else bf16; T5-XXL's Linears
-are weight-only FP8 (bf16 GEMMs: its activations have outliers), about 4.4 GiB instead of 8.8.
+kept only in FP8, activations quantized with the static calibrated scales, everything else bf16. T5-XXL
+runs real FP8 GEMMs too when the calibration folder has T5's scales (`t5_amax.safetensors`, made
+with the MMDiT's: models/fp8_text.py), its outlier-heavy `wo` weight-only FP8; without them all its
+Linears are weight-only FP8 (bf16 GEMMs); either way about 4.4 GiB instead of 8.8 (`t5_precision`
+says which). A stale T5 file (other layers or weights) is refused (CheckpointError).
 Attention is the torch backend's choice at load (FlashAttention-4 on sm90/sm100 when
 `flash_attn.cute` imports, `sd35trt[hopper]`; cuDNN SDPA on other GPUs; SDPA off CUDA);
 `self.attention` says which and why (BENCHMARKS.md has the measurements). GELU(tanh)
 runs as the identical x*sigmoid(2z) form (cheaper compiled). `compile=True` runs the MMDiT and the
 VAE decoder under torch.compile (inductor fuses the activation quantization into the producers; its
 on-disk cache makes later starts warm; coordinate-descent tuning gained < 1 ms and tripled the warm
-start, so it stays off); `compile="reduce-overhead"` also replays the step as a CUDA graph. The VAE encoder (image modes)
+start, so it stays off); `compile="reduce-overhead"` also replays the step as a CUDA graph. With `compile` the text encoders
+are compiled too (inductor, never CUDA graphs; `compiled_text` lists them), except T5 when its
+weights move (memory modes: `load_device` set, T5 streamed block by block by forward hooks in
+memory='low'), which stays eager. The VAE encoder (image modes)
 runs in bf16, channels-last on CUDA and, with `compile`, compiled there (on the CPU it stays eager).
 """
 
@@ -24,7 +30,8 @@ import torch
 from ..checkpoint import Checkpoint
 from ..config import VariantConfig
 from ..errors import CheckpointError, InvalidInputError
-from ..models.fp8 import FP8Linear, fp8_weights_only, load_amax, to_fp8
+from ..models.fp8 import FP8Linear, load_amax, to_fp8
+from ..models.fp8_text import TEXT_ENCODERS, compile_text_encoders, load_t5_amax, t5_amax_file, t5_precision
 from ..models.mmdit import use_sigmoid_gelu
 from .fp8_fusions import apply_fusions, check_fusions, fusion_options
 from .torch_backend import TorchBackend
@@ -73,14 +80,19 @@ class TorchFP8Backend(TorchBackend):
         use_sigmoid_gelu(mmdit)
         apply_fusions(mmdit, fusions)
         self.fp8_layers = sum(isinstance(m, FP8Linear) for m in mmdit.modules())
-        if "t5" in self.modules:  # weight-only FP8 (activation outliers keep T5's GEMMs in bf16): half the memory
-            fp8_weights_only(self.modules["t5"])
+        self.t5_precision, self.compiled_text = None, []
+        if "t5" in self.modules:  # FP8 GEMMs with T5's own calibration, else weight-only FP8: half the memory
+            t5_amax = None if isinstance(calibration, Mapping) else load_t5_amax(calibration)
+            self.t5_precision = t5_precision(self.modules["t5"], t5_amax and t5_amax[0], fast_accum=True,
+                                             source=str(t5_amax_file(calibration)) if t5_amax else "")
         vae = self.modules["vae_decoder"]
         if self.device.type == "cuda":
             vae = vae.to(memory_format=torch.channels_last)
         if options is not None:
             mmdit = torch.compile(mmdit, fullgraph=True, options=options)
             vae = torch.compile(vae)
+            moves = load_device is not None  # a memory mode moves (memory='low': streams) the weights
+            self.compiled_text = compile_text_encoders(self.modules, [n for n in TEXT_ENCODERS if n != "t5" or not moves])
         self.modules.update(transformer=mmdit, vae_decoder=vae)
         encoder = self.modules.get("vae_encoder")
         if encoder is not None and self.device.type == "cuda":

@@ -21,6 +21,7 @@ from ..engine_manifest import EngineManifest, EngineSetError, device_cc
 from ..errors import InvalidInputError
 from ..models.flash_attention import fa4_import_error
 from ..models.fp8 import load_amax
+from ..models.fp8_text import compile_text_encoders
 from ..torch_engine_set import CACHE, CALIBRATION, check_set, installed_versions, is_torch_set, load_cache, load_state
 from ..torch_engine_set import set_components, skeleton, start_state
 from .base import BackendBase, Limits
@@ -137,9 +138,11 @@ class TorchFP8SetBackend(TorchBackend):
 
 def compile_set_modules(modules: dict[str, torch.nn.Module], flags: Any, options: dict[str, Any]) -> None:
     """Wrap the MMDiT and the VAE decoder in `modules` as the set's build did: the MMDiT in the
-    transformer entry's `compile_scope` (a set without one was built whole), the decoder channels-last."""
+    transformer entry's `compile_scope` (a set without one was built whole), the decoder channels-last;
+    the text encoders compiled in place (inductor's default, no CUDA graphs: models/fp8_text.py)."""
     modules["transformer"] = compile_mmdit(modules["transformer"], flags.get("compile_scope", "model"), options=options)
     modules["vae_decoder"] = torch.compile(modules["vae_decoder"].to(memory_format=torch.channels_last))
+    compile_text_encoders(modules)
 
 
 def compile_mmdit(mmdit: torch.nn.Module, scope: str, **compile_args: Any) -> torch.nn.Module:
@@ -177,6 +180,10 @@ class TorchFP8Factory:
     checkpoint -> `TorchFP8Backend` (which needs `calibration=`)."""
 
     limits = Limits()
+    # What memory modes ask of the backend class (runtime/memory.py `prepare`): a checkpoint's
+    # TorchFP8Backend loads on the host and moves its weights per stage (an engine set refuses load_device).
+    stages_weights = True
+    weight_handles = TorchFP8Backend.weight_handles
 
     def __call__(self, path: Any, config: VariantConfig, **options: Any):
         if is_torch_set(getattr(path, "manifest", None)):

@@ -31,11 +31,12 @@ def test_cli_export_then_rerun_does_nothing(tiny_models: dict[str, Path], tmp_pa
     for comp in ("clip_l", "clip_g", "t5", "transformer", "vae_decoder", "vae_encoder"):
         assert comp in first
     assert "6 exported" in first and "fp8" in first
-    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.onnx")}
+    mtimes = {p.name: p.stat().st_mtime_ns for p in [*out.glob("*.onnx"), *out.glob("calibration/*.safetensors")]}
+    assert "t5_amax.safetensors" in mtimes  # T5's calibration beside the MMDiT's (torch-fp8's FP8 T5 GEMMs)
     assert main(argv) == 0
     second = capsys.readouterr().out
     assert "0 exported, 6 unchanged" in second
-    assert mtimes == {p.name: p.stat().st_mtime_ns for p in out.glob("*.onnx")}
+    assert mtimes == {p.name: p.stat().st_mtime_ns for p in [*out.glob("*.onnx"), *out.glob("calibration/*.safetensors")]}
 
 
 def test_interrupted_component_is_redone(tiny_models: dict[str, Path], tmp_path: Path) -> None:

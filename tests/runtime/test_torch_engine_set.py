@@ -219,3 +219,32 @@ def test_fusions_are_recorded_and_applied_by_the_loader(built, tmp_path: Path) -
         write_set({}, amax, ckpt.config, ckpt, tmp_path / "bad", gpu="sm90", build=build, compile="reduce-overhead",
                   attention="flash-attn-4", versions=versions, log=lambda _: None, fusions=("nope",))
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_set_with_t5_calibration_runs_t5_fp8_gemms_as_the_backend(built, tmp_path: Path) -> None:
+    """T5's calibration (made by the build when the folder has none: export.torch_engines.set_t5_amax)
+    goes into the set beside the MMDiT's; t5's flags say fp8-gemms and the loaded set's T5 gives
+    exactly the context of the same T5 converted in memory (models.fp8_text.t5_precision)."""
+    from sd35trt.export.torch_engines import set_t5_amax
+    from sd35trt.runtime.models.fp8_text import T5_AMAX, FP8TextLinear, load_t5_amax, t5_precision
+
+    _, ckpt, amax, versions = built
+    out = tmp_path / "t5-set"
+    modules = _modules(ckpt)
+    t5_amax = set_t5_amax(modules, ckpt, tmp_path / "no-calibration-here")
+    assert t5_amax is not None and t5_amax[1]["made_by"] == "build"
+    build = BuildArgs(onnx=str(ckpt.path), out=str(out), gpu="sm90", flavor="torch-fp8", dynamic=False,
+                      batch=[1, 1], calibration="calib")
+    write_set(modules, amax, ckpt.config, ckpt, out, gpu="sm90", build=build, compile="reduce-overhead",
+              attention="flash-attn-4", versions=versions, log=lambda _: None, t5_amax=t5_amax)
+    m = EngineManifest.load(out)
+    assert m.components["t5"].flags["t5_precision"] == "fp8-gemms"
+    assert load_t5_amax(out / "calibration")[0] == pytest.approx(t5_amax[0], rel=1e-7)
+    assert (out / "calibration" / T5_AMAX).is_file()
+    t5 = Pipeline.from_pretrained(out, device="cpu", compile=False).backend.modules["t5"]
+    assert sum(isinstance(x, FP8TextLinear) for x in t5.modules()) > 0
+    ref = _modules(ckpt)["t5"]
+    t5_precision(ref, t5_amax[0])
+    ids = torch.randint(0, 100, (2, 256), generator=torch.Generator().manual_seed(2))  # [2, T]
+    with torch.no_grad():
+        assert torch.equal(t5(ids), ref(ids))
