@@ -62,8 +62,13 @@ def time_cuda(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> flo
     """Median milliseconds of `fn` over `iters` runs, CUDA events (wall clock without CUDA), after `warmup` runs."""
     for _ in range(warmup):
         fn()
+    return statistics.median(timed_calls(fn, iters))
+
+
+def timed_calls(fn: Callable[[], object], iters: int) -> list[float]:
+    """Milliseconds of each of `iters` calls of `fn`: CUDA events (wall clock without CUDA)."""
     if not torch.cuda.is_available():
-        return statistics.median(_wall_ms(fn) for _ in range(iters))
+        return [_wall_ms(fn) for _ in range(iters)]
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -72,7 +77,7 @@ def time_cuda(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> flo
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return times
 
 
 def _wall_ms(fn: Callable[[], object]) -> float:

@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from sd35trt.bench import Runner, cosine, free, sync
+from sd35trt.bench import Runner, cosine, free, sync, timed_calls
 from sd35trt.bench_e2e import CLIP_G, CLIP_L, T5_XXL, _Pretokenized, text_encoders
 from sd35trt.runtime.config import VARIANTS, VariantConfig
 
@@ -130,22 +130,6 @@ def activation_peak(fn: Callable[[], torch.Tensor], device: str) -> float:
     return round((torch.cuda.max_memory_allocated() - base) / 2**30, 3)
 
 
-def _timed_calls(fn: Callable[[], torch.Tensor], iters: int) -> list[float]:
-    cuda = torch.cuda.is_available()
-    out = []
-    for _ in range(iters):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            out.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t) * 1e3)
-    return out
 
 
 def interleaved(fns: dict[str, Callable[[], torch.Tensor]], rounds: int, iters: int) -> dict[str, list[list[float]]]:
@@ -155,7 +139,7 @@ def interleaved(fns: dict[str, Callable[[], torch.Tensor]], rounds: int, iters: 
         for name in names[r % len(names):] + names[:r % len(names)]:
             for _ in range(2):
                 fns[name]()
-            times[name].append(_timed_calls(fns[name], iters))
+            times[name].append(timed_calls(fns[name], iters))
     return times
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from sd35trt.bench import cosine, random_mmdit, step_inputs
+from sd35trt.bench import cosine, random_mmdit, step_inputs, timed_calls
 from sd35trt.runtime.backends.torch_fp8 import compile_options
 from sd35trt.runtime.config import VARIANTS
 from sd35trt.runtime.lora import attach, fuse_lora
@@ -79,20 +79,7 @@ def sync() -> None:
 
 def time_ms(fn, iters: int) -> list[float]:
     """Milliseconds of each of `iters` runs (CUDA events on the GPU, wall clock on CPU)."""
-    out = []
-    for _ in range(iters):
-        if S["device"] == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            out.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t) * 1e3)
-    return out
+    return timed_calls(fn, iters)
 
 
 @torch.inference_mode()

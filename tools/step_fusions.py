@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from sd35trt.bench import cosine, random_mmdit, step_inputs
+from sd35trt.bench import cosine, random_mmdit, step_inputs, timed_calls
 from sd35trt.runtime.backends.fp8_fusions import (FUSIONS, apply_fusions, fusion_options,
                                                   uninstall_persistent_rows)
 from sd35trt.runtime.backends.torch_fp8 import compile_options
@@ -56,21 +56,18 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def release(fusions) -> None:
+    """After a row: the persistent-row choice handler off again, the row's memory back."""
+    if "persistent-rows" in fusions:
+        uninstall_persistent_rows()
+    gc.collect()
+    if S["device"] == "cuda":
+        torch.cuda.empty_cache()
+
+
 def time_ms(fn, iters: int) -> list[float]:
-    out = []
-    for _ in range(iters):
-        if S["device"] == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            out.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t) * 1e3)
-    return out
+    """Milliseconds of each of `iters` runs (CUDA events on the GPU, wall clock on CPU)."""
+    return timed_calls(fn, iters)
 
 
 def build(blocks: int):
@@ -154,12 +151,8 @@ def step_row(name: str, m8, args, fusions: tuple[str, ...], ctx, ref) -> tuple[d
         row["error"] = repr(e)[:400]
         return row, None
     finally:
-        if "persistent-rows" in fusions:
-            uninstall_persistent_rows()
         fn = model = None
-        gc.collect()
-        if S["device"] == "cuda":
-            torch.cuda.empty_cache()
+        release(fusions)
 
 
 CATEGORIES = ("fp8_gemm", "attention", "elementwise_reduction", "copies", "other")
@@ -210,12 +203,8 @@ def profile_row(name: str, m8, args, fusions: tuple[str, ...], ctx, steps: int =
     except Exception as e:
         out["error"] = repr(e)[:400]
     finally:
-        if "persistent-rows" in fusions:
-            uninstall_persistent_rows()
         fn = model = None
-        gc.collect()
-        if S["device"] == "cuda":
-            torch.cuda.empty_cache()
+        release(fusions)
     return out
 
 
