@@ -77,9 +77,10 @@ def test_a_client_that_leaves_cancels_its_job_on_the_replica(ray_server: RayServ
         gone_before = metric(c, "sd35trt_requests_total", status="499")
         cancelled_before = metric(c, "sd35trt_jobs_total", outcome="cancelled")
         slow = _raw_post(ray_server.url, {"prompt": "slow", "size": "64x64", "steps": 500})  # ~15 s of work
-        time.sleep(2.0)  # on a replica by now
+        time.sleep(4.0)  # on a replica by now (2 s was not always enough on 2 loaded cores)
         slow.close()
-        wait_until(lambda: metric(c, "sd35trt_requests_total", status="499") == gone_before + 1, what="499 counted")
+        wait_until(lambda: metric(c, "sd35trt_requests_total", status="499") == gone_before + 1, timeout_s=60,
+                   what="499 counted")
 
         def replicas_counted_it() -> bool:  # the replicas' counters reach the ingress with their answers
             for i in range(4):
