@@ -90,6 +90,21 @@ def test_a_client_that_leaves_cancels_its_job_on_the_replica(ray_server: RayServ
         wait_until(replicas_counted_it, timeout_s=30, what="the replica stopped the job")
 
 
+async def _when_busy(pid: int, timeout_s: float = 10.0) -> None:
+    """Return once process `pid` used CPU over a 50 ms window (it is generating: jobs in flight), or
+    after `timeout_s`. Killing it straight after one of its answers could find it between batches."""
+    def ticks() -> int:  # user + system clock ticks so far (/proc/PID/stat fields 14, 15)
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(f[11]) + int(f[12])
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        before = ticks()
+        await asyncio.sleep(0.05)
+        if ticks() - before >= 2:  # >= 2 clock ticks (20 ms of CPU) in 50 ms
+            return
+
+
 async def _load(srv: RayServer) -> tuple[dict[int, httpx.Response], int, list]:
     """REQUESTS requests (seed 1000 + i), CONCURRENCY at a time; after the KILL_AFTER-th answer one
     model replica is SIGKILLed. Returns the answers by i, the killed pid, the listeners before the kill."""
@@ -109,6 +124,7 @@ async def _load(srv: RayServer) -> tuple[dict[int, httpx.Response], int, list]:
             if len(answers) >= KILL_AFTER and not killed:
                 listening.extend(srv.listeners())  # every port is open by now
                 killed.append(srv.replicas()[0])
+                await _when_busy(killed[0])  # the answer that got here may have left the victim idle
                 os.kill(killed[0], signal.SIGKILL)
 
     async with httpx.AsyncClient(base_url=srv.url, timeout=60, limits=httpx.Limits(max_connections=CONCURRENCY)) as c:
