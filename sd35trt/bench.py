@@ -199,6 +199,7 @@ def bench_attention(config: VariantConfig, size: int, batch: int, runner: Runner
 
 
 FP8_FLAGS = {"fast": "fast-accumulation FP8 GEMMs", "fa4": "FlashAttention-4 attention core (custom op)",
+             "quack": "quack CuTe-DSL FP8 GEMMs, FF1 fused with GELU + FF2's quantization (models/fp8_gemm.py)",
              "tune": "inductor coordinate-descent tuning of its Triton kernels",
              "gelu": "GELU(tanh) as x*sigmoid(2z)", "mk": "inductor multi-kernel (persistent LayerNorm rows)",
              **{k: v for k, v in FUSIONS.items() if k != "tune"}}  # runtime/backends/fp8_fusions.py (`tune` above)
@@ -227,6 +228,7 @@ def set_fp8_options(model: torch.nn.Module, flags: set[str]) -> None:
     `fa4` where FA4 does not run here raises, naming why (a bench row must be what it says)."""
     from sd35trt.runtime.models.flash_attention import (choose_attention, flash_attention,
                                                         set_attention_core)
+    from sd35trt.runtime.models.fp8_gemm import choose_gemm, use_quack
     from sd35trt.runtime.models.mmdit import sdpa, use_sigmoid_gelu
 
     for mod in model.modules():
@@ -241,6 +243,9 @@ def set_fp8_options(model: torch.nn.Module, flags: set[str]) -> None:
         core = choice.core
     set_attention_core(model, core)
     use_sigmoid_gelu(model, "gelu" in flags)
+    if "quack" in flags:
+        choose_gemm(next(iter(model.buffers())).device, "quack")  # raises where quack cannot run, naming why
+    use_quack(model, "quack" in flags)
     from sd35trt.runtime.backends.fp8_fusions import apply_fusions, uninstall_persistent_rows
     from sd35trt.runtime.models.adaln_bank import unbatch_adaln
 

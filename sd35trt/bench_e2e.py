@@ -1,9 +1,10 @@
 """End-to-end image timing at real shapes: text encoders + N Euler/CFG steps + VAE decode.
 
 Peer: the diffusers-module eager path (transformers CLIP-L/CLIP-G/T5-XXL, diffusers
-SD3Transformer2DModel and AutoencoderKL, all bf16 eager). Ours: the same text encoders with T5's
-Linears weight-only FP8, the FP8 MMDiT (fast accumulation, sigmoid-form GELU, compiled as the
-torch-fp8 backend's `compile=mode`, CUDA graphs by default) and the VAE decoder compiled. Both run our own loop
+SD3Transformer2DModel and AutoencoderKL, all bf16 eager). Ours: the same text encoders as the torch-fp8
+backend runs them (T5-XXL with FP8 GEMMs calibrated on random ids, CLIPs and T5 compiled), the FP8
+MMDiT (fast accumulation, sigmoid-form GELU, the backend's attention and GEMM choices: FA4 and quack
+on the H200; compiled as its `compile=mode`, CUDA graphs by default) and the VAE decoder compiled. Both run our own loop
 (`runtime.sampling.run` with `runtime.guidance.guided`) on the same random weights, prompt ids, noise and schedule.
 """
 
@@ -83,6 +84,19 @@ def run_e2e(config: VariantConfig, encode, transformer, vae, noise, steps: int) 
     return vae(x / config.vae.scaling_factor + config.vae.shift_factor)  # [1, 3, H, W]
 
 
+def t5_as_the_backend_runs_it(enc: dict, config: VariantConfig, g: torch.Generator, pairs: int = 8) -> str:
+    """T5-XXL with FP8 GEMMs calibrated over `pairs` random id pairs (the statistic export and the
+    engine-set build store), then the CLIPs and T5 compiled: what TorchFP8Backend runs with
+    `compile` set. In place; returns what T5 became (models.fp8_text.t5_precision)."""
+    from sd35trt.runtime.models.fp8_text import calibrate_linears, compile_text_encoders, t5_precision
+
+    calib = [torch.randint(0, 30000, (2, config.max_sequence_length), generator=g, device="cuda") for _ in range(pairs)]
+    amax = calibrate_linears(enc["t5"], calib, lambda ids: enc["t5"](ids))
+    precision = t5_precision(enc["t5"], amax)
+    compile_text_encoders(enc)
+    return precision
+
+
 def prompt_ids(config: VariantConfig, g: torch.Generator) -> dict[str, torch.Tensor]:
     """Token ids of [negative; positive]: CLIP-L/G `clip_tokens`, T5 `max_sequence_length`, from `g`."""
     lengths = {"clip_l": config.clip_tokens, "clip_g": config.clip_tokens, "t5": config.max_sequence_length}
@@ -94,7 +108,8 @@ def bench_e2e(variant: str, size: int, steps: int, runner: Runner, mode: str = "
 
     from sd35trt.runtime.backends.torch_fp8 import compile_options
     from sd35trt.runtime.models.flash_attention import choose_attention, set_attention_core
-    from sd35trt.runtime.models.fp8 import fp8_weights_only, max_calibrate, to_fp8
+    from sd35trt.runtime.models.fp8 import max_calibrate, to_fp8
+    from sd35trt.runtime.models.fp8_gemm import choose_gemm, use_quack
     from sd35trt.runtime.models.mmdit import use_sigmoid_gelu
     from sd35trt.runtime.models.vae import VaeDecoder
 
@@ -127,10 +142,12 @@ def bench_e2e(variant: str, size: int, steps: int, runner: Runner, mode: str = "
         args = (x, torch.full((2,), 700.0, device="cuda"), ctx.bfloat16(), pooled.bfloat16())
         m8 = to_fp8(model, max_calibrate(model, lambda m: m(*args), EXCLUDE), fast_accum=True)
         use_sigmoid_gelu(m8)
-        attention = choose_attention("cuda", torch.bfloat16)  # the torch-fp8 backend's choice
+        attention = choose_attention("cuda", torch.bfloat16)  # the torch-fp8 backend's choices
         set_attention_core(m8, attention.core)
+        gemm = choose_gemm("cuda")
+        use_quack(m8, gemm.name == "quack")
         m8 = torch.compile(m8, fullgraph=True, options=compile_options(mode))
-        fp8_weights_only(enc["t5"])
+        t5 = t5_as_the_backend_runs_it(enc, config, g)
         vae = torch.compile(ours_vae.to(memory_format=torch.channels_last))
         free()
 
@@ -139,7 +156,7 @@ def bench_e2e(variant: str, size: int, steps: int, runner: Runner, mode: str = "
                 return m8(*(t.bfloat16() if t.dim() > 1 else t for t in a)).float()
 
         t0 = time.perf_counter()
-        runner.record(f"e2e {steps}-step image, ours fp8 compiled {mode} [{attention.name}]",
+        runner.record(f"e2e {steps}-step image, ours fp8 compiled {mode} [{attention.name}, {gemm.name}, T5 {t5}]",
                       lambda: run_e2e(config, encode, transformer, lambda z: vae(z.bfloat16()), noise, steps), ref,
                       warmup=1, iters=3)
         print(f"ours first call incl. compile: {time.perf_counter() - t0:.0f}s")

@@ -18,7 +18,13 @@ done
 rm -rf /tmp/pkg && mkdir -p /tmp/pkg
 cp -r sd35trt /tmp/pkg/ && cp -r export /tmp/pkg/sd35trt/export && cp -r runtime /tmp/pkg/sd35trt/runtime
 cp -r calib_prompts /tmp/pkg/sd35trt/calib_prompts && cp -r tests pyproject.toml /tmp/pkg/
-[ -f /tmp/site/env.sh ] && source /tmp/site/env.sh
+if [ -f /tmp/site/env.sh ]; then
+  source /tmp/site/env.sh
+  # seen through a .../site-packages/ path, as pip would install them: quack's epilogue fingerprint
+  # treats code under site-packages as pinned by its distribution and does not recurse into it
+  mkdir -p /tmp/sp && ln -sfn /tmp/site /tmp/sp/site-packages
+  export PYTHONPATH=${PYTHONPATH//\/tmp\/site/\/tmp\/sp\/site-packages}
+fi
 export PYTHONPATH=/tmp/pkg${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 if [[ "${1:-}" == *.py ]]; then  # a script of this repository instead of the CLI
   script=$(realpath "$1"); shift

@@ -9,7 +9,10 @@ Linears are weight-only FP8 (bf16 GEMMs); either way about 4.4 GiB instead of 8.
 says which). A stale T5 file (other layers or weights) is refused (CheckpointError).
 Attention is the torch backend's choice at load (FlashAttention-4 on sm90/sm100 when
 `flash_attn.cute` imports, `sd35trt[hopper]`; cuDNN SDPA on other GPUs; SDPA off CUDA);
-`self.attention` says which and why (BENCHMARKS.md has the measurements). GELU(tanh)
+`self.attention` says which and why (BENCHMARKS.md has the measurements). The FP8 GEMMs are
+quack's CuTe-DSL kernels on sm90 when `quack` imports (FF1 fused with GELU and FF2's quantization),
+cuBLAS `_scaled_mm` otherwise (`gemm='auto'|'quack'|'cublas'`; `self.gemm` says which and why:
+models/fp8_gemm.py). GELU(tanh)
 runs as the identical x*sigmoid(2z) form (cheaper compiled). `compile=True` runs the MMDiT and the
 VAE decoder under torch.compile (inductor fuses the activation quantization into the producers; its
 on-disk cache makes later starts warm; coordinate-descent tuning gained < 1 ms and tripled the warm
@@ -31,6 +34,7 @@ from ..checkpoint import Checkpoint
 from ..config import VariantConfig
 from ..errors import CheckpointError, InvalidInputError
 from ..models.fp8 import FP8Linear, load_amax, to_fp8
+from ..models.fp8_gemm import check_gemm, choose_gemm, use_quack
 from ..models.fp8_text import TEXT_ENCODERS, compile_text_encoders, load_t5_amax, t5_amax_file, t5_precision
 from ..models.mmdit import use_sigmoid_gelu
 from .fp8_fusions import apply_fusions, check_fusions, fusion_options
@@ -63,8 +67,10 @@ class TorchFP8Backend(TorchBackend):
         fast_accum: bool = False,
         load_device: str | torch.device | None = None,
         fusions: tuple[str, ...] = (),
+        gemm: str = "auto",
     ) -> None:
         options = compile_options(compile)
+        check_gemm(gemm)
         fusions = check_fusions(fusions)  # opt-in step fusions (fp8_fusions.py); none by default
         if options is not None:
             options = {**options, **fusion_options(fusions)}
@@ -78,6 +84,8 @@ class TorchFP8Backend(TorchBackend):
         amax = dict(calibration) if isinstance(calibration, Mapping) else load_amax(calibration)
         mmdit = to_fp8(self.modules["transformer"], amax, fast_accum=fast_accum)  # bf16 weights dropped
         use_sigmoid_gelu(mmdit)
+        self.gemm = choose_gemm(self.device, gemm)  # quack on sm90 when it imports (models/fp8_gemm.py)
+        use_quack(mmdit, self.gemm.name == "quack")
         apply_fusions(mmdit, fusions)
         self.fp8_layers = sum(isinstance(m, FP8Linear) for m in mmdit.modules())
         self.t5_precision, self.compiled_text = None, []
@@ -113,6 +121,7 @@ class TorchFP8Backend(TorchBackend):
         if self._controlnet_amax is not None:
             net = to_fp8(net, self._controlnet_amax, fast_accum=self._fast_accum)  # CheckpointError: another net's
             use_sigmoid_gelu(net)
+            use_quack(net, self.gemm.name == "quack")
             self.controlnet_fp8_layers += sum(isinstance(m, FP8Linear) for m in net.modules())
         # compiled like the MMDiT: `sd35trt bench --configs control` measures the pair compiled (BENCHMARKS.md)
         return net if self._compile_options is None else torch.compile(net, fullgraph=True, options=self._compile_options)

@@ -44,19 +44,27 @@ class FP8Linear(nn.Module):
         bias = linear.bias.detach().to(torch.bfloat16) if linear.bias is not None else None
         self.register_buffer("bias", bias)
         self.fast_accum = fast_accum
+        self.gemm = cublas_gemm  # (layer, x_q [M, K] e4m3) -> [M, N] bf16; models/fp8_gemm.py may swap in quack's
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead, k = x.shape[:-1], x.shape[-1]
-        x2 = x.reshape(-1, k)  # [M, K]
-        m = x2.shape[0]
-        pad = (-m) % 16  # _scaled_mm wants M a multiple of 16 (adaLN inputs have M = batch)
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] -> x/s_x in E4M3 [M, K], M = prod(lead) padded up to a multiple of 16."""
+        x2 = x.reshape(-1, self.in_features)  # [M, K]
+        pad = (-x2.shape[0]) % 16  # _scaled_mm wants M a multiple of 16 (adaLN inputs have M = batch)
         if pad:
             x2 = F.pad(x2, (0, 0, 0, pad))
         xq = x2.to(torch.float32, copy=True)  # [M, K]: one fp32 temporary, scaled and clamped in place (eager
-        xq = xq.mul_(self.inv_scale_x).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3)  # peaks: 1 not 3 copies), e4m3
-        y = torch._scaled_mm(xq, self.weight_t, scale_a=self.scale_x, scale_b=self.scale_w, bias=self.bias,
-                             out_dtype=torch.bfloat16, use_fast_accum=self.fast_accum)  # [M, N]
-        return y[:m].reshape(*lead, self.out_features)
+        return xq.mul_(self.inv_scale_x).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3)  # peaks: 1 not 3 copies), e4m3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = self.gemm(self, self.quantize(x))  # [M_pad, N]
+        return y[:lead.numel()].reshape(*lead, self.out_features)
+
+
+def cublas_gemm(layer: FP8Linear, xq: torch.Tensor) -> torch.Tensor:
+    """x_q [M, K] e4m3 -> x_q w_q^T s_x s_w + b [M, N] bf16: one cuBLAS `_scaled_mm`, bias fused."""
+    return torch._scaled_mm(xq, layer.weight_t, scale_a=layer.scale_x, scale_b=layer.scale_w, bias=layer.bias,
+                            out_dtype=torch.bfloat16, use_fast_accum=layer.fast_accum)
 
 
 def fused_amax(amax: Mapping[str, float]) -> dict[str, float]:

@@ -1,0 +1,195 @@
+"""The MMDiT's FP8 GEMM kernel, chosen once at load: quack's CuTe-DSL GEMM on sm90, cuBLAS otherwise.
+
+quack (`quack-kernels`, which `flash-attn-4` already depends on: the `hopper` extra) has a Hopper FP8
+GEMM whose epilogue is a plain function over the accumulator (models/quack_epi.py). At the SD3.5
+Large image-stream shapes on the H200 it is 1.05–1.39× faster than cuBLAS `_scaled_mm` with fast
+accumulation (tools/quack_probe.py, BENCHMARKS.md), and one kernel does FF1 + GELU(tanh) + the FF2
+input's E4M3 quantization, so the [M, 4D] bf16 FF1 output is never written.
+
+What `use_quack(model)` changes, in place (and `use_quack(model, False)` undoes):
+* every FP8Linear's `gemm` becomes `quack_gemm` (`sd35trt::quack_fp8_gemm`: alpha*acc + bias, bf16
+  out) for M >= MIN_M rows; below that (adaLN inputs: M = batch) cuBLAS stays;
+* every FeedForward whose two Linears are plain FP8Linears runs FF1 through
+  `sd35trt::quack_fp8_gemm_gelu_q` (E4M3 out, FF2's input scale) and FF2 on that E4M3 tensor.
+  LoRA-wrapped Linears keep the unfused path (they are not FP8Linear).
+The ops are `torch.library` custom ops (fullgraph compile and CUDA graphs hold); their CPU kernels
+compute the same math with `_scaled_mm` (the cuBLAS path) so the glue runs and is tested off the GPU.
+Tile config: 128x192, pingpong, cluster 2x1, fast accumulation: the fastest of four on every shape.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .fp8 import E4M3, E4M3_MAX, FP8Linear, cublas_gemm
+from .mmdit import FeedForward, gelu_tanh
+
+MIN_M = 128  # fewer rows than one tile: cuBLAS (the adaLN GEMVs)
+MAJORS = (9,)  # sm90: the kernel class this module configures (GemmSm90)
+TILE = dict(tile_M=128, tile_N=192, cluster_M=2, cluster_N=1, pingpong=True)
+FAST_ACCUM = (("fp8_slow_accum", False),)  # quack promotes every k-tile to fp32 unless told otherwise
+INSTALL_HINT = "pip install 'sd35trt[hopper]' (quack-kernels, with flash-attn-4)"
+_lock = threading.Lock()
+_ops_ready = False
+
+
+def _cpu_linear(xq, w, alpha, bias) -> torch.Tensor:
+    one = torch.ones((), dtype=torch.float32, device=xq.device)
+    return torch._scaled_mm(xq, w.t(), scale_a=alpha.reshape(()), scale_b=one, bias=bias[0].to(torch.bfloat16),
+                            out_dtype=torch.bfloat16)  # [M, N]
+
+
+def register_ops() -> None:
+    """`sd35trt::quack_fp8_gemm` and `sd35trt::quack_fp8_gemm_gelu_q` (once, thread-safe)."""
+    global _ops_ready
+    with _lock:
+        if _ops_ready or hasattr(getattr(torch.ops, "sd35trt", None), "quack_fp8_gemm"):
+            _ops_ready = True
+            return
+
+        @torch.library.custom_op("sd35trt::quack_fp8_gemm", mutates_args=(), device_types="cuda")
+        def quack_fp8_gemm(xq: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+            """xq [M, K] e4m3, w [N, K] e4m3, alpha [] fp32 (s_x s_w), bias [1, N] fp32 -> [M, N] bf16."""
+            from . import quack_epi
+
+            out = torch.empty(xq.shape[0], w.shape[0], dtype=torch.bfloat16, device=xq.device)  # [M, N]
+            quack_epi.linear_epi.gemm(xq, w, out, epi_args=dict(alpha=alpha, bias=bias),
+                                      post_init_attrs=FAST_ACCUM, **TILE)
+            return out
+
+        @torch.library.custom_op("sd35trt::quack_fp8_gemm_gelu_q", mutates_args=(), device_types="cuda")
+        def quack_fp8_gemm_gelu_q(xq: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor,
+                                  inv_s: torch.Tensor) -> torch.Tensor:
+            """The same GEMM, then GELU(tanh), / s_next, E4M3 (saturating) -> [M, N] e4m3."""
+            from . import quack_epi
+
+            out = torch.empty(xq.shape[0], w.shape[0], dtype=E4M3, device=xq.device)  # [M, N]
+            quack_epi.gelu_quant_epi.gemm(xq, w, out, epi_args=dict(alpha=alpha, bias=bias, inv_s=inv_s),
+                                          post_init_attrs=FAST_ACCUM, **TILE)
+            return out
+
+        @quack_fp8_gemm.register_fake
+        def _(xq, w, alpha, bias):
+            return xq.new_empty((xq.shape[0], w.shape[0]), dtype=torch.bfloat16)
+
+        @quack_fp8_gemm_gelu_q.register_fake
+        def _(xq, w, alpha, bias, inv_s):
+            return xq.new_empty((xq.shape[0], w.shape[0]), dtype=E4M3)
+
+        @quack_fp8_gemm.register_kernel("cpu")
+        def _(xq, w, alpha, bias):
+            return _cpu_linear(xq, w, alpha, bias)
+
+        @quack_fp8_gemm_gelu_q.register_kernel("cpu")
+        def _(xq, w, alpha, bias, inv_s):
+            g = gelu_tanh(_cpu_linear(xq, w, alpha, bias).float()) * inv_s
+            return g.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+
+        _ops_ready = True
+
+
+def quack_gemm(layer: FP8Linear, xq: torch.Tensor) -> torch.Tensor:
+    """x_q [M, K] e4m3 -> [M, N] bf16 through quack (cuBLAS below MIN_M rows)."""
+    if xq.shape[0] < MIN_M:
+        return cublas_gemm(layer, xq)
+    return torch.ops.sd35trt.quack_fp8_gemm(xq, layer.weight_t.t(), layer.alpha, layer.bias_row)
+
+
+def _prepare(layer: FP8Linear) -> None:
+    """The epilogue's operands as buffers (not saved: state dicts are unchanged)."""
+    if not hasattr(layer, "alpha"):
+        layer.register_buffer("alpha", (layer.scale_x * layer.scale_w).reshape(()), persistent=False)
+        bias = layer.bias if layer.bias is not None else layer.scale_x.new_zeros(layer.out_features)
+        layer.register_buffer("bias_row", bias.float()[None].contiguous(), persistent=False)  # [1, N]
+
+
+class QuackFeedForward(FeedForward):
+    """FF1 + GELU + the FF2 input's quantization in one quack kernel, then FF2 on the E4M3 tensor."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ff1, ff2 = self.net[0].proj, self.net[2]
+        lead = x.shape[:-1]
+        if type(ff1) is not FP8Linear or type(ff2) is not FP8Linear or lead.numel() < MIN_M:
+            return super().forward(x)  # LoRA-wrapped layers, or too few rows for a tile
+        xq = ff1.quantize(x)  # [M_pad, D] e4m3
+        h = torch.ops.sd35trt.quack_fp8_gemm_gelu_q(xq, ff1.weight_t.t(), ff1.alpha, ff1.bias_row,
+                                                   ff2.inv_scale_x)  # [M_pad, 4D] e4m3
+        y = ff2.gemm(ff2, h)  # [M_pad, D] bf16
+        return y[:lead.numel()].reshape(*lead, ff2.out_features)
+
+
+def use_quack(model: nn.Module, enabled: bool = True) -> int:
+    """Route `model`'s FP8 GEMMs through quack (or back to cuBLAS), in place; returns the layers set."""
+    if enabled:
+        register_ops()
+    count = 0
+    for mod in model.modules():
+        if type(mod) in (FeedForward, QuackFeedForward):
+            mod.__class__ = QuackFeedForward if enabled else FeedForward
+        if type(mod) is FP8Linear:
+            if enabled:
+                _prepare(mod)
+            mod.gemm = quack_gemm if enabled else cublas_gemm
+            count += 1
+    return count
+
+
+def quack_import_error() -> str | None:
+    """None when quack's epilogue frontend and our epilogues import here, else why not (one line)."""
+    try:
+        from . import quack_epi  # noqa: F401
+    except Exception as exc:  # ImportError, or a CuTe DSL / CUDA library failure at import
+        first = (str(exc).splitlines() or [""])[0]
+        return f"quack does not import ({type(exc).__name__}: {first[:200]})"
+    return None
+
+
+@dataclass(frozen=True)
+class GemmChoice:
+    """What runs the FP8 GEMMs: `name` ('quack' or 'cublas') and `reason` (why not quack, or '')."""
+
+    name: str
+    reason: str = ""
+
+
+def select_gemm(device_type: str, capability: tuple[int, int] | None, quack_error: str | None,
+                asked: str = "auto") -> GemmChoice:
+    """The decision alone, from facts: device type, CUDA capability (None off CUDA), `quack_error`
+    (None when quack imports), and what the caller asked ('auto', 'quack' or 'cublas')."""
+    if asked == "cublas":
+        return GemmChoice("cublas", "asked for cuBLAS")
+    sm = f"sm{capability[0]}{capability[1]}" if capability else device_type
+    if device_type != "cuda" or capability is None or capability[0] not in MAJORS:
+        why = f"{sm}: the quack FP8 GEMM is configured for sm90 only"
+    elif quack_error is not None:
+        why = f"{sm}: {quack_error}; {INSTALL_HINT}"
+    else:
+        return GemmChoice("quack")
+    if asked == "quack":
+        from ..errors import InvalidInputError
+
+        raise InvalidInputError(f"gemm='quack' cannot run here ({why}); use gemm='auto' or 'cublas'")
+    return GemmChoice("cublas", why)
+
+
+def check_gemm(asked: str) -> str:
+    """`asked`, checked (InvalidInputError naming the value and the choices): before any loading."""
+    if asked not in ("auto", "quack", "cublas"):
+        from ..errors import InvalidInputError
+
+        raise InvalidInputError(f"torch-fp8 gemm={asked!r}; use 'auto' (quack on sm90 when it imports), "
+                                f"'quack' or 'cublas'")
+    return asked
+
+
+def choose_gemm(device: torch.device | str, asked: str = "auto") -> GemmChoice:
+    """quack on sm90 when it imports, cuBLAS otherwise (`asked='quack'` where it cannot run raises)."""
+    check_gemm(asked)
+    device = torch.device(device)
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    probe = asked != "cublas" and device.type == "cuda" and capability[0] in MAJORS
+    return select_gemm(device.type, capability, quack_import_error() if probe else None, asked)

@@ -1,0 +1,118 @@
+"""The FP8 GEMM choice (models/fp8_gemm.py): the decision from facts, and the quack glue — custom ops,
+the fused FF1 + GELU + quantize FeedForward, the cuBLAS fallback below one tile of rows — checked
+on the CPU through the ops' CPU kernels (the same math through `_scaled_mm`) against the cuBLAS
+path; undoing it restores the cuBLAS model bit for bit. The quack kernels themselves run in the
+GPU test at the end (`pytest -m gpu`, sm90 with quack installed)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from sd35trt.export.tiny_model import TINY_TRANSFORMERS
+from sd35trt.runtime.errors import InvalidInputError
+from sd35trt.runtime.models.fp8 import HIGH_PRECISION, FP8Linear, max_calibrate, to_fp8
+from sd35trt.runtime.models.fp8_gemm import (MIN_M, QuackFeedForward, check_gemm, choose_gemm, select_gemm,
+                                             use_quack)
+from sd35trt.runtime.models.mmdit import MMDiT, FeedForward, use_sigmoid_gelu
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        self.calls[name] = self.calls.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_choice_from_facts() -> None:
+    assert select_gemm("cuda", (9, 0), None) .name == "quack"
+    cpu = select_gemm("cpu", None, None)
+    assert cpu.name == "cublas" and "sm90" in cpu.reason
+    ada = select_gemm("cuda", (8, 9), None)
+    assert ada.name == "cublas" and "sm89" in ada.reason
+    missing = select_gemm("cuda", (9, 0), "quack does not import (ModuleNotFoundError: quack)")
+    assert missing.name == "cublas" and "sd35trt[hopper]" in missing.reason and "ModuleNotFoundError" in missing.reason
+    assert select_gemm("cuda", (9, 0), None, "cublas").name == "cublas"
+    with pytest.raises(InvalidInputError, match="gemm='quack' cannot run here.*sm89"):
+        select_gemm("cuda", (8, 9), None, "quack")
+    with pytest.raises(InvalidInputError, match="gemm='fast'.*'auto'"):
+        check_gemm("fast")
+    assert choose_gemm("cpu").name == "cublas"
+
+
+def _fp8_model(family: str = "large"):
+    torch.manual_seed(0)
+    spec = TINY_TRANSFORMERS[family]
+    model = MMDiT(spec).eval().requires_grad_(False).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.05)
+    lat = torch.randn(2, spec.in_channels, 16, 16, dtype=torch.bfloat16)  # [B, 16, H/8, W/8]: 2 x 64 = 128 rows
+    ctx = torch.randn(2, 12, spec.joint_attention_dim, dtype=torch.bfloat16)  # [B, T, 4096-like]: 24 rows
+    pooled = torch.randn(2, spec.pooled_projection_dim, dtype=torch.bfloat16)  # [B, pooled]
+    args = (lat, torch.tensor([700.0, 300.0]), ctx, pooled)
+    amax = max_calibrate(model, lambda m: m(*args), HIGH_PRECISION)
+    model = to_fp8(model, amax, fast_accum=True)
+    use_sigmoid_gelu(model)
+    return model, args
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0))
+
+
+@pytest.mark.parametrize("family", ["large", "medium"])
+@torch.no_grad()
+def test_quack_glue_matches_the_cublas_path_and_undoes(family: str) -> None:
+    model, args = _fp8_model(family)
+    ref = model(*args)
+    fused = copy.deepcopy(model)
+    layers = use_quack(fused)
+    assert layers == sum(type(m) is FP8Linear for m in model.modules()) > 0
+    ffs = [m for m in fused.modules() if isinstance(m, FeedForward)]
+    assert ffs and all(type(m) is QuackFeedForward for m in ffs)
+    counter = OpCounter()
+    with counter:
+        got = fused(*args)
+    blocks = len(fused.transformer_blocks)
+    # image stream: 128 rows (>= MIN_M) -> quack; context stream (24 rows) and adaLN (2) -> cuBLAS
+    assert MIN_M == 128
+    assert counter.calls.get("sd35trt.quack_fp8_gemm_gelu_q", 0) == blocks, counter.calls
+    assert counter.calls.get("sd35trt.quack_fp8_gemm", 0) >= 3 * blocks, counter.calls  # qkv, out, ff2 each block
+    assert counter.calls.get("aten._scaled_mm", 0) > 0  # what stayed on cuBLAS
+    cos = _cos(got, ref)
+    print(f"[{family}: quack glue vs cuBLAS path, velocity cosine {cos:.6f}]")
+    # the fused FF1 skips one bf16 rounding of the GELU output before E4M3, so not bit-equal
+    assert cos >= 0.999, cos
+    assert not torch.equal(got, ref)  # the fused path ran (it rounds differently)
+    assert use_quack(fused, enabled=False) == layers
+    assert all(type(m) is FeedForward for m in fused.modules() if isinstance(m, FeedForward))
+    assert torch.equal(fused(*args), ref)
+    assert fused.state_dict().keys() == model.state_dict().keys()  # the epilogue buffers are not saved
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_quack_kernels_on_sm90() -> None:
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("needs an sm90 GPU (the quack FP8 GEMM is configured for sm90)")
+    choice = choose_gemm("cuda")
+    if choice.name != "quack":
+        pytest.skip(f"quack does not run here: {choice.reason}")
+    model, args = _fp8_model("large")
+    model, args = model.cuda(), tuple(a.cuda() for a in args)
+    ref = model(*args)
+    use_quack(model)
+    got = model(*args)
+    assert _cos(got, ref) >= 0.999
+    compiled = torch.compile(model, fullgraph=True, mode="reduce-overhead")
+    for _ in range(3):
+        out = compiled(*args)
+    assert _cos(out, got) >= 0.9999
