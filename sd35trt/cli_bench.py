@@ -65,7 +65,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--steps", type=int, default=28, help="denoising steps of the end-to-end image (e2e, modes)")
     b.add_argument("--strength", type=float, default=0.6, help="image-to-image / inpainting strength (modes)")
     b.add_argument("--configs", default="peer-eager,peer-compile,bf16,fp8,fp8-compile-default",
-                   help="comma list: attention, vae, peer-eager, peer-compile, bf16, peer-ao, fp8[-compile-<mode>][+fast][+gelu][+tune][+mk][+fa4], profile, text, e2e, modes (image-to-image / inpainting / SLG), control[:<fp8 config>] (one step with a "
+                   help="comma list: attention, vae, peer-eager, peer-compile, bf16, peer-ao, fp8[-compile-<mode>][+fast][+gelu][+tune][+mk][+fa4][+quack], profile, text, e2e, modes (image-to-image / inpainting / SLG), control[:<fp8 config>] (one step with a "
                         "released-size ControlNet vs diffusers' eager BF16; default fp8 config: the runtime's)")
     b.add_argument("--fidelity", action="store_true",
                    help="compare every FP8 row with BF16 (cosine, rel. L2) even without a peer/bf16 row; "

@@ -11,7 +11,9 @@ Rows (each timed as CUDA-graph replays of 10 calls, median of 5 replays, ms per 
 * `ff1+gelu:quack:<cfg>`    one quack kernel (`gelu_quant_epi`, E4M3 out)
 * `ff2+res:cublas`          _scaled_mm + compiled x += gate*y (today's FF2 and gated residual)
 * `ff2+res:quack:<cfg>`     quack `gated_delta_epi` with add_to_output, one call per batch half
-Each quack row also gives the cosine of its output against the cuBLAS row's. Without quack (or
+Each quack row also gives the cosine of its output against the cuBLAS row's. (The 2026-12-01 run
+timed the cuBLAS rows with a copy of their output into a buffer, ~0.02-0.07 ms each: BENCHMARKS.md
+says how that changes its ratios; the rows now write in place.) Without quack (or
 CUDA) the quack rows say why and the cuBLAS rows still run. The JSON is rewritten after each row.
 """
 
@@ -123,8 +125,8 @@ class Probe:
         k, n = GEMMS[name]
         xq, wq, sx, sw, alpha, bias = operands(k, n, self.gen)
         y = torch.empty(M, n, dtype=torch.bfloat16, device="cuda")
-        cub = lambda: y.copy_(torch._scaled_mm(xq, wq.t(), sx, sw, bias=bias, out_dtype=torch.bfloat16,  # noqa: E731
-                                               use_fast_accum=True))
+        cub = lambda: torch._scaled_mm(xq, wq.t(), sx, sw, bias=bias, out_dtype=torch.bfloat16,  # noqa: E731
+                                       use_fast_accum=True, out=y)  # into y: no copy kernel in the row
         ref = self.row(f"cublas:{name}", cub, out_of=lambda: y.clone(), tflops=2 * M * k * n / 1e12)
         if self.epi is None:
             return
@@ -144,15 +146,15 @@ class Probe:
         s_next = float(gelu(probe).abs().max()) / MAX
         inv = torch.tensor(1 / s_next, dtype=torch.float32, device="cuda")
         quant = torch.compile(lambda y: (gelu(y) * inv).clamp(-MAX, MAX).to(E4M3), fullgraph=True)
-        q = torch.empty(M, n, dtype=E4M3, device="cuda")
+        held: list[torch.Tensor] = []  # the output made during graph capture: each replay rewrites it
 
         def cub():
-            q.copy_(quant(torch._scaled_mm(xq, wq.t(), sx, sw, bias=bias, out_dtype=torch.bfloat16,
-                                           use_fast_accum=True)))
-        ref = self.row("ff1+gelu:cublas", cub, out_of=lambda: q.float())
+            held[:] = [quant(torch._scaled_mm(xq, wq.t(), sx, sw, bias=bias, out_dtype=torch.bfloat16,
+                                              use_fast_accum=True))]
+        ref = self.row("ff1+gelu:cublas", cub, out_of=lambda: held[0].float())
         if self.epi is None:
             return
-        d = torch.empty_like(q)
+        d = torch.empty(M, n, dtype=E4M3, device="cuda")
         b32 = bias.float()[None]
         for cfg in cfgs:
             self.row(f"ff1+gelu:quack:{cfg}:fast",

@@ -47,6 +47,29 @@ def test_the_choice_from_facts() -> None:
     assert choose_gemm("cpu").name == "cublas"
 
 
+def test_the_ops_pass_opcheck_on_the_cpu() -> None:
+    """Schema, fake (meta) kernels and the CPU kernels agree (what torch.compile relies on)."""
+    from sd35trt.runtime.models.fp8_gemm import register_ops
+
+    register_ops()
+    g = torch.Generator().manual_seed(0)
+    xq = (torch.randn(160, 64, generator=g) * 50).to(torch.float8_e4m3fn)  # [M, K]
+    w = (torch.randn(96, 64, generator=g) * 50).to(torch.float8_e4m3fn)  # [N, K]
+    alpha, bias, inv = torch.tensor(1e-4), torch.randn(1, 96, generator=g), torch.tensor(3.0)
+    # E4M3 tensors: opcheck's schema (mutation) check compares them with a multiply the CPU lacks
+    # for fp8, so the fake-tensor and AOT-dispatch checks (what torch.compile uses) run
+    checks = ("test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(torch.ops.sd35trt.quack_fp8_gemm, (xq, w, alpha, bias), test_utils=checks)
+    torch.library.opcheck(torch.ops.sd35trt.quack_fp8_gemm_gelu_q, (xq, w, alpha, bias, inv), test_utils=checks)
+    y = torch.ops.sd35trt.quack_fp8_gemm(xq, w, alpha, bias)
+    ref = (xq.float() @ w.float().t()) * alpha + bias
+    assert y.dtype == torch.bfloat16 and y.shape == (160, 96)
+    assert torch.allclose(y.float(), ref, rtol=1e-2, atol=1e-2)
+    q = torch.ops.sd35trt.quack_fp8_gemm_gelu_q(xq, w, alpha, bias, inv)
+    want = (torch.nn.functional.gelu(y.float(), approximate="tanh") * 3.0).clamp(-448, 448)
+    assert q.dtype == torch.float8_e4m3fn and torch.allclose(q.float(), want, rtol=0.07, atol=0.02)
+
+
 def _fp8_model(family: str = "large"):
     torch.manual_seed(0)
     spec = TINY_TRANSFORMERS[family]
