@@ -80,6 +80,19 @@ def timed_calls(fn: Callable[[], object], iters: int) -> list[float]:
     return times
 
 
+def graph_ms(fn: Callable[[], object], calls: int = 10, replays: int = 5) -> float:
+    """Milliseconds per call of `fn` (CUDA): `calls` calls captured in one CUDA graph after one
+    eager call, the median over `replays` replays (kernel probes: no launch gaps in the figure)."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    g.replay()
+    return statistics.median(t / calls for t in timed_calls(g.replay, replays))
+
+
 def _wall_ms(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()

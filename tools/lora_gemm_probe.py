@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -21,23 +20,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lora_bench as lb  # noqa: E402
+from sd35trt.bench import graph_ms  # noqa: E402
 from sd35trt.runtime.models.fp8 import E4M3  # noqa: E402
 
 
 def graph_us(fn, calls: int = 50) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    out = []
-    for _ in range(5):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record(), g.replay(), e.record()
-        torch.cuda.synchronize()
-        out.append(s.elapsed_time(e) * 1e3 / calls)
-    return round(statistics.median(out), 2)
+    return round(graph_ms(fn, calls) * 1e3, 2)
 
 
 JOINED_ONLY = False  # --joined-only: the base and K_cat GEMMs, not the down-projections

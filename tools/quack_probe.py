@@ -22,13 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 import traceback
 from pathlib import Path
 
 import torch
+
+from sd35trt.bench import cosine, graph_ms
 
 E4M3, MAX = torch.float8_e4m3fn, 448.0
 M, D, FF = 8192, 2432, 9728  # B*N image tokens at 1024² with CFG; Large hidden; FF inner
@@ -40,32 +41,6 @@ CFGS = {  # name -> quack EpiMod.gemm tile arguments
     "256x192c": dict(tile_M=256, tile_N=192, cluster_M=2, cluster_N=1, pingpong=False),
 }
 FAST = (("fp8_slow_accum", False),)  # quack's fp8 path promotes every k-tile unless told otherwise
-
-
-def timed(fn, calls: int = 10, replays: int = 5) -> float:
-    """ms per call: `calls` calls captured in one CUDA graph, median over `replays` replays."""
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / calls)
-    return statistics.median(times)
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float().flatten(), b.float().flatten()
-    return float((a @ b) / (a.norm() * b.norm() + 1e-30))
 
 
 def operands(k: int, n: int, gen: torch.Generator):
@@ -104,7 +79,7 @@ class Probe:
         else:
             t = time.monotonic()
             try:
-                r["ms"] = round(timed(fn), 4)
+                r["ms"] = round(graph_ms(fn), 4)
                 got = out_of() if out_of else None
                 if ref is not None and got is not None:
                     r["cosine"] = round(cosine(got, ref), 6)

@@ -15,6 +15,8 @@ On sm90 FA4 is BF16/FP16 only (its FP8 path is SM100-only), which is what the MM
 
 from __future__ import annotations
 
+import importlib
+
 import math
 import threading
 from contextlib import nullcontext
@@ -83,14 +85,19 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     return torch.ops.sd35trt.flash_attn4(q, k, v)
 
 
+def import_error(module: str, label: str | None = None) -> str | None:
+    """None when `module` imports here, else why not in one line ("<label> does not import (…)")."""
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # ImportError, or a CuTe DSL / CUDA library failure at import
+        first = (str(exc).splitlines() or [""])[0][:200]
+        return f"{label or module} does not import ({type(exc).__name__}: {first})"
+    return None
+
+
 def fa4_import_error() -> str | None:
     """None when `flash_attn.cute` imports here, else why not (the exception, in one line)."""
-    try:
-        import flash_attn.cute  # noqa: F401
-    except Exception as exc:  # ImportError, or a CuTe DSL / CUDA library failure at import
-        first = (str(exc).splitlines() or [""])[0]
-        return f"flash_attn.cute does not import ({type(exc).__name__}: {first})"
-    return None
+    return import_error("flash_attn.cute")
 
 
 def _cudnn_context() -> ContextManager:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .flash_attention import import_error
 from .fp8 import E4M3, E4M3_MAX, FP8Linear, cublas_gemm
 from .mmdit import FeedForward, gelu_tanh
 
@@ -140,12 +141,7 @@ def use_quack(model: nn.Module, enabled: bool = True) -> int:
 
 def quack_import_error() -> str | None:
     """None when quack's epilogue frontend and our epilogues import here, else why not (one line)."""
-    try:
-        from . import quack_epi  # noqa: F401
-    except Exception as exc:  # ImportError, or a CuTe DSL / CUDA library failure at import
-        first = (str(exc).splitlines() or [""])[0]
-        return f"quack does not import ({type(exc).__name__}: {first[:200]})"
-    return None
+    return import_error(f"{__package__}.quack_epi", "quack")
 
 
 @dataclass(frozen=True)

@@ -8,25 +8,10 @@ import copy
 import pytest
 import torch
 
-from sd35trt.export.tiny_model import TINY_TRANSFORMERS
 from sd35trt.runtime.backends.fp8_fusions import check_fusions, fusion_options
 from sd35trt.runtime.errors import InvalidInputError
 from sd35trt.runtime.models.adaln_bank import batch_adaln, unbatch_adaln
 from sd35trt.runtime.models.fp8 import HIGH_PRECISION, max_calibrate, to_fp8
-from sd35trt.runtime.models.mmdit import MMDiT
-
-
-def _model_and_inputs(family: str):
-    torch.manual_seed(0)
-    spec = TINY_TRANSFORMERS[family]
-    model = MMDiT(spec).eval().requires_grad_(False).to(torch.bfloat16)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.05)
-    lat = torch.randn(2, spec.in_channels, 16, 16, dtype=torch.bfloat16)  # [B, 16, H/8, W/8]
-    ctx = torch.randn(2, 12, spec.joint_attention_dim, dtype=torch.bfloat16)  # [B, T, 4096-like]
-    pooled = torch.randn(2, spec.pooled_projection_dim, dtype=torch.bfloat16)  # [B, pooled]
-    return model, (lat, torch.tensor([700.0, 300.0]), ctx, pooled)
 
 
 def _per_block(model, temb):
@@ -36,8 +21,8 @@ def _per_block(model, temb):
 @pytest.mark.parametrize("family", ["large", "medium"])  # medium: 9-chunk norm1 (dual attention)
 @pytest.mark.parametrize("fp8", [False, True])
 @torch.no_grad()
-def test_bank_equals_the_per_block_projections(family: str, fp8: bool) -> None:
-    model, args = _model_and_inputs(family)
+def test_bank_equals_the_per_block_projections(family: str, fp8: bool, tiny_mmdit) -> None:
+    model, args = tiny_mmdit(family)
     if fp8:
         amax = max_calibrate(model, lambda m: m(*args), HIGH_PRECISION)
         model = to_fp8(model, amax, fast_accum=True)
@@ -69,8 +54,8 @@ def test_bank_equals_the_per_block_projections(family: str, fp8: bool) -> None:
     assert torch.equal(batched(*args), ref_out)
 
 
-def test_fp8_bank_refuses_different_input_scales() -> None:
-    model, args = _model_and_inputs("large")
+def test_fp8_bank_refuses_different_input_scales(tiny_mmdit) -> None:
+    model, args = tiny_mmdit("large")
     amax = max_calibrate(model, lambda m: m(*args), HIGH_PRECISION)
     amax["transformer_blocks.1.norm1.linear.input_quantizer"] *= 2
     model = to_fp8(model, amax)

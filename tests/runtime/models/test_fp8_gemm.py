@@ -12,12 +12,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sd35trt.export.tiny_model import TINY_TRANSFORMERS
 from sd35trt.runtime.errors import InvalidInputError
 from sd35trt.runtime.models.fp8 import HIGH_PRECISION, FP8Linear, max_calibrate, to_fp8
 from sd35trt.runtime.models.fp8_gemm import (MIN_M, QuackFeedForward, check_gemm, choose_gemm, select_gemm,
                                              use_quack)
-from sd35trt.runtime.models.mmdit import MMDiT, FeedForward, use_sigmoid_gelu
+from sd35trt.runtime.models.mmdit import FeedForward, use_sigmoid_gelu
 
 
 class OpCounter(TorchDispatchMode):
@@ -70,17 +69,10 @@ def test_the_ops_pass_opcheck_on_the_cpu() -> None:
     assert q.dtype == torch.float8_e4m3fn and torch.allclose(q.float(), want, rtol=0.07, atol=0.02)
 
 
-def _fp8_model(family: str = "large"):
-    torch.manual_seed(0)
-    spec = TINY_TRANSFORMERS[family]
-    model = MMDiT(spec).eval().requires_grad_(False).to(torch.bfloat16)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.05)
-    lat = torch.randn(2, spec.in_channels, 16, 16, dtype=torch.bfloat16)  # [B, 16, H/8, W/8]: 2 x 64 = 128 rows
-    ctx = torch.randn(2, 12, spec.joint_attention_dim, dtype=torch.bfloat16)  # [B, T, 4096-like]: 24 rows
-    pooled = torch.randn(2, spec.pooled_projection_dim, dtype=torch.bfloat16)  # [B, pooled]
-    args = (lat, torch.tensor([700.0, 300.0]), ctx, pooled)
+def _fp8_model(tiny_mmdit, family: str = "large"):
+    """The tiny FP8 MMDiT as torch-fp8 builds it (image stream 2 x 64 = 128 rows = MIN_M: quack;
+    context 24 rows: cuBLAS) and one step's inputs."""
+    model, args = tiny_mmdit(family)  # conftest.py
     amax = max_calibrate(model, lambda m: m(*args), HIGH_PRECISION)
     model = to_fp8(model, amax, fast_accum=True)
     use_sigmoid_gelu(model)
@@ -93,8 +85,8 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("family", ["large", "medium"])
 @torch.no_grad()
-def test_quack_glue_matches_the_cublas_path_and_undoes(family: str) -> None:
-    model, args = _fp8_model(family)
+def test_quack_glue_matches_the_cublas_path_and_undoes(family: str, tiny_mmdit) -> None:
+    model, args = _fp8_model(tiny_mmdit, family)
     ref = model(*args)
     fused = copy.deepcopy(model)
     layers = use_quack(fused)
@@ -123,13 +115,13 @@ def test_quack_glue_matches_the_cublas_path_and_undoes(family: str) -> None:
 
 @pytest.mark.gpu
 @torch.no_grad()
-def test_quack_kernels_on_sm90() -> None:
+def test_quack_kernels_on_sm90(tiny_mmdit) -> None:
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("needs an sm90 GPU (the quack FP8 GEMM is configured for sm90)")
     choice = choose_gemm("cuda")
     if choice.name != "quack":
         pytest.skip(f"quack does not run here: {choice.reason}")
-    model, args = _fp8_model("large")
+    model, args = _fp8_model(tiny_mmdit, "large")
     model, args = model.cuda(), tuple(a.cuda() for a in args)
     ref = model(*args)
     use_quack(model)
