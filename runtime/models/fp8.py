@@ -24,7 +24,11 @@ FUSED_QKV = _FUSED  # fused projection -> its parts, in the order `fuse_qkv` con
 
 
 def to_e4m3(x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
-    """x / scale rounded to E4M3, saturating at +-448 (per-tensor scale)."""
+    """x / scale rounded to E4M3, saturating at +-448 (per-tensor scale). On the meta device (the
+    engine-set skeletons) just an E4M3 tensor of x's shape: the meta clamp alone took 3 of the 3.9 s
+    of a Large MMDiT skeleton on the CPU."""
+    if x.is_meta:
+        return torch.empty(x.shape, dtype=E4M3, device="meta")
     return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
 
 
