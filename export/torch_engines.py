@@ -69,12 +69,15 @@ def write_set(modules: dict[str, nn.Module], amax: Mapping[str, float], config: 
               tokenizers: Checkpoint, out: Path, *, gpu: str, build: BuildArgs, compile: str,
               attention: str, versions: Mapping[str, Any], log: Callable[[str], None] = print,
               compile_scope: str = "model", fusions: tuple[str, ...] = (),
-              t5_amax: tuple[Mapping[str, float], Mapping[str, str]] | None = None) -> EngineManifest:
+              t5_amax: tuple[Mapping[str, float], Mapping[str, str]] | None = None,
+              gemm: str = "cublas") -> EngineManifest:
     """Convert `modules` (bf16, the torch backend's signatures) and write them, the calibration
     (T5's beside the MMDiT's when given: (amax, metadata)), the tokenizers, an empty artifact file
     and the manifest into `out` (no GPU needed: CI checks sets written here). `fusions`
     (runtime/backends/fp8_fusions.py, none by default) go into the transformer's flags; the loader
-    applies them. Consumes `modules`."""
+    applies them; so is `gemm`, the FP8 GEMM the warm-up compiles (runtime/models/fp8_gemm.py: 'quack'
+    records quack's version, which a loading process must have). Consumes `modules`."""
+    from ..runtime.models.fp8_gemm import quack_version
     from ..runtime.models.fp8_text import save_t5_amax
 
     fusions = check_fusions(fusions)  # before any write
@@ -93,7 +96,9 @@ def write_set(modules: dict[str, nn.Module], amax: Mapping[str, float], config: 
         flags: dict[str, Any] = {"compile": compile if comp in ("transformer", "vae_decoder") else "default"}
         if comp == "transformer":
             flags.update(fast_accum=True, sigmoid_gelu=True, attention=attention, fp8_layers=fp8_layers,
-                         compile_scope=compile_scope)
+                         compile_scope=compile_scope, gemm=gemm)
+            if gemm == "quack":
+                flags["quack_version"] = quack_version()
             if fusions:  # absent = none (sets written before fusions existed read the same)
                 flags["fusions"] = list(fusions)
         if comp == "t5":
@@ -138,6 +143,7 @@ def build_torch_set(modules: dict[str, nn.Module], amax: Mapping[str, float], co
     it up through the runtime and save the compile artifacts; returns its manifest (the build's
     timings are in its compile-cache entry)."""
     from ..runtime.models.flash_attention import choose_attention
+    from ..runtime.models.fp8_gemm import choose_gemm
 
     _check_scope(compile_scope)  # before any write: the scope is used only at the warm-up
     cc = device_cc()
@@ -149,10 +155,11 @@ def build_torch_set(modules: dict[str, nn.Module], amax: Mapping[str, float], co
     build = BuildArgs(onnx=source, out=str(out), gpu=gpu, flavor=FLAVOR, dynamic=False, batch=[1, 1],
                       calibration=calibration)
     attention = choose_attention("cuda", torch.bfloat16).name  # what a loading process must also run
+    gemm = choose_gemm("cuda").name  # likewise (quack on sm90 when it imports)
     versions = installed_versions()
     m = write_set(modules, amax, config, tokenizers, out, gpu=gpu, build=build, compile=compile,
                   attention=attention, versions=versions, log=log, compile_scope=compile_scope,
-                  fusions=fusions, t5_amax=t5_amax)
+                  fusions=fusions, t5_amax=t5_amax, gemm=gemm)
     torch.cuda.empty_cache()
     return warm_set(m, out, warmup or default_warmup(config), versions,
                     {"write_s": round(time.perf_counter() - t0, 1)}, log)

@@ -21,6 +21,7 @@ from ..engine_manifest import EngineManifest, EngineSetError, device_cc
 from ..errors import InvalidInputError
 from ..models.flash_attention import fa4_import_error
 from ..models.fp8 import load_amax
+from ..models.fp8_gemm import GemmChoice, choose_gemm, quack_import_error, quack_version, select_gemm, use_quack
 from ..models.fp8_text import compile_text_encoders
 from ..torch_engine_set import CACHE, CALIBRATION, check_set, installed_versions, is_torch_set, load_cache, load_state
 from ..torch_engine_set import set_components, skeleton, start_state
@@ -70,6 +71,8 @@ class TorchFP8SetBackend(TorchBackend):
             raise EngineSetError(f"{self.path}: the set was compiled with attention {built!r}, this process would "
                                  f"run {self.attention.name!r} ({self.attention.reason}); install what the build "
                                  f"had (`pip install 'sd35trt[hopper]'`) or rebuild the set here")
+        self.gemm = set_gemm(self.path, m.components["transformer"].flags, options is not None, self.device)
+        use_quack(self.modules["transformer"], self.gemm.name == "quack")
         if options is not None:
             with self._timed("compile_wrap_s"):
                 compile_set_modules(self.modules, m.components["transformer"].flags, options)
@@ -134,6 +137,28 @@ class TorchFP8SetBackend(TorchBackend):
         self.timings["weights_s"] = round(time.perf_counter() - t, 3)  # reads start -> all on the device
         self.fp8_layers = m.components["transformer"].flags.get("fp8_layers", 0)
         return options
+
+
+def set_gemm(path: Path, flags: Any, compiled: bool, device: torch.device, installed: str | None = None,
+             choice: GemmChoice | None = None) -> GemmChoice:
+    """The FP8 GEMM a set runs. Compiled: the build's (flag `gemm`; absent = cuBLAS, as sets were
+    built before the choice existed), refused when this process cannot run it or has another quack
+    than the build (the artifacts hold its kernels' calls). Eager: this device's own choice.
+    `installed` / `choice` default to this process's quack version and choice (tests pass them)."""
+    built = flags.get("gemm", "cublas")
+    if not compiled:
+        return choice or choose_gemm(device)
+    if built == "cublas":
+        return GemmChoice("cublas", f"{path}: the set was compiled with cuBLAS GEMMs")
+    choice = choice or select_gemm(device.type, torch.cuda.get_device_capability(device) if device.type == "cuda"
+                                   else None, quack_import_error())
+    installed = installed if installed is not None else quack_version()
+    if choice.name != built or installed != flags.get("quack_version"):
+        why = choice.reason or f"quack {installed} is installed, the build had {flags.get('quack_version')}"
+        raise EngineSetError(f"{path}: the set was compiled with {built} FP8 GEMMs (quack "
+                             f"{flags.get('quack_version')}), which this process cannot run ({why}); install what "
+                             f"the build had (`pip install 'sd35trt[hopper]'`) or rebuild the set here")
+    return choice
 
 
 def compile_set_modules(modules: dict[str, torch.nn.Module], flags: Any, options: dict[str, Any]) -> None:

@@ -139,6 +139,16 @@ def use_quack(model: nn.Module, enabled: bool = True) -> int:
     return count
 
 
+def quack_version() -> str | None:
+    """The installed quack-kernels version (None: not installed); a torch-fp8 set records it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("quack-kernels")
+    except PackageNotFoundError:
+        return None
+
+
 def quack_import_error() -> str | None:
     """None when quack's epilogue frontend and our epilogues import here, else why not (one line)."""
     return import_error(f"{__package__}.quack_epi", "quack")

@@ -248,3 +248,36 @@ def test_a_set_with_t5_calibration_runs_t5_fp8_gemms_as_the_backend(built, tmp_p
     ids = torch.randint(0, 100, (2, 256), generator=torch.Generator().manual_seed(2))  # [2, T]
     with torch.no_grad():
         assert torch.equal(t5(ids), ref(ids))
+
+
+def test_the_sets_fp8_gemm_follows_the_build(built, tmp_path: Path) -> None:
+    """`gemm` is recorded (cuBLAS by default; 'quack' with quack's version). Compiled, a set runs
+    the build's GEMM: cuBLAS sets (and sets written before the flag) run cuBLAS anywhere; a quack
+    set is refused where quack cannot run or is another version, naming both and the fix. Eager
+    (the CPU here), the device's own choice runs: the quack set loads with cuBLAS GEMMs."""
+    from sd35trt.runtime.backends.torch_fp8_set import set_gemm
+    from sd35trt.runtime.models.fp8_gemm import GemmChoice, quack_version
+
+    out, ckpt, amax, versions = built
+    assert EngineManifest.load(out).components["transformer"].flags["gemm"] == "cublas"
+    cuda = torch.device("cuda")
+    assert set_gemm(out, {}, True, cuda).name == "cublas"  # a set written before the flag
+    assert set_gemm(out, {"gemm": "cublas"}, True, cuda, choice=GemmChoice("quack")).name == "cublas"
+    q = {"gemm": "quack", "quack_version": "0.6.5"}
+    assert set_gemm(out, q, True, cuda, installed="0.6.5", choice=GemmChoice("quack")).name == "quack"
+    with pytest.raises(EngineSetError, match=r"quack 0\.7\.0 is installed, the build had 0\.6\.5.*sd35trt\[hopper\]"):
+        set_gemm(out, q, True, cuda, installed="0.7.0", choice=GemmChoice("quack"))
+    with pytest.raises(EngineSetError, match="compiled with quack FP8 GEMMs.*sm89: the quack FP8 GEMM is configured"):
+        set_gemm(out, q, True, cuda, installed="0.6.5", choice=GemmChoice("cublas", "sm89: the quack FP8 GEMM is "
+                                                                                     "configured for sm90 only"))
+    quacked = tmp_path / "quack-set"
+    build = BuildArgs(onnx=str(ckpt.path), out=str(quacked), gpu="sm90", flavor="torch-fp8", dynamic=False,
+                      batch=[1, 1], calibration="calib")
+    write_set(_modules(ckpt), amax, ckpt.config, ckpt, quacked, gpu="sm90", build=build, compile="reduce-overhead",
+              attention="flash-attn-4", versions=versions, log=lambda _: None, gemm="quack")
+    flags = EngineManifest.load(quacked).components["transformer"].flags
+    assert flags["gemm"] == "quack" and flags["quack_version"] == quack_version()
+    pipe = Pipeline.from_pretrained(quacked, device="cpu", compile=False)
+    assert pipe.backend.gemm.name == "cublas" and "sm90" in pipe.backend.gemm.reason
+    lat = pipe(**{**KW, "num_inference_steps": 1}, generator=torch.Generator().manual_seed(2)).images
+    assert torch.isfinite(lat).all()
