@@ -12,7 +12,8 @@ Attention is the torch backend's choice at load (FlashAttention-4 on sm90/sm100 
 `self.attention` says which and why (BENCHMARKS.md has the measurements). The FP8 GEMMs are
 quack's CuTe-DSL kernels on sm90 when `quack` imports (FF1 fused with GELU and FF2's quantization),
 cuBLAS `_scaled_mm` otherwise (`gemm='auto'|'quack'|'cublas'`; `self.gemm` says which and why:
-models/fp8_gemm.py). GELU(tanh)
+models/fp8_gemm.py). `fast_accum` is cuBLAS's flag; quack's kernels always accumulate fast (its
+promote-every-k-tile path measured 7-8x slower; the step cosines in BENCHMARKS.md are with it). GELU(tanh)
 runs as the identical x*sigmoid(2z) form (cheaper compiled). `compile=True` runs the MMDiT and the
 VAE decoder under torch.compile (inductor fuses the activation quantization into the producers; its
 on-disk cache makes later starts warm; coordinate-descent tuning gained < 1 ms and tripled the warm
