@@ -2,7 +2,7 @@
 step runs now (cuBLAS `torch._scaled_mm`, fast accumulation, bias fused, then an inductor kernel
 for the elementwise work), at the SD3.5 Large image-stream shapes (1024², CFG batch 2: M = 8192).
 
-    python3 tools/quack_probe.py OUT.json [--budget-s 230]
+    python3 tools/quack_probe.py OUT.json [--budget-s 230] [--medium] [--cfgs 128x192p,...]
 
 Rows (each timed as CUDA-graph replays of 10 calls, median of 5 replays, ms per call):
 * `cublas:<gemm>`           _scaled_mm, bf16 out, for qkv / out / ff1 / ff2
@@ -34,11 +34,15 @@ from sd35trt.bench import cosine, graph_ms
 E4M3, MAX = torch.float8_e4m3fn, 448.0
 M, D, FF = 8192, 2432, 9728  # B*N image tokens at 1024² with CFG; Large hidden; FF inner
 GEMMS = {"qkv": (D, 3 * D), "out": (D, D), "ff1": (D, FF), "ff2": (FF, D)}  # name -> (K, N)
-CFGS = {  # name -> quack EpiMod.gemm tile arguments
+DM = 1536  # SD3.5 Medium's hidden width (--medium: its four image-stream GEMMs instead)
+MEDIUM = {"qkv": (DM, 3 * DM), "out": (DM, DM), "ff1": (DM, 4 * DM), "ff2": (4 * DM, DM)}
+CFGS = {  # name -> quack EpiMod.gemm tile arguments (more to try for Medium: 128x128p, 192x128p)
     "128x256c": dict(tile_M=128, tile_N=256, cluster_M=2, cluster_N=1, pingpong=False),
     "128x192p": dict(tile_M=128, tile_N=192, cluster_M=2, cluster_N=1, pingpong=True),
     "256x128c": dict(tile_M=256, tile_N=128, cluster_M=1, cluster_N=2, pingpong=False),
     "256x192c": dict(tile_M=256, tile_N=192, cluster_M=2, cluster_N=1, pingpong=False),
+    "128x128p": dict(tile_M=128, tile_N=128, cluster_M=2, cluster_N=1, pingpong=True),
+    "128x160p": dict(tile_M=128, tile_N=160, cluster_M=2, cluster_N=1, pingpong=True),
 }
 FAST = (("fp8_slow_accum", False),)  # quack's fp8 path promotes every k-tile unless told otherwise
 
@@ -180,15 +184,19 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--budget-s", type=float, default=230.0)
     ap.add_argument("--cfgs", default=",".join(CFGS))
+    ap.add_argument("--medium", action="store_true", help="Medium's shapes (K, N from 1536 wide), every config on each")
     a = ap.parse_args()
+    if a.medium:
+        GEMMS.update(MEDIUM)
     torch.backends.cuda.matmul.allow_tf32 = True
     p = Probe(Path(a.out), a.budget_s)
     cfgs = a.cfgs.split(",")
     p.plain("ff1", cfgs)
-    p.ff1_gelu(cfgs[:2])
-    p.ff2_residual(cfgs[:2])
+    p.ff1_gelu(cfgs if a.medium else cfgs[:2])
+    if not a.medium:
+        p.ff2_residual(cfgs[:2])
     for g in ("qkv", "out", "ff2"):
-        p.plain(g, cfgs[:2])
+        p.plain(g, cfgs if a.medium else cfgs[:2])
     p.doc["wall_s"] = round(time.monotonic() - p.t0, 1)
     p.out.write_text(json.dumps(p.doc, indent=1))
     print("\n".join(f"{r['name']:<34} {r.get('ms', '-'):>8} ms  cos {r.get('cosine', '')}  {r.get('error', r.get('skipped', ''))[:80]}"
