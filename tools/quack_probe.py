@@ -9,6 +9,8 @@ Rows (each timed as CUDA-graph replays of 10 calls, median of 5 replays, ms per 
 * `quack:<gemm>:<cfg>`      quack `linear_epi` (same math), per tile config, fast or slow accumulation
 * `ff1+gelu:cublas`         _scaled_mm + compiled GELU(tanh) + E4M3 quantize (today's FF1)
 * `ff1+gelu:quack:<cfg>`    one quack kernel (`gelu_quant_epi`, E4M3 out)
+* `qkv+norm:cublas` / `qkv+norm:quack:<cfg>`  the QKV GEMM + q/k RMS-norm: cuBLAS and the compiled
+                            norm vs quack `qkv_norm_epi` (fusion `quack-qknorm`)
 * `ff2+res:cublas`          _scaled_mm + compiled x += gate*y (today's FF2 and gated residual)
 * `ff2+res:quack:<cfg>`     quack `gated_delta_epi` with add_to_output, one call per batch half
 Each quack row also gives the cosine of its output against the cuBLAS row's. (The 2026-12-01 run
@@ -141,6 +143,33 @@ class Probe:
                                              epi_args=dict(alpha=alpha, bias=b32, inv_s=inv)),
                      ref=ref, out_of=lambda: d.float())
 
+    def qkv_norm(self, cfgs: list[str], hd: int = 64) -> None:
+        """The fused QKV GEMM + q/k RMS-norm: cuBLAS then the compiled norm vs quack's qkv_norm_epi."""
+        from sd35trt.runtime.models.fp8_gemm import qk_norm_ref
+
+        k, n = GEMMS["qkv"]
+        xq, wq, sx, sw, alpha, bias = operands(k, n, self.gen)
+        d = n // 3
+        qk_w = torch.cat([torch.rand(2 * d, generator=self.gen, device="cuda") + 0.5,
+                          torch.zeros(d, device="cuda")])[None]  # [1, 3D]
+        v_one = torch.cat([torch.zeros(2 * d, device="cuda"), torch.ones(d, device="cuda")])[None]
+        norm = torch.compile(lambda y: qk_norm_ref(y, qk_w, v_one, hd), fullgraph=True)
+        held: list[torch.Tensor] = []
+
+        def cub():
+            held[:] = [norm(torch._scaled_mm(xq, wq.t(), sx, sw, bias=bias, out_dtype=torch.bfloat16,
+                                             use_fast_accum=True))]
+        ref = self.row("qkv+norm:cublas", cub, out_of=lambda: held[0].float())
+        if self.epi is None:
+            return
+        out = torch.empty(M, n, dtype=torch.bfloat16, device="cuda")
+        b32 = bias.float()[None]
+        for cfg in cfgs:
+            self.row(f"qkv+norm:quack:{cfg}:fast",
+                     lambda: self.quack_gemm(self.epi.qkv_norm_epi, xq, wq, out, cfg, True,
+                                             epi_args=dict(alpha=alpha, bias=b32, qk_w=qk_w, v_one=v_one, qk=hd)),
+                     ref=ref, out_of=lambda: out.float())
+
     def ff2_residual(self, cfgs: list[str]) -> None:
         k, n = GEMMS["ff2"]
         xq, wq, sx, sw, alpha, bias = operands(k, n, self.gen)
@@ -193,6 +222,7 @@ def main() -> None:
     cfgs = a.cfgs.split(",")
     p.plain("ff1", cfgs)
     p.ff1_gelu(cfgs if a.medium else cfgs[:2])
+    p.qkv_norm(cfgs if a.medium else cfgs[:2])
     if not a.medium:
         p.ff2_residual(cfgs[:2])
     for g in ("qkv", "out", "ff2"):

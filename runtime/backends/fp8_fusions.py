@@ -10,6 +10,8 @@ fusions=(...))` applies them, `tools/step_fusions.py` measures each on the GPU (
   off for that compile (the choice is not in its key).
 * `mk-persistent`: the same through inductor's own knob (`triton.multi_kernel=2`: persistent
   reductions forced, limit 16 x 1024).
+* `quack-qknorm`: the q/k RMS-norm of every fused QKV projection computed in its quack GEMM's
+  epilogue (models/fp8_gemm.py `fuse_qk_norm`; needs the quack GEMM). Not yet run on a GPU.
 * `combo`, `tune`, `aggressive`, `pointwise-tune`: inductor options (`combo_kernels`,
   `coordinate_descent_tuning`, `aggressive_fusion`, `max_autotune_pointwise`).
 
@@ -34,6 +36,7 @@ FUSIONS = {
     "tune": "inductor coordinate-descent tuning",
     "aggressive": "inductor aggressive_fusion",
     "pointwise-tune": "inductor max_autotune_pointwise",
+    "quack-qknorm": "q/k RMS-norm in the fused QKV GEMM's quack epilogue (needs the quack GEMM)",
 }
 _OPTIONS = {
     "persistent-rows": {"fx_graph_cache": False},
@@ -72,6 +75,14 @@ def apply_fusions(model: torch.nn.Module, fusions: Iterable[str]) -> None:
         batch_adaln(model)
     if "persistent-rows" in names:
         install_persistent_rows()
+    if "quack-qknorm" in names:
+        from ..models.fp8_gemm import fuse_qk_norm, quack_gemm
+
+        if not any(getattr(m, "gemm", None) is quack_gemm for m in model.modules()):
+            raise InvalidInputError("torch-fp8 fusion 'quack-qknorm' moves the q/k RMS-norm into the quack GEMM, "
+                                    "and this model runs cuBLAS GEMMs (gemm='cublas', or no sm90 / quack here): "
+                                    "drop the fusion or use gemm='auto' on sm90 with quack installed")
+        fuse_qk_norm(model)
 
 
 def _choices_class(limit: int):

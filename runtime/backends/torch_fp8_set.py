@@ -61,6 +61,8 @@ class TorchFP8SetBackend(TorchBackend):
         if self.device.type == "cuda":
             fa4.start()
         options = self._load(config, load_t5, mode)
+        self.gemm = set_gemm(self.path, m.components["transformer"].flags, options is not None, self.device)
+        use_quack(self.modules["transformer"], self.gemm.name == "quack")  # before the fusions (quack-qknorm)
         options = self._fusions(options)
         with self._timed("attention_s"):
             if fa4.ident is not None:  # started (CUDA)
@@ -71,8 +73,6 @@ class TorchFP8SetBackend(TorchBackend):
             raise EngineSetError(f"{self.path}: the set was compiled with attention {built!r}, this process would "
                                  f"run {self.attention.name!r} ({self.attention.reason}); install what the build "
                                  f"had (`pip install 'sd35trt[hopper]'`) or rebuild the set here")
-        self.gemm = set_gemm(self.path, m.components["transformer"].flags, options is not None, self.device)
-        use_quack(self.modules["transformer"], self.gemm.name == "quack")
         if options is not None:
             with self._timed("compile_wrap_s"):
                 compile_set_modules(self.modules, m.components["transformer"].flags, options)

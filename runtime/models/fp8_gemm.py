@@ -6,7 +6,9 @@ Large image-stream shapes on the H200 it is 1.05–1.39× faster than cuBLAS `_s
 accumulation (tools/quack_probe.py, BENCHMARKS.md), and one kernel does FF1 + GELU(tanh) + the FF2
 input's E4M3 quantization, so the [M, 4D] bf16 FF1 output is never written.
 
-What `use_quack(model)` changes, in place (and `use_quack(model, False)` undoes):
+What `use_quack(model)` changes, in place (and `use_quack(model, False)` undoes; either one first
+undoes the opt-in `fuse_qk_norm`, the q/k RMS-norm in the QKV GEMM's epilogue, fusion `quack-qknorm`,
+written and CPU-checked but not yet run on a GPU):
 * every FP8Linear's `gemm` becomes `quack_gemm` (`sd35trt::quack_fp8_gemm`: alpha*acc + bias, bf16
   out) for M >= MIN_M rows; below that (adaLN inputs: M = batch) cuBLAS stays;
 * every FeedForward whose two Linears are plain FP8Linears runs FF1 through
@@ -29,9 +31,10 @@ from torch import nn
 
 from .flash_attention import import_error
 from .fp8 import E4M3, E4M3_MAX, FP8Linear, cublas_gemm
-from .mmdit import FeedForward, gelu_tanh
+from .mmdit import Attention, FeedForward, RMSNorm, gelu_tanh
 
 MIN_M = 128  # fewer rows than one tile: cuBLAS (the adaLN GEMVs)
+QK_EPS = 1e-6  # the eps quack_epi.qkv_norm_epi is compiled with (SD3.5's q/k RMSNorm)
 MAJORS = (9,)  # sm90: the kernel class this module configures (GemmSm90)
 TILE = dict(tile_M=128, tile_N=192, cluster_M=2, cluster_N=1, pingpong=True)
 FAST_ACCUM = (("fp8_slow_accum", False),)  # quack promotes every k-tile to fp32 unless told otherwise
@@ -74,6 +77,25 @@ def register_ops() -> None:
             quack_epi.gelu_quant_epi.gemm(xq, w, out, epi_args=dict(alpha=alpha, bias=bias, inv_s=inv_s),
                                           post_init_attrs=FAST_ACCUM, **TILE)
             return out
+
+        @torch.library.custom_op("sd35trt::quack_fp8_gemm_qknorm", mutates_args=(), device_types="cuda")
+        def quack_fp8_gemm_qknorm(xq: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor,
+                                  qk_w: torch.Tensor, v_one: torch.Tensor, head_dim: int) -> torch.Tensor:
+            """The fused QKV GEMM with the q/k RMS-norm (qk_w, v_one [1, 3D] fp32: see qk_norm_ref)."""
+            from . import quack_epi
+
+            out = torch.empty(xq.shape[0], w.shape[0], dtype=torch.bfloat16, device=xq.device)  # [M, 3D]
+            quack_epi.qkv_norm_epi.gemm(xq, w, out, epi_args=dict(alpha=alpha, bias=bias, qk_w=qk_w, v_one=v_one,
+                                                                  qk=head_dim), post_init_attrs=FAST_ACCUM, **TILE)
+            return out
+
+        @quack_fp8_gemm_qknorm.register_fake
+        def _(xq, w, alpha, bias, qk_w, v_one, head_dim):
+            return xq.new_empty((xq.shape[0], w.shape[0]), dtype=torch.bfloat16)
+
+        @quack_fp8_gemm_qknorm.register_kernel("cpu")
+        def _(xq, w, alpha, bias, qk_w, v_one, head_dim):
+            return qk_norm_ref(_cpu_linear(xq, w, alpha, bias), qk_w, v_one, head_dim)
 
         @quack_fp8_gemm.register_fake
         def _(xq, w, alpha, bias):
@@ -125,8 +147,72 @@ class QuackFeedForward(FeedForward):
         return y[:lead.numel()].reshape(*lead, ff2.out_features)
 
 
+def qk_norm_ref(y: torch.Tensor, qk_w: torch.Tensor, v_one: torch.Tensor, head_dim: int,
+                eps: float = QK_EPS) -> torch.Tensor:
+    """y [M, 3D] (q | k | v) -> q and k RMS-normed per head times their weights, v as it is (bf16)."""
+    g = y.float().unflatten(-1, (-1, head_dim))  # [M, 3H, hd]
+    rstd = torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)  # [M, 3H, 1]
+    scale = rstd * qk_w.view(1, -1, head_dim) + v_one.view(1, -1, head_dim)  # [M, 3H, hd]
+    return (g * scale).flatten(-2).to(torch.bfloat16)
+
+
+def quack_qknorm_gemm(layer: FP8Linear, xq: torch.Tensor) -> torch.Tensor:
+    """x_q [M, K] -> the fused QKV projection with q/k RMS-normed [M, 3D] bf16 (the math of
+    qk_norm_ref after cuBLAS below MIN_M rows)."""
+    if xq.shape[0] < MIN_M:
+        return qk_norm_ref(cublas_gemm(layer, xq), layer.qk_w, layer.v_one, layer.head_dim)
+    return torch.ops.sd35trt.quack_fp8_gemm_qknorm(xq, layer.weight_t.t(), layer.alpha, layer.bias_row,
+                                                   layer.qk_w, layer.v_one, layer.head_dim)
+
+
+QK_PAIRS = (("to_qkv", "norm_q", "norm_k"), ("add_qkv", "norm_added_q", "norm_added_k"))
+
+
+def fuse_qk_norm(model: nn.Module) -> int:
+    """Move every fused q/k/v projection's q/k RMS-norm into its quack GEMM (opt-in fusion
+    `quack-qknorm`), in place: the attention's norms become Identity (kept aside, restored by
+    unfuse_qk_norm). Needs use_quack first. Returns the projections fused."""
+    register_ops()
+    count = 0
+    for attn in [m for m in model.modules() if isinstance(m, Attention)]:
+        for fused, nq_name, nk_name in QK_PAIRS:
+            lin, nq, nk = (getattr(attn, n, None) for n in (fused, nq_name, nk_name))
+            if type(lin) is not FP8Linear or not isinstance(nq, RMSNorm) or lin.gemm is not quack_gemm:
+                continue
+            if nq.eps != QK_EPS or nk.eps != QK_EPS:
+                continue  # the kernel's eps is fixed: such a norm stays where it is
+            heads, hd = attn.heads, attn.head_dim
+            zeros = torch.zeros(heads * hd, dtype=torch.float32, device=lin.weight_t.device)
+            qk_w = torch.cat([nq.weight.float().repeat(heads), nk.weight.float().repeat(heads), zeros])[None]
+            v_one = torch.cat([zeros, zeros, torch.ones_like(zeros)])[None]  # [1, 3D]
+            lin.register_buffer("qk_w", qk_w.contiguous(), persistent=False)
+            lin.register_buffer("v_one", v_one.contiguous(), persistent=False)
+            lin.head_dim, lin.gemm = hd, quack_qknorm_gemm
+            attn.__dict__.setdefault("_fused_norms", {}).update({nq_name: nq, nk_name: nk})
+            setattr(attn, nq_name, nn.Identity())
+            setattr(attn, nk_name, nn.Identity())
+            count += 1
+    return count
+
+
+def unfuse_qk_norm(model: nn.Module) -> int:
+    """Undo fuse_qk_norm, in place (the norms back, the projections on quack_gemm); returns how many."""
+    count = 0
+    for attn in [m for m in model.modules() if isinstance(m, Attention)]:
+        norms = attn.__dict__.pop("_fused_norms", {})
+        for name, norm in norms.items():
+            setattr(attn, name, norm)
+        for fused, _, _ in QK_PAIRS:
+            lin = getattr(attn, fused, None)
+            if norms and type(lin) is FP8Linear and lin.gemm is quack_qknorm_gemm:
+                lin.gemm = quack_gemm
+                count += 1
+    return count
+
+
 def use_quack(model: nn.Module, enabled: bool = True) -> int:
     """Route `model`'s FP8 GEMMs through quack (or back to cuBLAS), in place; returns the layers set."""
+    unfuse_qk_norm(model)  # the opt-in q/k-norm fusion is applied after this, never under it
     if enabled:
         register_ops()
     count = 0

@@ -131,3 +131,66 @@ def test_quack_kernels_on_sm90(tiny_mmdit) -> None:
     for _ in range(3):
         out = compiled(*args)
     assert _cos(out, got) >= 0.9999
+    from sd35trt.runtime.models.fp8_gemm import fuse_qk_norm
+
+    assert fuse_qk_norm(model) > 0  # the q/k RMS-norm in the QKV epilogue (quack's HeadRstd prepass)
+    assert _cos(model(*args), got) >= 0.9999
+
+
+@pytest.mark.parametrize("family", ["large", "medium"])  # medium: the image-only attn2 of its first blocks too
+@torch.no_grad()
+def test_qk_norm_fusion_matches_the_norms_and_undoes(family: str, tiny_mmdit) -> None:
+    """Fusion `quack-qknorm`: each fused q/k/v projection RMS-norms q and k in its GEMM (the op's
+    CPU kernel here; below MIN_M rows, the same math after cuBLAS); the attention's norms become
+    Identity. Against the quack model with the norms in place: velocity cosine >= 0.9999; undone,
+    bit-equal to it again, norms and state dict back."""
+    from sd35trt.runtime.backends.fp8_fusions import apply_fusions
+    from sd35trt.runtime.models.fp8_gemm import fuse_qk_norm, unfuse_qk_norm
+    from sd35trt.runtime.models.mmdit import Attention, RMSNorm
+
+    model, args = _fp8_model(tiny_mmdit, family)
+    with pytest.raises(InvalidInputError, match="quack-qknorm.*cuBLAS"):
+        apply_fusions(model, ("quack-qknorm",))  # cuBLAS model: refused, nothing changed
+    use_quack(model)
+    ref = model(*args)
+    keys = model.state_dict().keys()
+    attns = [m for m in model.modules() if isinstance(m, Attention)]
+    projections = sum(hasattr(a, "to_qkv") + hasattr(a, "add_qkv") for a in attns)
+    assert fuse_qk_norm(model) == projections > 0
+    assert all(not isinstance(getattr(a, "norm_q"), RMSNorm) for a in attns)
+    counter = OpCounter()
+    with counter:
+        got = model(*args)
+    image_qkv = sum(hasattr(a, "to_qkv") for a in attns)  # 128 image rows: the op; context (24): the fallback
+    assert counter.calls.get("sd35trt.quack_fp8_gemm_qknorm", 0) == image_qkv, counter.calls
+    cos = _cos(got, ref)
+    print(f"[{family}: q/k norm in the QKV epilogue vs separate, velocity cosine {cos:.6f}]")
+    assert cos >= 0.9999, cos
+    assert unfuse_qk_norm(model) == projections
+    assert all(isinstance(getattr(a, "norm_q"), RMSNorm) for a in attns)
+    assert model.state_dict().keys() == keys and torch.equal(model(*args), ref)
+    fuse_qk_norm(model)
+    use_quack(model, enabled=False)  # turning quack off undoes the fusion first
+    assert all(isinstance(getattr(a, "norm_q"), RMSNorm) for a in attns)
+
+
+def test_qk_norm_op_passes_opcheck() -> None:
+    from sd35trt.runtime.models.fp8_gemm import qk_norm_ref, register_ops
+
+    register_ops()
+    g = torch.Generator().manual_seed(1)
+    xq = (torch.randn(160, 64, generator=g) * 50).to(torch.float8_e4m3fn)  # [M, K]
+    w = (torch.randn(96, 64, generator=g) * 50).to(torch.float8_e4m3fn)  # [3D, K]: D = 32, 2 heads of 16
+    alpha, bias = torch.tensor(1e-4), torch.randn(1, 96, generator=g)
+    qk_w = torch.cat([torch.rand(64, generator=g) + 0.5, torch.zeros(32)])[None]
+    v_one = torch.cat([torch.zeros(64), torch.ones(32)])[None]
+    args = (xq, w, alpha, bias, qk_w, v_one, 16)
+    torch.library.opcheck(torch.ops.sd35trt.quack_fp8_gemm_qknorm, args,
+                          test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))
+    y = torch.ops.sd35trt.quack_fp8_gemm(xq, w, alpha, bias).float()  # [M, 3D]
+    got = torch.ops.sd35trt.quack_fp8_gemm_qknorm(*args).float()
+    assert torch.equal(got[:, 64:], y[:, 64:].bfloat16().float())  # v untouched
+    q = y[:, :16]
+    want = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + 1e-6) * qk_w[0, :16]
+    assert torch.allclose(got[:, :16], want, rtol=1e-2, atol=1e-2)
+    assert torch.equal(qk_norm_ref(y.bfloat16(), qk_w, v_one, 16), got.bfloat16())
