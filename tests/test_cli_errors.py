@@ -132,7 +132,10 @@ def test_ctrl_c_is_one_line_and_130(tiny_medium: Path, tmp_path: Path) -> None:
     out = tmp_path / "onnx"
     proc = subprocess.Popen([sys.executable, "-m", "sd35trt", "export", "--model", str(tiny_medium), "--out", str(out),
                              "--precision", "fp32", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, stdin=subprocess.DEVNULL)
+                            text=True, stdin=subprocess.DEVNULL,
+                            # a suite started in the background (`cmd &` without job control) runs with SIGINT
+                            # ignored, which children inherit: give the CLI the terminal's default, as a user has
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (out / "manifest.json").is_file():  # the export has begun (checkpoint read, folder set up)
         if proc.poll() is not None or time.monotonic() > deadline:
