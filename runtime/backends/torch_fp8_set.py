@@ -21,7 +21,7 @@ from ..engine_manifest import EngineManifest, EngineSetError, device_cc
 from ..errors import InvalidInputError
 from ..models.flash_attention import fa4_import_error
 from ..models.fp8 import load_amax
-from ..models.fp8_gemm import GemmChoice, choose_gemm, quack_import_error, quack_version, select_gemm, use_quack
+from ..models.fp8_gemm import GemmChoice, choose_gemm, quack_version, use_quack
 from ..models.fp8_text import compile_text_encoders
 from ..torch_engine_set import CACHE, CALIBRATION, check_set, installed_versions, is_torch_set, load_cache, load_state
 from ..torch_engine_set import set_components, skeleton, start_state
@@ -150,8 +150,7 @@ def set_gemm(path: Path, flags: Any, compiled: bool, device: torch.device, insta
         return choice or choose_gemm(device)
     if built == "cublas":
         return GemmChoice("cublas", f"{path}: the set was compiled with cuBLAS GEMMs")
-    choice = choice or select_gemm(device.type, torch.cuda.get_device_capability(device) if device.type == "cuda"
-                                   else None, quack_import_error())
+    choice = choice or choose_gemm(device)
     installed = installed if installed is not None else quack_version()
     if choice.name != built or installed != flags.get("quack_version"):
         why = choice.reason or f"quack {installed} is installed, the build had {flags.get('quack_version')}"
