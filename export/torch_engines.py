@@ -27,6 +27,7 @@ from ..runtime.config import VariantConfig
 from ..runtime.engine_manifest import BuildArgs, EngineEntry, EngineManifest, EngineShapes, device_cc
 from ..runtime.errors import InvalidInputError
 from ..runtime.files import MANIFEST, atomic_write, remove_temporaries, sha256_file
+from ..runtime.backends.torch_fp8_set import TEXT_EAGER
 from ..runtime.torch_engine_set import CACHE, CALIBRATION, FLAVOR, file_name, installed_versions, save_cache
 from ..runtime.set_reader import chunk_hashes
 from ..runtime.torch_engine_set import save_state
@@ -93,7 +94,7 @@ def write_set(modules: dict[str, nn.Module], amax: Mapping[str, float], config: 
     entries: dict[str, EngineEntry] = {}
     for comp in list(modules):
         module = modules.pop(comp)
-        flags: dict[str, Any] = {"compile": compile if comp in ("transformer", "vae_decoder") else "default"}
+        flags: dict[str, Any] = {"compile": compile if comp in ("transformer", "vae_decoder") else TEXT_EAGER}
         if comp == "transformer":
             flags.update(fast_accum=True, sigmoid_gelu=True, attention=attention, fp8_layers=fp8_layers,
                          compile_scope=compile_scope, gemm=gemm)
@@ -122,9 +123,10 @@ def write_set(modules: dict[str, nn.Module], amax: Mapping[str, float], config: 
 
 
 def commit_cache(m: EngineManifest, out: Path, blob: bytes, timings: Mapping[str, Any],
-                 versions: Mapping[str, Any]) -> EngineManifest:
-    """Write the compile artifacts (made with `versions`) and the manifest that lists them."""
-    path = save_cache(blob, out / file_name(CACHE))
+                 versions: Mapping[str, Any], kernels: Mapping[str, bytes] | None = None) -> EngineManifest:
+    """Write the compile artifacts (made with `versions`; quack's `kernels` beside them) and the
+    manifest that lists them."""
+    path = save_cache(blob, out / file_name(CACHE), kernels=kernels)
     entries = {**m.components, CACHE: _entry(path, {}, {**versions, "timings": dict(timings)}, m.target, versions,
                                               "artifacts")}
     m = EngineManifest(m.variant, m.precision, m.dtype, m.flavor, m.library, m.library_version, m.target, m.shapes,
@@ -178,9 +180,16 @@ def warm_set(m: EngineManifest, out: Path, warmup: Warmup, versions: Mapping[str
     timings["compile_s"] = round(time.perf_counter() - t, 1)
     pipe.close()
     blob, info = torch.compiler.save_cache_artifacts()
+    kernels = {}
+    if m.components["transformer"].flags.get("gemm") == "quack":  # its kernels, compiled by the warm-up
+        from ..runtime.models.quack_kernels import kernel_files
+
+        kernels = kernel_files()
     timings["artifacts_mib"] = round(len(blob) / 2**20, 2)
-    log(f"compiled in {timings['compile_s']} s; artifacts {timings['artifacts_mib']} MiB ({str(info)[:300]})")
-    return commit_cache(m, out, blob, timings, versions)
+    timings["quack_kernels"] = len(kernels)
+    log(f"compiled in {timings['compile_s']} s; artifacts {timings['artifacts_mib']} MiB, quack kernels "
+        f"{len(kernels)} ({sum(map(len, kernels.values())) / 2**20:.1f} MiB) ({str(info)[:300]})")
+    return commit_cache(m, out, blob, timings, versions, kernels)
 
 
 def _entry(path: Path, profiles: Mapping[str, Any], flags: Mapping[str, Any], gpu: str,

@@ -12,7 +12,9 @@ engines/<variant>-fp8-<gpu>-torch/ holds
                               beside it: T5-XXL's, when its GEMMs are FP8; t5's flags say which);
   compile_cache.safetensors   torch's compile artifacts (`torch.compiler.save_cache_artifacts`:
                               inductor's compiled graphs, their Triton kernels and autotune results)
-                              as one uint8 tensor, loaded with `load_cache_artifacts` before compiling;
+                              as one uint8 tensor, loaded with `load_cache_artifacts` before compiling,
+                              and quack's compiled GEMM kernels when the set runs them
+                              (models/quack_kernels.py), put into quack's cache as the set loads;
   tokenizer*/, model_index.json.
 
 Why the inductor artifacts and not AOTInductor: they are the very graphs the backend's
@@ -42,6 +44,7 @@ from .set_reader import chunk_hashes, read_verified, start_verified
 
 FLAVOR = "torch-fp8"
 BF16 = torch.bfloat16  # what every module of a set computes in (FP8 GEMMs write bf16)
+QUACK = "quack/"  # the compile-cache file's tensors that are quack kernels: quack/<fingerprint>/<key>.o
 CACHE = "compile_cache"  # the manifest entry of the compile artifacts (not a runtime component)
 CALIBRATION = "calibration/amax.safetensors"
 # Versions beside torch that compiled artifacts depend on (distribution name -> manifest flag).
@@ -164,19 +167,35 @@ def load_state(module: nn.Module, path: Path, device: torch.device, chunks: list
     return module.eval().requires_grad_(False)
 
 
-def save_cache(blob: bytes, path: Path, metadata: Mapping[str, str] | None = None) -> Path:
-    """torch's compile artifacts (bytes) as one uint8 tensor in safetensors (no pickle on disk)."""
+def save_cache(blob: bytes, path: Path, metadata: Mapping[str, str] | None = None,
+               kernels: Mapping[str, bytes] | None = None) -> Path:
+    """torch's compile artifacts (bytes) as one uint8 tensor in safetensors (no pickle on disk), and
+    quack's compiled kernels beside them, one uint8 tensor each named `quack/<fingerprint>/<key>.o`
+    (models/quack_kernels.py)."""
     from safetensors.torch import save
 
-    data = torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else torch.zeros(0, dtype=torch.uint8)
-    out = save({"artifacts": data}, metadata=dict(metadata or {}))
+    def u8(b: bytes) -> torch.Tensor:
+        return torch.frombuffer(bytearray(b), dtype=torch.uint8) if b else torch.zeros(0, dtype=torch.uint8)
+
+    tensors = {"artifacts": u8(blob), **{f"{QUACK}{name}": u8(data) for name, data in (kernels or {}).items()}}
+    out = save(tensors, metadata=dict(metadata or {}))
     return atomic_write(path, lambda f: f.write(out))
 
 
-def load_cache(path: Path) -> bytes:
+def load_cache(path: Path) -> tuple[bytes, dict[str, bytes]]:
+    """(torch's artifacts, quack's kernels by `<fingerprint>/<key>.o`) of a compile-cache file; a
+    kernel name of another form is refused (EngineSetError naming the file)."""
     from safetensors.torch import load_file
 
-    return load_file(str(path))["artifacts"].numpy().tobytes()
+    from .models.quack_kernels import check_names
+
+    tensors = load_file(str(path))
+    kernels = {k.removeprefix(QUACK): t.numpy().tobytes() for k, t in tensors.items() if k.startswith(QUACK)}
+    try:
+        check_names(list(kernels), str(path))
+    except ValueError as exc:
+        raise EngineSetError(f"{exc}; rebuild the set") from exc
+    return tensors["artifacts"].numpy().tobytes(), kernels
 
 
 def skeleton(component: str, config: VariantConfig, flags: Mapping[str, Any], amax: Mapping[str, float]) -> nn.Module:

@@ -284,7 +284,8 @@ def fresh(set_dir: Path, work: Path, t_spawn: float) -> dict:
             "second_image_s": round(t_second - t_first, 2), "step_ms": step_ms, "step_bf16_inputs_ms": step_bf16_ms,
             "compile_scope": b.manifest.components["transformer"].flags.get("compile_scope", "model"),
             "dynamo": {k: dict(v) for k, v in counters.items() if k in ("stats", "graph_break", "recompiles")},
-            "attention": b.attention.name, "backend": type(b).__name__,
+            "attention": b.attention.name, "backend": type(b).__name__, "gemm": getattr(b, "gemm", None) and b.gemm.name,
+            "quack_kernels_installed": getattr(b, "quack_kernels_installed", None),
             "peak_gib": 0.0 if cpu else round(torch.cuda.max_memory_allocated() / 2**30, 2)}
 
 
@@ -323,6 +324,7 @@ def run_child(mode: str, argv: list[str], work: Path, env_dirs: str) -> dict:
     cache = work / env_dirs
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"), TRITON_CACHE_DIR=str(cache / "triton"),
                XDG_CACHE_HOME=str(cache / "xdg"), CUTE_DSL_CACHE_DIR=str(cache / "cute"),
+               QUACK_CACHE_DIR=str(cache / "quack"),  # quack's .o cache (default /tmp/<user>/quack_cache)
                PROBE_FLAGS=" ".join(probe_flags()))  # the child's argv is its own
     t = time.time()
     err = work / f"{env_dirs}.stderr"

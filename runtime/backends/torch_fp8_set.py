@@ -12,7 +12,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -22,7 +22,8 @@ from ..errors import InvalidInputError
 from ..models.flash_attention import fa4_import_error
 from ..models.fp8 import load_amax
 from ..models.fp8_gemm import GemmChoice, choose_gemm, quack_version, use_quack
-from ..models.fp8_text import compile_text_encoders
+from ..models.fp8_text import TEXT_ENCODERS, compile_text_encoders
+from ..models.quack_kernels import install_kernels
 from ..torch_engine_set import CACHE, CALIBRATION, check_set, installed_versions, is_torch_set, load_cache, load_state
 from ..torch_engine_set import set_components, skeleton, start_state
 from .base import BackendBase, Limits
@@ -31,6 +32,7 @@ from .torch_backend import TorchBackend
 from .torch_fp8 import TorchFP8Backend, compile_options
 
 MODES = (False, True, "default", "reduce-overhead")  # compile_options' modes (checked before its import)
+TEXT_EAGER = "eager"  # a text encoder's `compile` flag in sets: run eagerly (compile_set_modules says why)
 COMPILE_SCOPES = ("model", "blocks")  # compile_mmdit's scopes: the whole step's graph, or one per joint block
 
 
@@ -46,6 +48,8 @@ class TorchFP8SetBackend(TorchBackend):
         m: EngineManifest = checkpoint.manifest
         self.manifest, self.path, self.dtype = m, Path(checkpoint.path), torch.bfloat16
         self.timings: dict[str, float] = {}
+        self._kernels: dict[str, bytes] = {}  # quack's, from the compile-cache file (models/quack_kernels.py)
+        self.quack_kernels_installed = 0
         mode = m.components["transformer"].flags.get("compile", "reduce-overhead") if compile is None else compile
         if not isinstance(mode, (bool, str)) or mode not in MODES:
             compile_options(mode)  # raises, naming the modes (before its inductor import, which overlaps the read)
@@ -63,6 +67,9 @@ class TorchFP8SetBackend(TorchBackend):
         options = self._load(config, load_t5, mode)
         self.gemm = set_gemm(self.path, m.components["transformer"].flags, options is not None, self.device)
         use_quack(self.modules["transformer"], self.gemm.name == "quack")  # before the fusions (quack-qknorm)
+        if self.gemm.name == "quack" and self._kernels:
+            with self._timed("quack_kernels_s"):  # the build's compiled kernels: quack loads, not compiles, them
+                self.quack_kernels_installed = install_kernels(self._kernels, str(self.path / m.components[CACHE].file))
         options = self._fusions(options)
         with self._timed("attention_s"):
             if fa4.ident is not None:  # started (CUDA)
@@ -75,7 +82,8 @@ class TorchFP8SetBackend(TorchBackend):
                                  f"had (`pip install 'sd35trt[hopper]'`) or rebuild the set here")
         if options is not None:
             with self._timed("compile_wrap_s"):
-                compile_set_modules(self.modules, m.components["transformer"].flags, options)
+                compile_set_modules(self.modules, m.components["transformer"].flags, options,
+                                    [c for c in self.modules if m.components[c].flags.get("compile") == "default"])
         self.bind()
 
     def _fusions(self, options: dict | None) -> dict | None:
@@ -100,22 +108,24 @@ class TorchFP8SetBackend(TorchBackend):
         """Every component's module, its skeleton filled from its file in one verified read, and
         the compile artifacts loaded; returns the compile options. All files' reads are queued at
         once on one pool (no file waits for the tail of the one before) and run while this thread
-        imports the compiler, loads the artifacts and makes the skeletons."""
+        loads the artifacts and makes the skeletons (the compiler is imported first: BENCHMARKS.md)."""
         from concurrent.futures import ThreadPoolExecutor
 
         from ..set_reader import _workers
 
-        m, t = self.manifest, time.perf_counter()
+        m = self.manifest
         comps = set_components(m, load_t5)
         self.modules = {}
+        with self._timed("compiler_import_s"):  # before the reads: under them it took 16 s instead of 2 (H200)
+            options = compile_options(mode)
+        t = time.perf_counter()
         with ThreadPoolExecutor(_workers()) as pool:
             reads = {c: start_state(self.path / m.components[c].file, self.device,
                                     m.components[c].flags.get("sha256_chunks"), pool) for c in comps}
             try:
-                with self._timed("compiler_import_s"):
-                    options = compile_options(mode)
                 with self._timed("cache_s"):
-                    blob = load_cache(self.path / m.components[CACHE].file) if options is not None else b""
+                    blob, self._kernels = load_cache(self.path / m.components[CACHE].file) if options is not None \
+                        else (b"", {})
                     if blob:  # empty while the build itself warms the set up
                         torch.compiler.load_cache_artifacts(blob)
                 with self._timed("skeletons_s"):
@@ -160,13 +170,16 @@ def set_gemm(path: Path, flags: Any, compiled: bool, device: torch.device, insta
     return choice
 
 
-def compile_set_modules(modules: dict[str, torch.nn.Module], flags: Any, options: dict[str, Any]) -> None:
+def compile_set_modules(modules: dict[str, torch.nn.Module], flags: Any, options: dict[str, Any],
+                        text: Iterable[str] = ()) -> None:
     """Wrap the MMDiT and the VAE decoder in `modules` as the set's build did: the MMDiT in the
     transformer entry's `compile_scope` (a set without one was built whole), the decoder channels-last;
-    the text encoders compiled in place (inductor's default, no CUDA graphs: models/fp8_text.py)."""
+    the text encoders named in `text` compiled in place (inductor's default, no CUDA graphs:
+    models/fp8_text.py). Sets record each encoder's mode: "default" (compiled, sets of 2026-12-01)
+    or TEXT_EAGER (since: dynamo's first trace of the three took 23 s of a fresh process's first image)."""
     modules["transformer"] = compile_mmdit(modules["transformer"], flags.get("compile_scope", "model"), options=options)
     modules["vae_decoder"] = torch.compile(modules["vae_decoder"].to(memory_format=torch.channels_last))
-    compile_text_encoders(modules)
+    compile_text_encoders(modules, [n for n in TEXT_ENCODERS if n in text])
 
 
 def compile_mmdit(mmdit: torch.nn.Module, scope: str, **compile_args: Any) -> torch.nn.Module:

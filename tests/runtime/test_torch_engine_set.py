@@ -281,3 +281,39 @@ def test_the_sets_fp8_gemm_follows_the_build(built, tmp_path: Path) -> None:
     assert pipe.backend.gemm.name == "cublas" and "sm90" in pipe.backend.gemm.reason
     lat = pipe(**{**KW, "num_inference_steps": 1}, generator=torch.Generator().manual_seed(2)).images
     assert torch.isfinite(lat).all()
+
+
+def test_text_encoders_run_eagerly_in_new_sets_and_as_recorded_in_old_ones(built) -> None:
+    """New sets record their text encoders as eager (compiled, dynamo's first trace of the three cost
+    23 s of a fresh process's first image on the H200); the loader compiles an encoder only where its
+    entry says "default" (sets written before). Wrapping is lazy, so this runs on the CPU."""
+    from sd35trt.runtime.backends.torch_fp8_set import TEXT_EAGER
+
+    out = built[0]
+    m = EngineManifest.load(out)
+    assert all(m.components[c].flags["compile"] == TEXT_EAGER for c in ("clip_l", "clip_g", "t5"))
+    flags = m.components["transformer"].flags
+    for text in ((), ("clip_g", "t5")):
+        modules = Pipeline.from_pretrained(out, device="cpu", compile=False).backend.modules
+        compile_set_modules(modules, flags, {}, text)
+        compiled = {c for c in ("clip_l", "clip_g", "t5") if getattr(modules[c], "_compiled_call_impl", None)}
+        assert compiled == set(text)
+
+
+def test_the_compile_cache_carries_quack_kernels_and_refuses_other_names(tmp_path: Path) -> None:
+    """save_cache / load_cache round-trip torch's artifacts and quack's kernels exactly; a kernel name
+    that is not <fingerprint>/<key>.o (a path out of quack's folder) is refused, naming the file."""
+    from safetensors.torch import save_file
+
+    from sd35trt.runtime.torch_engine_set import load_cache, save_cache
+
+    fp, key = "a" * 64, "b" * 64
+    kernels = {f"{fp}/{key}.o": b"\x7fELF kernel", f"{fp}/{'c' * 64}.o": b""}
+    path = save_cache(b"inductor bytes", tmp_path / "compile_cache.safetensors", kernels=kernels)
+    assert load_cache(path) == (b"inductor bytes", kernels)
+    assert load_cache(save_cache(b"", tmp_path / "empty.safetensors")) == (b"", {})
+    bad = tmp_path / "bad.safetensors"
+    save_file({"artifacts": torch.zeros(1, dtype=torch.uint8), f"quack/../{key}.o": torch.ones(3, dtype=torch.uint8)},
+              str(bad))
+    with pytest.raises(EngineSetError, match=r"bad\.safetensors.*<64 hex>/<64 hex>\.o.*\.\./"):
+        load_cache(bad)
