@@ -11,7 +11,8 @@ fusions=(...))` applies them, `tools/step_fusions.py` measures each on the GPU (
 * `mk-persistent`: the same through inductor's own knob (`triton.multi_kernel=2`: persistent
   reductions forced, limit 16 x 1024).
 * `quack-qknorm`: the q/k RMS-norm of every fused QKV projection computed in its quack GEMM's
-  epilogue (models/fp8_gemm.py `fuse_qk_norm`; needs the quack GEMM). Not yet run on a GPU.
+  epilogue (models/fp8_gemm.py `fuse_qk_norm`; needs the quack GEMM). Correct on the H200 but
+  slower there: Large step 85.0 vs 81.7 ms without it, one run (BENCHMARKS.md "Sixth session").
 * `combo`, `tune`, `aggressive`, `pointwise-tune`: inductor options (`combo_kernels`,
   `coordinate_descent_tuning`, `aggressive_fusion`, `max_autotune_pointwise`).
 
