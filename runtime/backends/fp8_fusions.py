@@ -13,6 +13,10 @@ fusions=(...))` applies them, `tools/step_fusions.py` measures each on the GPU (
 * `quack-qknorm`: the q/k RMS-norm of every fused QKV projection computed in its quack GEMM's
   epilogue (models/fp8_gemm.py `fuse_qk_norm`; needs the quack GEMM). Correct on the H200 but
   slower there: Large step 85.0 vs 81.7 ms without it, one run (BENCHMARKS.md "Sixth session").
+* `quack-joint`: each joint attention's image and context QKV GEMMs (quack) write one
+  [B, N_img + N_ctx, 3D] buffer, so v is a view and no cat copies it (models/fp8_gemm.py
+  `join_qkv`; needs the quack GEMM). Written for the 0.85 ms of joint q/k/v cat in the profiled
+  Large step; checked on the CPU only, not yet run on a GPU.
 * `combo`, `tune`, `aggressive`, `pointwise-tune`: inductor options (`combo_kernels`,
   `coordinate_descent_tuning`, `aggressive_fusion`, `max_autotune_pointwise`).
 
@@ -38,6 +42,7 @@ FUSIONS = {
     "aggressive": "inductor aggressive_fusion",
     "pointwise-tune": "inductor max_autotune_pointwise",
     "quack-qknorm": "q/k RMS-norm in the fused QKV GEMM's quack epilogue (needs the quack GEMM)",
+    "quack-joint": "joint attention's two QKV GEMMs write one q/k/v buffer, no cat (needs the quack GEMM)",
 }
 _OPTIONS = {
     "persistent-rows": {"fx_graph_cache": False},
@@ -76,14 +81,17 @@ def apply_fusions(model: torch.nn.Module, fusions: Iterable[str]) -> None:
         batch_adaln(model)
     if "persistent-rows" in names:
         install_persistent_rows()
-    if "quack-qknorm" in names:
-        from ..models.fp8_gemm import fuse_qk_norm, quack_gemm
+    for name, what in (("quack-qknorm", "moves the q/k RMS-norm into the quack GEMM"),
+                       ("quack-joint", "writes both QKV projections of a joint attention into one buffer")):
+        if name not in names:
+            continue
+        from ..models.fp8_gemm import fuse_qk_norm, join_qkv, quack_gemm
 
         if not any(getattr(m, "gemm", None) is quack_gemm for m in model.modules()):
-            raise InvalidInputError("torch-fp8 fusion 'quack-qknorm' moves the q/k RMS-norm into the quack GEMM, "
-                                    "and this model runs cuBLAS GEMMs (gemm='cublas', or no sm90 / quack here): "
-                                    "drop the fusion or use gemm='auto' on sm90 with quack installed")
-        fuse_qk_norm(model)
+            raise InvalidInputError(f"torch-fp8 fusion {name!r} {what}, and this model runs cuBLAS GEMMs "
+                                    "(gemm='cublas', or no sm90 / quack here): drop the fusion or use gemm='auto' "
+                                    "on sm90 with quack installed")
+        (fuse_qk_norm if name == "quack-qknorm" else join_qkv)(model)
 
 
 def _choices_class(limit: int):

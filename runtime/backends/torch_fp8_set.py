@@ -108,7 +108,7 @@ class TorchFP8SetBackend(TorchBackend):
         """Every component's module, its skeleton filled from its file in one verified read, and
         the compile artifacts loaded; returns the compile options. All files' reads are queued at
         once on one pool (no file waits for the tail of the one before) and run while this thread
-        loads the artifacts and makes the skeletons (the compiler is imported first: BENCHMARKS.md)."""
+        imports the compiler, loads the artifacts and makes the skeletons."""
         from concurrent.futures import ThreadPoolExecutor
 
         from ..set_reader import _workers
@@ -116,13 +116,13 @@ class TorchFP8SetBackend(TorchBackend):
         m = self.manifest
         comps = set_components(m, load_t5)
         self.modules = {}
-        with self._timed("compiler_import_s"):  # before the reads: under them it took 16 s instead of 2 (H200)
-            options = compile_options(mode)
         t = time.perf_counter()
         with ThreadPoolExecutor(_workers()) as pool:
             reads = {c: start_state(self.path / m.components[c].file, self.device,
                                     m.components[c].flags.get("sha256_chunks"), pool) for c in comps}
             try:
+                with self._timed("compiler_import_s"):  # under the reads: importing it first was 1.2 s
+                    options = compile_options(mode)      # slower from disk (BENCHMARKS.md, sixth session)
                 with self._timed("cache_s"):
                     blob, self._kernels = load_cache(self.path / m.components[CACHE].file) if options is not None \
                         else (b"", {})

@@ -14,6 +14,9 @@ correct on the H200 but 3.3 ms a Large step slower there, 85.0 vs 81.7 ms):
 * every FeedForward whose two Linears are plain FP8Linears runs FF1 through
   `sd35trt::quack_fp8_gemm_gelu_q` (E4M3 out, FF2's input scale) and FF2 on that E4M3 tensor.
   LoRA-wrapped Linears keep the unfused path (they are not FP8Linear).
+It also undoes the opt-in `join_qkv` (fusion `quack-joint`, CPU-checked, not yet run on a GPU): each
+joint attention's two QKV GEMMs write one [B, N_img + N_ctx, 3D] buffer
+(`sd35trt::quack_fp8_joint_qkv`, 2·B quack calls whose outputs are row slices of it), so no cat copies v.
 The ops are `torch.library` custom ops (fullgraph compile and CUDA graphs hold); their CPU kernels
 compute the same math with `_scaled_mm` (the cuBLAS path) so the glue runs and is tested off the GPU.
 Tile config: 128x192, pingpong, cluster 2x1: the fastest of four on every shape. Always fast
@@ -114,7 +117,45 @@ def register_ops() -> None:
             g = gelu_tanh(_cpu_linear(xq, w, alpha, bias).float()) * inv_s
             return g.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
 
+        @torch.library.custom_op("sd35trt::quack_fp8_joint_qkv", mutates_args=(), device_types="cuda")
+        def quack_fp8_joint_qkv(xq: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor,
+                                cq: torch.Tensor, cw: torch.Tensor, c_alpha: torch.Tensor, c_bias: torch.Tensor,
+                                batch: int, n_img: int, n_ctx: int) -> torch.Tensor:
+            """Both fused QKV projections of a joint attention written into one buffer (no cat)."""
+            from . import quack_epi
+
+            out = _joint_out(xq, w, batch, n_img, n_ctx)  # [B, n_img + n_ctx, 3D]
+            for b, (x, wt, a, bb), n, start in _joint_parts(xq, w, alpha, bias, cq, cw, c_alpha, c_bias,
+                                                                  batch, n_img, n_ctx):
+                quack_epi.linear_epi.gemm(x, wt, out[b, start:start + n], epi_args=dict(alpha=a, bias=bb),
+                                          post_init_attrs=FAST_ACCUM, **TILE)
+            return out
+
+        @quack_fp8_joint_qkv.register_fake
+        def _(xq, w, alpha, bias, cq, cw, c_alpha, c_bias, batch, n_img, n_ctx):
+            return _joint_out(xq, w, batch, n_img, n_ctx)
+
+        @quack_fp8_joint_qkv.register_kernel("cpu")
+        def _(xq, w, alpha, bias, cq, cw, c_alpha, c_bias, batch, n_img, n_ctx):
+            out = _joint_out(xq, w, batch, n_img, n_ctx)
+            for b, (x, wt, a, bb), n, start in _joint_parts(xq, w, alpha, bias, cq, cw, c_alpha, c_bias,
+                                                                  batch, n_img, n_ctx):
+                out[b, start:start + n] = _cpu_linear(x, wt, a, bb)
+            return out
+
         _ops_ready = True
+
+
+def _joint_out(xq: torch.Tensor, w: torch.Tensor, batch: int, n_img: int, n_ctx: int) -> torch.Tensor:
+    return xq.new_empty((batch, n_img + n_ctx, w.shape[0]), dtype=torch.bfloat16)  # [B, n_img + n_ctx, 3D]
+
+
+def _joint_parts(xq, w, alpha, bias, cq, cw, c_alpha, c_bias, batch: int, n_img: int, n_ctx: int):
+    """(batch index, GEMM operands, rows, first token) of each of the 2·B GEMMs of the joint QKV: image
+    rows b·n_img… of xq (padded [M_pad, K]) go to tokens 0…n_img of batch b, context rows after them."""
+    for b in range(batch):
+        yield b, (xq[b * n_img:(b + 1) * n_img], w, alpha, bias), n_img, 0  # [n_img, K] -> [n_img, 3D]
+        yield b, (cq[b * n_ctx:(b + 1) * n_ctx], cw, c_alpha, c_bias), n_ctx, n_img
 
 
 def quack_gemm(layer: FP8Linear, xq: torch.Tensor) -> torch.Tensor:
@@ -145,6 +186,38 @@ class QuackFeedForward(FeedForward):
                                                    ff2.inv_scale_x)  # [M_pad, 4D] e4m3
         y = ff2.gemm(ff2, h)  # [M_pad, D] bf16
         return y[:lead.numel()].reshape(*lead, ff2.out_features)
+
+
+class QuackAttention(Attention):
+    """Joint attention whose two fused QKV projections write one [B, N_img + N_ctx, 3D] buffer
+    (`sd35trt::quack_fp8_joint_qkv`): v is a view of it, and the q/k norms write their joint tensors
+    directly, so no torch.cat copies q, k or v. Anything else (image-only attention, LoRA-wrapped or
+    q/k-norm-fused projections, fewer than MIN_M rows) runs Attention's forward."""
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor | None = None):
+        lin, clin = getattr(self, "to_qkv", None), getattr(self, "add_qkv", None)
+        if ctx is None or not all(type(m) is FP8Linear and m.gemm is quack_gemm for m in (lin, clin)) \
+                or min(x.shape[0] * x.shape[1], ctx.shape[0] * ctx.shape[1]) < MIN_M:
+            return super().forward(x, ctx)
+        batch, n_img, n_ctx = x.shape[0], x.shape[1], ctx.shape[1]
+        qkv = torch.ops.sd35trt.quack_fp8_joint_qkv(lin.quantize(x), lin.weight_t.t(), lin.alpha, lin.bias_row,
+                                                    clin.quantize(ctx), clin.weight_t.t(), clin.alpha,
+                                                    clin.bias_row, batch, n_img, n_ctx)  # [B, N, 3D]
+        q, k, v = (self._heads(t) for t in qkv.chunk(3, dim=-1))  # [B, N, heads, head_dim] views
+        if hasattr(self, "norm_q"):
+            q = torch.cat([self.norm_q(q[:, :n_img]), self.norm_added_q(q[:, n_img:])], 1)
+            k = torch.cat([self.norm_k(k[:, :n_img]), self.norm_added_k(k[:, n_img:])], 1)
+        return self._project(self.core(q, k, v).flatten(2).to(q.dtype), n_img, ctx)
+
+
+def join_qkv(model: nn.Module) -> int:
+    """Opt-in fusion `quack-joint`: every Attention becomes a QuackAttention, in place (use_quack,
+    either way, turns them back). Needs use_quack first. Returns the joint attentions."""
+    register_ops()
+    attns = [m for m in model.modules() if type(m) is Attention]
+    for attn in attns:
+        attn.__class__ = QuackAttention
+    return sum(hasattr(a, "add_qkv") for a in attns)
 
 
 def qk_norm_ref(y: torch.Tensor, qk_w: torch.Tensor, v_one: torch.Tensor, head_dim: int,
@@ -219,6 +292,8 @@ def use_quack(model: nn.Module, enabled: bool = True) -> int:
     for mod in model.modules():
         if type(mod) in (FeedForward, QuackFeedForward):
             mod.__class__ = QuackFeedForward if enabled else FeedForward
+        if type(mod) is QuackAttention:  # the opt-in join_qkv is applied after this, never under it
+            mod.__class__ = Attention
         if type(mod) is FP8Linear:
             if enabled:
                 _prepare(mod)

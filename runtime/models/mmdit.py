@@ -156,7 +156,10 @@ class Attention(nn.Module):
                 ctx, "add_qkv", ("add_q_proj", "add_k_proj", "add_v_proj"), "norm_added_q", "norm_added_k"
             )
             q, k, v = torch.cat([q, cq], 1), torch.cat([k, ck], 1), torch.cat([v, cv], 1)
-        out = self.core(q, k, v).flatten(2).to(q.dtype)  # [B, N, dim]
+        return self._project(self.core(q, k, v).flatten(2).to(q.dtype), n_img, ctx)  # core: [B, N, dim]
+
+    def _project(self, out: torch.Tensor, n_img: int, ctx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The attention output [B, N, dim] -> (image stream's projection, context stream's or None)."""
         img, txt = out[:, :n_img], out[:, n_img:]
         img = self.to_out[0](img)
         if ctx is None or not hasattr(self, "to_add_out"):

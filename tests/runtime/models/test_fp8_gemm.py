@@ -131,8 +131,13 @@ def test_quack_kernels_on_sm90(tiny_mmdit) -> None:
     for _ in range(3):
         out = compiled(*args)
     assert _cos(out, got) >= 0.9999
-    from sd35trt.runtime.models.fp8_gemm import fuse_qk_norm
+    from sd35trt.runtime.models.fp8_gemm import fuse_qk_norm, join_qkv
 
+    long = (args[0], args[1], args[2].repeat(1, 6, 1), args[3])  # 2 x 72 context rows: >= MIN_M, quack's
+    plain = model(*long)
+    assert join_qkv(model) > 0  # both QKV GEMMs into one buffer (D: row slices of it)
+    assert _cos(model(*long), plain) >= 0.9999
+    use_quack(model)
     assert fuse_qk_norm(model) > 0  # the q/k RMS-norm in the QKV epilogue (quack's HeadRstd prepass)
     assert _cos(model(*args), got) >= 0.9999
 
@@ -194,3 +199,54 @@ def test_qk_norm_op_passes_opcheck() -> None:
     want = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + 1e-6) * qk_w[0, :16]
     assert torch.allclose(got[:, :16], want, rtol=1e-2, atol=1e-2)
     assert torch.equal(qk_norm_ref(y.bfloat16(), qk_w, v_one, 16), got.bfloat16())
+
+
+@pytest.mark.parametrize("family", ["large", "medium"])  # medium: its image-only attn2 keeps the plain path
+@torch.no_grad()
+def test_joint_qkv_writes_one_buffer_and_matches_the_separate_projections(family: str, tiny_mmdit) -> None:
+    """Fusion `quack-joint`: each joint attention's two QKV projections go through one op into one
+    [B, N_img + N_ctx, 3D] buffer (the op's CPU kernel here), v a view of it; the step equals the
+    quack model's with the cat; use_quack undoes it; a cuBLAS model is refused."""
+    from sd35trt.runtime.backends.fp8_fusions import apply_fusions
+    from sd35trt.runtime.models.fp8_gemm import QuackAttention, join_qkv
+    from sd35trt.runtime.models.mmdit import Attention
+
+    model, (lat, t, ctx, pooled) = tiny_mmdit(family)
+    g = torch.Generator().manual_seed(3)
+    ctx = torch.randn(2, MIN_M // 2, ctx.shape[-1], generator=g).bfloat16()  # [2, 64, joint]: 128 rows, quack's
+    args = (lat, t, ctx, pooled)
+    model = to_fp8(model, max_calibrate(model, lambda m: m(*args), HIGH_PRECISION), fast_accum=True)
+    with pytest.raises(InvalidInputError, match="'quack-joint'.*cuBLAS"):
+        apply_fusions(model, ("quack-joint",))
+    use_quack(model)
+    ref = model(*args)
+    joint = sum(hasattr(m, "add_qkv") for m in model.modules() if isinstance(m, Attention))
+    assert join_qkv(model) == joint > 0
+    counter = OpCounter()
+    with counter:
+        got = model(*args)
+    assert counter.calls.get("sd35trt.quack_fp8_joint_qkv", 0) == joint, counter.calls
+    assert torch.equal(got, ref)
+    use_quack(model)  # turns them back into Attention
+    assert not any(type(m) is QuackAttention for m in model.modules())
+    assert torch.equal(model(*args), ref)
+
+
+def test_joint_qkv_op_passes_opcheck_and_places_the_rows() -> None:
+    from sd35trt.runtime.models.fp8_gemm import register_ops
+
+    register_ops()
+    g = torch.Generator().manual_seed(2)
+    e4m3 = torch.float8_e4m3fn
+    xq = (torch.randn(2 * 5, 32, generator=g) * 50).to(e4m3)  # [B * n_img, K]
+    cq = (torch.randn(2 * 3 + 2, 32, generator=g) * 50).to(e4m3)  # [B * n_ctx + padding, K]
+    w, cw = ((torch.randn(48, 32, generator=g) * 50).to(e4m3) for _ in range(2))  # [3D, K]
+    a, ca = torch.tensor(1e-4), torch.tensor(2e-4)
+    bias, cbias = torch.randn(1, 48, generator=g), torch.randn(1, 48, generator=g)
+    args = (xq, w, a, bias, cq, cw, ca, cbias, 2, 5, 3)
+    torch.library.opcheck(torch.ops.sd35trt.quack_fp8_joint_qkv, args,
+                          test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))
+    out = torch.ops.sd35trt.quack_fp8_joint_qkv(*args)  # [2, 8, 48]
+    img = torch.ops.sd35trt.quack_fp8_gemm(xq, w, a, bias).view(2, 5, 48)
+    txt = torch.ops.sd35trt.quack_fp8_gemm(cq, cw, ca, cbias)[:6].view(2, 3, 48)
+    assert out.shape == (2, 8, 48) and torch.equal(out, torch.cat([img, txt], 1))
