@@ -26,10 +26,13 @@ from typing import Mapping
 NAME = re.compile(r"[0-9a-f]{64}/[0-9a-f]{64}\.o")  # <fingerprint>/<sha256 key>.o, as quack.cache.jit names them
 
 
-def _cache() -> tuple[Path, str]:
-    """quack's cache folder and this process's fingerprint."""
-    from quack.cache.jit import _compute_source_fingerprint, get_cache_path
-
+def _cache() -> tuple[Path, str] | None:
+    """quack's cache folder and this process's fingerprint; None when this quack lays its cache out
+    otherwise (the names used here are quack 0.6's): then nothing is carried and quack compiles."""
+    try:
+        from quack.cache.jit import _compute_source_fingerprint, get_cache_path
+    except ImportError:
+        return None
     return get_cache_path(), _compute_source_fingerprint()
 
 
@@ -43,7 +46,10 @@ def check_names(names: list[str], source: str) -> None:
 def kernel_files(cache: tuple[Path, str] | None = None) -> dict[str, bytes]:
     """`<fingerprint>/<key>.o` -> bytes for every kernel in quack's cache under this fingerprint
     (`cache`: (folder, fingerprint) instead of quack's own, for tests)."""
-    root, fingerprint = cache or _cache()
+    found = cache or _cache()
+    if found is None:
+        return {}
+    root, fingerprint = found
     return {f"{fingerprint}/{p.name}": p.read_bytes() for p in sorted((root / fingerprint).glob("*.o"))}
 
 
@@ -53,7 +59,10 @@ def install_kernels(files: Mapping[str, bytes], source: str = "kernels",
     check_names(list(files), source)
     if not files:
         return 0
-    root, fingerprint = cache or _cache()
+    found = cache or _cache()
+    if found is None:
+        return 0
+    root, fingerprint = found
     written = 0
     for name, data in files.items():
         fp, key = name.split("/")
