@@ -67,9 +67,10 @@ class TorchFP8SetBackend(TorchBackend):
         options = self._load(config, load_t5, mode)
         self.gemm = set_gemm(self.path, m.components["transformer"].flags, options is not None, self.device)
         use_quack(self.modules["transformer"], self.gemm.name == "quack")  # before the fusions (quack-qknorm)
-        if self.gemm.name == "quack" and self._kernels:
+        kernels, self._kernels = self._kernels, {}  # not kept once installed
+        if self.gemm.name == "quack" and kernels:
             with self._timed("quack_kernels_s"):  # the build's compiled kernels: quack loads, not compiles, them
-                self.quack_kernels_installed = install_kernels(self._kernels, str(self.path / m.components[CACHE].file))
+                self.quack_kernels_installed = install_kernels(kernels, str(self.path / m.components[CACHE].file))
         options = self._fusions(options)
         with self._timed("attention_s"):
             if fa4.ident is not None:  # started (CUDA)
