@@ -9,7 +9,9 @@
 #   CFG=<bench config> bash tools/h18r_gpu.sh ao   # the Large step beside the eager and torchao peers (~570 s)
 #   TINY=<tiny checkpoint> bash tools/h18r_gpu.sh first   # torch-fp8 set (blocks scope, quack) built here,
 #                                  # then the first image of a fresh process from disk (page cache dropped),
-#                                  # and once more with the set in the page cache (skipped after 330 s; ~430 s)
+#                                  # and once more with the set in the page cache (skipped after 330 s; ~430 s);
+#                                  # PRECOMPILE=1: build and fresh processes under TORCH_CACHING_PRECOMPILE=1 (torch's
+#                                  # experimental dynamo cache in the same artifacts: no dynamo trace if it holds)
 # Logs and JSON under $OUT; each mode ends with "h18r <mode> rc=...".
 set -uo pipefail
 : "${OUT:?set OUT}"
@@ -30,7 +32,8 @@ case "${1:?steps|medium|ao|first}" in
   medium) step_rows medium 290 ;;
   ao) timeout -k 5 585 bash tools/gpu_run.sh bench --preset sd3.5-large --configs "peer-eager,${CFG:-$C},peer-ao" \
       --fidelity --json "$OUT/ao.json" 2>&1 | grep -v " DEBUG " | tee "$OUT/ao.log" | tail -6 ;;
-  first) PROBE_FLAGS="--blocks --no-fallback --page-cache-warm --deadline=${FIRST_WARM_AFTER_S:-330}" \
+  first) [ "${PRECOMPILE:-0}" = 1 ] && export TORCH_CACHING_PRECOMPILE=1
+    PROBE_FLAGS="--blocks --no-fallback --page-cache-warm --deadline=${FIRST_WARM_AFTER_S:-330}" \
       timeout -k 5 "${FIRST_LIMIT_S:-430}" bash tools/gpu_run.sh \
       tools/torch_engine_probe.py "$OUT/first.json" "$(realpath "${TINY:?TINY}")" sd3.5-large 2>&1 \
       | grep -v " DEBUG " > "$OUT/first.log"
