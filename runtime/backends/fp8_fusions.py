@@ -44,6 +44,10 @@ FUSIONS = {
     "quack-qknorm": "q/k RMS-norm in the fused QKV GEMM's quack epilogue (needs the quack GEMM)",
     "quack-joint": "joint attention's two QKV GEMMs write one q/k/v buffer, no cat (needs the quack GEMM)",
 }
+_QUACK = {  # the fusions that rewrite quack's GEMMs: what each does, its function in models/fp8_gemm.py
+    "quack-qknorm": ("moves the q/k RMS-norm into the quack GEMM", "fuse_qk_norm"),
+    "quack-joint": ("writes both QKV projections of a joint attention into one buffer", "join_qkv"),
+}
 _OPTIONS = {
     "persistent-rows": {"fx_graph_cache": False},
     "mk-persistent": {"triton.multi_kernel": 2},
@@ -81,17 +85,16 @@ def apply_fusions(model: torch.nn.Module, fusions: Iterable[str]) -> None:
         batch_adaln(model)
     if "persistent-rows" in names:
         install_persistent_rows()
-    for name, what in (("quack-qknorm", "moves the q/k RMS-norm into the quack GEMM"),
-                       ("quack-joint", "writes both QKV projections of a joint attention into one buffer")):
-        if name not in names:
-            continue
-        from ..models.fp8_gemm import fuse_qk_norm, join_qkv, quack_gemm
+    quack = [n for n in _QUACK if n in names]
+    if quack:
+        from ..models import fp8_gemm
 
-        if not any(getattr(m, "gemm", None) is quack_gemm for m in model.modules()):
-            raise InvalidInputError(f"torch-fp8 fusion {name!r} {what}, and this model runs cuBLAS GEMMs "
-                                    "(gemm='cublas', or no sm90 / quack here): drop the fusion or use gemm='auto' "
-                                    "on sm90 with quack installed")
-        (fuse_qk_norm if name == "quack-qknorm" else join_qkv)(model)
+        if not any(getattr(m, "gemm", None) is fp8_gemm.quack_gemm for m in model.modules()):
+            raise InvalidInputError(f"torch-fp8 fusion {quack[0]!r} {_QUACK[quack[0]][0]}, and this model runs cuBLAS "
+                                    "GEMMs (gemm='cublas', or no sm90 / quack here): drop the fusion or use "
+                                    "gemm='auto' on sm90 with quack installed")
+        for name in quack:
+            getattr(fp8_gemm, _QUACK[name][1])(model)
 
 
 def _choices_class(limit: int):

@@ -48,7 +48,6 @@ class TorchFP8SetBackend(TorchBackend):
         m: EngineManifest = checkpoint.manifest
         self.manifest, self.path, self.dtype = m, Path(checkpoint.path), torch.bfloat16
         self.timings: dict[str, float] = {}
-        self._kernels: dict[str, bytes] = {}  # quack's, from the compile-cache file (models/quack_kernels.py)
         self.quack_kernels_installed = 0
         mode = m.components["transformer"].flags.get("compile", "reduce-overhead") if compile is None else compile
         if not isinstance(mode, (bool, str)) or mode not in MODES:
@@ -64,10 +63,9 @@ class TorchFP8SetBackend(TorchBackend):
             check_set(m, self.path, cc, installed_versions())  # cc None: eager weights only, nothing compiled
         if self.device.type == "cuda":
             fa4.start()
-        options = self._load(config, load_t5, mode)
+        options, kernels = self._load(config, load_t5, mode)
         self.gemm = set_gemm(self.path, m.components["transformer"].flags, options is not None, self.device)
         use_quack(self.modules["transformer"], self.gemm.name == "quack")  # before the fusions (quack-qknorm)
-        kernels, self._kernels = self._kernels, {}  # not kept once installed
         if self.gemm.name == "quack" and kernels:
             with self._timed("quack_kernels_s"):  # the build's compiled kernels: quack loads, not compiles, them
                 self.quack_kernels_installed = install_kernels(kernels, str(self.path / m.components[CACHE].file))
@@ -105,9 +103,10 @@ class TorchFP8SetBackend(TorchBackend):
         yield
         self.timings[key] = round(time.perf_counter() - t, 3)
 
-    def _load(self, config: VariantConfig, load_t5: bool, mode: bool | str) -> dict | None:
+    def _load(self, config: VariantConfig, load_t5: bool, mode: bool | str) -> tuple[dict | None, dict[str, bytes]]:
         """Every component's module, its skeleton filled from its file in one verified read, and
-        the compile artifacts loaded; returns the compile options. All files' reads are queued at
+        the compile artifacts loaded; returns the compile options and quack's kernels from the
+        compile-cache file (models/quack_kernels.py; installed once the GEMM is known). All files' reads are queued at
         once on one pool (no file waits for the tail of the one before) and run while this thread
         imports the compiler, loads the artifacts and makes the skeletons."""
         from concurrent.futures import ThreadPoolExecutor
@@ -125,7 +124,7 @@ class TorchFP8SetBackend(TorchBackend):
                 with self._timed("compiler_import_s"):  # under the reads: importing it first was 1.2 s
                     options = compile_options(mode)      # slower from disk (BENCHMARKS.md, sixth session)
                 with self._timed("cache_s"):
-                    blob, self._kernels = load_cache(self.path / m.components[CACHE].file) if options is not None \
+                    blob, kernels = load_cache(self.path / m.components[CACHE].file) if options is not None \
                         else (b"", {})
                     if blob:  # empty while the build itself warms the set up
                         torch.compiler.load_cache_artifacts(blob)
@@ -147,7 +146,7 @@ class TorchFP8SetBackend(TorchBackend):
                         pass
         self.timings["weights_s"] = round(time.perf_counter() - t, 3)  # reads start -> all on the device
         self.fp8_layers = m.components["transformer"].flags.get("fp8_layers", 0)
-        return options
+        return options, kernels
 
 
 def set_gemm(path: Path, flags: Any, compiled: bool, device: torch.device, installed: str | None = None,

@@ -190,8 +190,8 @@ class QuackFeedForward(FeedForward):
 
 class QuackAttention(Attention):
     """Joint attention whose two fused QKV projections write one [B, N_img + N_ctx, 3D] buffer
-    (`sd35trt::quack_fp8_joint_qkv`): v is a view of it, and the q/k norms write their joint tensors
-    directly, so no torch.cat copies q, k or v. Anything else (image-only attention, LoRA-wrapped or
+    (`sd35trt::quack_fp8_joint_qkv`): v is a view of it, so no torch.cat copies v; the q/k norms'
+    cat stays (compiled, it fuses into the norms' kernel). Anything else (image-only attention, LoRA-wrapped or
     q/k-norm-fused projections, fewer than MIN_M rows) runs Attention's forward."""
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor | None = None):
